@@ -45,23 +45,33 @@ def resolve_format(tokenizer, fmt: str | None) -> str:
     return fmt
 
 
-def prompt_text(tokenizer, prompt: str, fmt: str) -> str:
-    """The text the model sees before its reply (also what generation starts from)."""
+def prompt_text(tokenizer, prompt: str, fmt: str, system: str | None = None) -> str:
+    """The text the model sees before its reply (also what generation starts from).
+
+    A ``system`` message goes to the chat template; the raw format has no place for it and ignores it.
+    """
     if fmt == "chat":
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # e.g. Gemma's template rejects the system role
+            if system is None:
+                raise
+            raise HarmpruneError(f"the chat template does not accept a system message: {e}") from None
     return prompt + "\n"
 
 
-def prompt_ids(tokenizer, prompt: str, fmt: str) -> list[int]:
-    text = prompt_text(tokenizer, prompt, fmt)
+def prompt_ids(tokenizer, prompt: str, fmt: str, system: str | None = None) -> list[int]:
+    text = prompt_text(tokenizer, prompt, fmt, system)
     # A chat template writes its own special tokens; raw text gets the tokenizer's usual BOS.
     return tokenizer(text, add_special_tokens=(fmt == "raw"))["input_ids"]
 
 
 def encode_record(tokenizer, rec: Record, fmt: str, max_length: int) -> tuple[list[int], list[int]] | None:
     """Token ids and labels for one record, or None when no response token fits."""
-    p = prompt_ids(tokenizer, rec.prompt, fmt)
+    p = prompt_ids(tokenizer, rec.prompt, fmt, rec.system)
     r = tokenizer(rec.response, add_special_tokens=False)["input_ids"]
     if fmt == "chat" and tokenizer.eos_token_id is not None:
         r = r + [tokenizer.eos_token_id]

@@ -49,7 +49,8 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def model_name(spec: str) -> str:
     """A short filesystem-safe name for a model spec (for output directory names)."""
-    base = Path(spec.rstrip("/")).name if (os.sep in spec or spec.endswith(".gguf")) else spec
+    is_path = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).exists()
+    base = Path(spec.rstrip("/")).name if is_path else spec
     return base.removesuffix(".gguf").replace("/", "--")
 
 
@@ -57,10 +58,8 @@ def _strip_quantizer(model) -> None:
     # GGUF weights are dequantized on load; the leftover quantizer metadata only blocks save_pretrained.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.is_quantized = False if hasattr(model, "is_quantized") else None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
 
 
 def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype):

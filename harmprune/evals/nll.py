@@ -1,0 +1,38 @@
+"""Mean response NLL (nats per response token): the cheap, judge-free effect measure of pruning."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.data import Record
+from ..core.formatting import IGNORE, batches, encode, resolve_format
+
+
+@torch.no_grad()
+def response_nll(model, tokenizer, records: list[Record], *, fmt: str | None = None, max_length: int = 256,
+                 batch_size: int = 8, desc: str = "nll") -> dict:
+    """Token-weighted mean NLL over the response tokens of ``records`` (prompt tokens excluded).
+
+    Returns ``{"nll": nats/token, "ppl": exp(nll), "tokens": n, "samples": used, "skipped": k,
+    "per_sample": [mean NLL of each used record]}``. Higher NLL = the model is less likely to
+    produce these responses.
+    """
+    fmt = resolve_format(tokenizer, fmt)
+    enc = encode(records, tokenizer, fmt, max_length)
+    device = next(model.parameters()).device
+    total, count, per_sample = 0.0, 0, []
+    nb = (len(enc.items) + batch_size - 1) // batch_size
+    for batch in tqdm(batches(enc.items, batch_size, tokenizer.pad_token_id), total=nb, desc=desc, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target = batch["labels"][:, 1:]
+        mask = target != IGNORE
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        tok = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+        total += tok.sum().item()
+        count += int(mask.sum())
+        per_sample += (tok.sum(1) / mask.sum(1).clamp_min(1)).tolist()
+    nll = total / max(count, 1)
+    return {"nll": nll, "ppl": float(torch.tensor(nll).exp()), "tokens": count, "samples": len(enc.items),
+            "skipped": enc.skipped, "per_sample": per_sample}

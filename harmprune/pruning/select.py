@@ -1,0 +1,294 @@
+"""Which weights to prune: pure tensor functions over ``{parameter name: tensor}`` dicts, no I/O.
+
+Direction: selection always takes the *largest importance* first. Importance is ``-S`` for
+signed ``snip`` (its most negative scores are the weights whose removal most raises the loss)
+and ``S`` for ``snip-abs`` and ``wanda``.
+
+Counts: ``k = floor(frac * n)`` with ``frac`` read as the decimal the user wrote (so 0.29 of 100
+is 29, not 28), where ``n`` is the matrix size (``matrix``), the row length (``row``, per output
+row) or the number of all matched weights (``global``).
+
+Ties: among equal importances the lowest flat index wins (row-major index within a matrix). For
+``global`` the weights are ordered by the dict's key order, then flat index, so an earlier key
+wins a tie. ``-0.0`` and ``0.0`` are equal. Scores must be finite (callers check on load).
+
+``global`` never sorts all weights: an exact radix select on the order-preserving integer image
+of the float32 importances finds the k-th largest value in two histogram passes, and one more
+pass resolves ties at that value by the rule above. Memory stays O(largest matrix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+SCOPES = ("matrix", "row", "global")
+METHODS = ("snip", "snip-abs", "wanda")
+CONTROLS = ("none", "random", "magnitude")
+
+Masks = dict[str, torch.Tensor]
+
+SUPER_WEIGHT_WARNING = (
+    "p = 0: no benign protection; signed SNIP's top entries include the model's 'super weights', "
+    "whose removal can break the model (measured: benign NLL x25 on SmolLM2-135M at q = 1e-5)"
+)
+
+
+def importance(scores: torch.Tensor, method: str) -> torch.Tensor:
+    """Float32 importance, larger = more important: ``-S`` for ``snip``, ``S`` otherwise."""
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; expected one of {METHODS}")
+    s = scores.float()
+    return -s if method == "snip" else s
+
+
+def count_k(frac: float, n: int) -> int:
+    """``floor(frac * n)`` with ``frac`` taken as its shortest decimal repr (exact arithmetic)."""
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {frac}")
+    return math.floor(Fraction(repr(float(frac))) * n)
+
+
+def _topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries of each row of a 2-D tensor (lowest column wins ties)."""
+    rows, n = x.shape
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    x = x.float() + 0.0  # -0.0 -> 0.0 so signed zeros tie
+    t = torch.kthvalue(x, n - k + 1, dim=1).values[:, None]  # k-th largest of each row
+    above = x > t
+    need = k - above.sum(1, keepdim=True)
+    tied = x == t
+    return above | (tied & (tied.cumsum(1, dtype=torch.int32) <= need))
+
+
+def _ordered_key(x: torch.Tensor) -> torch.Tensor:
+    """Map float32 to int32 so that integer order equals float order (-0.0 maps like 0.0)."""
+    i = (x.float() + 0.0).contiguous().view(torch.int32)
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _hist16(v: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(v.reshape(-1).long(), minlength=1 << 16).cpu()
+
+
+def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Largest bin b with count(bins >= b) >= k, and count(bins > b)."""
+    at_or_above = hist.flip(0).cumsum(0).flip(0)
+    b = int((at_or_above >= k).nonzero().max())
+    return b, int(at_or_above[b] - hist[b])
+
+
+def _global_topk(imp: Masks, k: int) -> Masks:
+    total = sum(t.numel() for t in imp.values())
+    if k <= 0 or k >= total:
+        return {n: torch.full_like(t, k > 0, dtype=torch.bool) for n, t in imp.items()}
+    # pass 1: the high 16 bits of the key; pass 2: the low 16 bits inside the chosen high bin
+    hist = sum(_hist16((_ordered_key(t) >> 16) + (1 << 15)) for t in imp.values())
+    hi, above = _pick_bin(hist, k)
+    hi_signed = hi - (1 << 15)
+    hist2 = torch.zeros(1 << 16, dtype=torch.int64)
+    for t in imp.values():
+        key = _ordered_key(t)
+        hist2 += _hist16(key[(key >> 16) == hi_signed] & 0xFFFF)
+    lo, above2 = _pick_bin(hist2, k - above)
+    thresh = hi_signed * (1 << 16) + lo
+    remaining = k - above - above2  # entries equal to the threshold still to take, in key order
+    out = {}
+    for name, t in imp.items():
+        key = _ordered_key(t)
+        m = key > thresh
+        if remaining > 0:
+            tied = (key == thresh).reshape(-1).nonzero().squeeze(1)[:remaining]
+            m.view(-1)[tied] = True
+            remaining -= tied.numel()
+        out[name] = m
+    return out
+
+
+def topk_mask(imp: Masks, frac: float, scope: str) -> Masks:
+    """Bool masks of the top ``frac`` of each matrix / each row / all weights (see module doc)."""
+    if scope == "global":
+        return _global_topk(imp, count_k(frac, sum(t.numel() for t in imp.values())))
+    if scope == "matrix":
+        return {n: _topk_rows(t.reshape(1, -1), count_k(frac, t.numel())).reshape(t.shape) for n, t in imp.items()}
+    if scope == "row":
+        out = {}
+        for n, t in imp.items():
+            t2 = t.reshape(t.shape[0], -1)
+            out[n] = _topk_rows(t2, count_k(frac, t2.shape[1])).reshape(t.shape)
+        return out
+    raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+
+
+def empty_keys(masks: Masks) -> list[str]:
+    """Matrices where nothing is selected (k = 0 for matrix/row scope); reported, never hidden."""
+    return [n for n, m in masks.items() if not bool(m.any())]
+
+
+@dataclass
+class Selection:
+    """The harm-specific set and the two top sets it came from, with warnings to report."""
+
+    mask: Masks
+    harm_top: Masks
+    benign_top: Masks | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def harm_specific(harm_imp: Masks, benign_imp: Masks | None, q: float, p: float, scope: str) -> Selection:
+    """``Top_q(harm) & ~Top_p(benign)`` per key; ``p = 0`` (or no benign scores) protects nothing."""
+    harm_top = topk_mask(harm_imp, q, scope)
+    warnings = []
+    if p > 0:
+        if benign_imp is None:
+            raise ValueError("p > 0 needs benign importances")
+        missing = [n for n in harm_imp if n not in benign_imp]
+        if missing:
+            raise ValueError(f"benign importances lack {len(missing)} keys, e.g. {missing[0]}")
+        benign_top = topk_mask({n: benign_imp[n] for n in harm_imp}, p, scope)
+        mask = {n: harm_top[n] & ~benign_top[n] for n in harm_top}
+        unprotected = empty_keys(benign_top)
+        if unprotected:
+            warnings.append(f"p = {p} ({scope}) gives k = 0 in {len(unprotected)} of {len(benign_top)} "
+                            f"matrices, which get no benign protection, e.g. {unprotected[0]}")
+    else:
+        benign_top = None
+        mask = dict(harm_top)
+        warnings.append(SUPER_WEIGHT_WARNING)
+    empty = empty_keys(harm_top)
+    if empty:
+        warnings.append(f"q = {q} ({scope}) gives k = 0 in {len(empty)} of {len(harm_top)} matrices, "
+                        f"e.g. {empty[0]}")
+    return Selection(mask, harm_top, benign_top, warnings)
+
+
+def _key_seed(seed: int, name: str) -> int:
+    # Per-matrix streams keyed by name: a matrix's control does not depend on the other keys present.
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _sample_indices(n: int, c: int, gen: torch.Generator) -> torch.Tensor:
+    """c distinct indices uniform in [0, n): rejection sampling for sparse c, a permutation otherwise."""
+    if c == 0:
+        return torch.empty(0, dtype=torch.long)
+    if 4 * c > n:
+        return torch.randperm(n, generator=gen)[:c]
+    drawn = torch.empty(0, dtype=torch.long)
+    while True:
+        drawn = torch.cat([drawn, torch.randint(n, (2 * c + 16,), generator=gen)])
+        uniq, inv = torch.unique(drawn, return_inverse=True)
+        if uniq.numel() >= c:
+            break
+    # first c distinct values in draw order: a uniform c-subset (sequential sampling without replacement)
+    first = torch.full((uniq.numel(),), drawn.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inv, torch.arange(drawn.numel()), reduce="amin")
+    return uniq[first.argsort()[:c]]
+
+
+def random_control(mask: Masks, seed: int) -> Masks:
+    """Same count per matrix as ``mask``, positions uniform among the matrix's weights (seeded)."""
+    out = {}
+    for name, m in mask.items():
+        gen = torch.Generator().manual_seed(_key_seed(seed, name))
+        r = torch.zeros(m.numel(), dtype=torch.bool)
+        r[_sample_indices(m.numel(), int(m.sum()), gen)] = True
+        out[name] = r.reshape(m.shape).to(m.device)
+    return out
+
+
+def magnitude_control(mask: Masks, weights: Masks, benign_mask: Masks | None = None) -> Masks:
+    """Same count per matrix as ``mask``: the smallest ``|W|`` outside ``benign_mask`` (lowest index wins ties)."""
+    out = {}
+    for name, m in mask.items():
+        c = int(m.sum())
+        w = weights[name].detach().float().abs().to(m.device)
+        imp = -w
+        protected = benign_mask.get(name) if benign_mask is not None else None
+        if protected is not None:
+            if c > int((~protected).sum()):
+                raise ValueError(f"{name}: {c} weights requested but only {int((~protected).sum())} unprotected")
+            imp = imp.masked_fill(protected.to(m.device), float("-inf"))
+        out[name] = _topk_rows(imp.reshape(1, -1), c).reshape(m.shape)
+    return out
+
+
+def control_mask(control: str, mask: Masks, seed: int = 0, weights: Masks | None = None,
+                 benign_mask: Masks | None = None) -> Masks:
+    """Dispatch ``none | random | magnitude``."""
+    if control == "none":
+        return mask
+    if control == "random":
+        return random_control(mask, seed)
+    if control == "magnitude":
+        if weights is None:
+            raise ValueError("the magnitude control needs the model's weights")
+        return magnitude_control(mask, weights, benign_mask)
+    raise ValueError(f"unknown control {control!r}; expected one of {CONTROLS}")
+
+
+def _module_type(name: str) -> str:
+    parts = name.split(".")
+    return parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
+
+
+def mask_stats(mask: Masks) -> dict:
+    """Per-matrix, per-module-type and total counts and fractions (JSON-ready)."""
+    per, by_type = {}, {}
+    total = numel = 0
+    for name, m in mask.items():
+        c, n = int(m.sum()), m.numel()
+        per[name] = {"pruned": c, "numel": n, "fraction": c / n if n else 0.0}
+        t = _module_type(name)
+        by_type[t] = by_type.get(t, 0) + c
+        total, numel = total + c, numel + n
+    return {"total_pruned": total, "total_numel": numel, "total_fraction": total / numel if numel else 0.0,
+            "per_module_type": by_type, "per_matrix": per}
+
+
+def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_harm: str,
+                     method_benign: str | None, q: float, p: float, scope: str = "matrix",
+                     control: str = "none", seed: int = 0, weights: Masks | None = None) -> tuple[Masks, dict]:
+    """The Python API for sweeps: raw scores in, ``(mask, stats)`` out, no files.
+
+    ``mask`` is the harm-specific set ``Top_q(I_harm) & ~Top_p(I_benign)`` or, with ``control``,
+    a control with the same per-matrix counts. ``stats`` holds the counts of every set, the
+    matrices with nothing selected and the warnings; each warning is also issued with
+    ``warnings.warn`` so interactive users see it.
+    """
+    import warnings as _w
+
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    harm_imp = {n: importance(s, method_harm) for n, s in harm_scores.items()}
+    benign_imp = None
+    if p > 0:
+        if benign_scores is None or method_benign is None:
+            raise ValueError("p > 0 needs benign scores and their method")
+        benign_imp = {n: importance(benign_scores[n], method_benign) for n in harm_scores if n in benign_scores}
+    sel = harm_specific(harm_imp, benign_imp, q, p, scope)
+    mask = control_mask(control, sel.mask, seed, weights, sel.benign_top)
+    stats = mask_stats(mask)
+    specific = mask_stats(sel.mask)
+    for name, row in stats["per_matrix"].items():
+        row["harm_top"] = int(sel.harm_top[name].sum())
+        row["benign_top"] = int(sel.benign_top[name].sum()) if sel.benign_top is not None else 0
+        row["harm_specific"] = specific["per_matrix"][name]["pruned"]
+    stats["harm_specific_total"] = specific["total_pruned"]
+    stats["k_zero"] = {"harm": empty_keys(sel.harm_top),
+                       "benign": empty_keys(sel.benign_top) if sel.benign_top is not None else []}
+    stats["empty_after_difference"] = empty_keys(sel.mask)
+    stats["warnings"] = list(sel.warnings)
+    for msg in sel.warnings:
+        _w.warn(msg, PruneWarning, stacklevel=2)
+    return mask, stats
+
+
+class PruneWarning(UserWarning):
+    """A selection that is legal but probably not what the user wants (p = 0, k = 0 matrices)."""

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Train the shipped offline response classifier (harmprune/data/builtin/classifier/).
+
+Run by hand (never at run time; needs scikit-learn):
+    .venv/bin/python scripts/train_classifier.py [--src DIR] [--out DIR]
+``--src`` defaults to /work/shared/data, else ../shared/data next to the repository.
+Deterministic: fixed split (hash of the prompt), liblinear solver, fixed seed.
+
+Labelled responses (permissive sources only; Alpaca/AlpacaEval-derived data, CC BY-NC, is NOT used):
+- circuit_breakers…jsonl.gz (MIT): Llama-3-8B completions, harmful = HarmBench classifier "Yes".
+- refusal_direction_jbb_completions.jsonl.gz (Apache-2.0): 5 chat models, baseline and with the
+  refusal direction ablated, harmful = LlamaGuard-2 unsafe.
+- jbb_artifacts_completions.jsonl.gz (MIT): jailbreak responses of GPT-3.5/4, Llama-2, Vicuna,
+  harmful = JailbreakBench judge (`jailbroken`); rows where LlamaGuard-1 disagrees are left out of
+  training (label noise) but kept in the evaluation.
+- XSTest v2 completions (CC BY 4.0 prompts): replies to safe prompts and refusals of unsafe ones are
+  not harmful; human refusal/compliance labels train the refusal head.
+- alignment-attribution safety-short (MIT): Llama-2 refusals, not harmful, refusal.
+Features are the response text only (the requests are almost all harmful, so request text would
+mostly tell sources apart). Held-out split: by prompt/behaviour (every completion of one request on
+the same side), so near-duplicate completions do not leak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harmprune.core.manifest import versions  # noqa: E402
+from harmprune.evals.classifier import BUILTIN_DIR, AnalyzerSettings, TextClassifier, analyze  # noqa: E402
+
+SEED = 0
+TEST_FRACTION = 0.2
+MAX_FEATURES = 40_000
+MIN_DF = 3
+C_GRID = (1.0, 4.0, 16.0, 64.0)
+CV_FOLDS = 4
+
+FILES = {
+    "harmbench_cls": ("harmful_completions/circuit_breakers_llama3_8b_harmbench_completions.jsonl.gz", "MIT"),
+    "llamaguard2": ("harmful_completions/refusal_direction_jbb_completions.jsonl.gz", "Apache-2.0"),
+    "jbb_judge": ("harmful_completions/jbb_artifacts_completions.jsonl.gz", "MIT"),
+    "xstest_gpt4": ("recognition/xstest_v2_completions_gpt4.csv", "CC-BY-4.0 (prompts)"),
+    "xstest_llama2": ("recognition/xstest_v2_completions_llama2orig.csv", "CC-BY-4.0 (prompts)"),
+    "refusals_llama2": ("refusal/alignment_attribution_safety_short.csv", "MIT"),
+}
+
+
+@dataclass
+class Example:
+    source: str
+    group: str  # the request it answers: the unit of the train/held-out split
+    text: str
+    harmful: int | None  # evaluation label for the harmful head
+    refusal: int | None  # label for the refusal head
+    train_harmful: bool = True  # False: evaluated but left out of training (disputed label)
+
+
+def default_src() -> Path:
+    for cand in (Path("/work/shared/data"), REPO.parent / "shared" / "data"):
+        if cand.is_dir():
+            return cand
+    sys.exit("shared data folder not found; pass --src")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def norm_prompt(p: str) -> str:
+    p = re.sub(r"\[/?INST\]|<<SYS>>.*?<</SYS>>|<s>|</s>", " ", p or "", flags=re.S)
+    return re.sub(r"\W+", " ", p.lower()).strip()
+
+
+def jsonl_gz(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def load_examples(src: Path) -> list[Example]:
+    ex: list[Example] = []
+    for r in jsonl_gz(src / FILES["harmbench_cls"][0]):
+        y = int(r["harmbench_cls_pred"] == "Yes")
+        ex.append(Example("harmbench_cls", norm_prompt(r["behavior"]), r["completion"], y, 0 if y else None))
+    for r in jsonl_gz(src / FILES["llamaguard2"][0]):
+        y = int(r["is_jailbreak_llamaguard2"]) == 1
+        ex.append(Example("llamaguard2", norm_prompt(r["prompt"]), r["response"], int(y), 0 if y else None))
+    for r in jsonl_gz(src / FILES["jbb_judge"][0]):
+        if r["response"] is None:  # PAIR rows with no submitted jailbreak
+            continue
+        y = r["jailbroken"] == "True"
+        lg1 = r["jailbroken_llama_guard1"]
+        agree = lg1 in (None, "None") or (lg1 == "True") == y
+        ex.append(Example("jbb_judge", norm_prompt(r["goal"]), r["response"], int(y), 0 if y else None, agree))
+    for name in ("xstest_gpt4", "xstest_llama2"):
+        for r in csv_rows(src / FILES[name][0]):
+            unsafe = r["type"].startswith("contrast")
+            label = r["final_label"]
+            refusal = {"1_full_compliance": 0, "2_full_refusal": 1}.get(label)
+            if unsafe and refusal != 1:
+                continue  # complying with an unsafe prompt: harmfulness unlabelled
+            ex.append(Example(name, "xstest " + r["id"], r["completion"], 0, refusal))
+    for r in csv_rows(src / FILES["refusals_llama2"][0]):
+        ex.append(Example("refusals_llama2", norm_prompt(r["prompt"]), r["response"], 0, 1))
+    return [e for e in ex if e.text and e.text.strip()]
+
+
+def is_held_out(group: str) -> bool:
+    """Deterministic, library-independent split: a fixed fraction of requests by hash."""
+    h = int(hashlib.sha256(f"{SEED}:{group}".encode()).hexdigest()[:8], 16)
+    return h % 1000 < TEST_FRACTION * 1000
+
+
+def auc(y: np.ndarray, s: np.ndarray) -> float | None:
+    """ROC AUC by the rank-sum formula (ties get average ranks)."""
+    from scipy.stats import rankdata
+
+    pos, n_pos = y == 1, int((y == 1).sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    r = rankdata(s)
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict:
+    pred = (p >= threshold).astype(int)
+    tp, tn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 0) & (y == 0)).sum())
+    fp, fn = int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
+    a = auc(y, p)
+    return {
+        "n": int(len(y)),
+        "positives": int(y.sum()),
+        "accuracy": round(float((pred == y).mean()), 4),
+        "auc": None if a is None else round(a, 4),
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+def fit_head(X, y, groups, label: str):
+    """Logistic regression; C chosen by grouped CV accuracy on the training split only."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    cv = {}
+    for c in C_GRID:
+        accs = []
+        for tr, va in GroupKFold(n_splits=CV_FOLDS).split(X, y, groups):
+            m = LogisticRegression(C=c, solver="liblinear", class_weight="balanced", random_state=SEED)
+            m.fit(X[tr], y[tr])
+            accs.append(float((m.predict(X[va]) == y[va]).mean()))
+        cv[c] = round(float(np.mean(accs)), 4)
+        print(f"  {label}: C={c:<5} grouped-CV accuracy {cv[c]:.4f}", file=sys.stderr)
+    best = max(C_GRID, key=lambda c: (cv[c], -c))
+    m = LogisticRegression(C=best, solver="liblinear", class_weight="balanced", random_state=SEED)
+    m.fit(X, y)
+    return m, {"C": best, "cv_accuracy": cv}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--src", type=Path, default=None, help="shared data folder")
+    ap.add_argument("--out", type=Path, default=BUILTIN_DIR, help="output classifier directory")
+    args = ap.parse_args(argv)
+    src = args.src or default_src()
+
+    import sklearn
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    settings = AnalyzerSettings()
+    examples = load_examples(src)
+    test = np.array([is_held_out(e.group) for e in examples])
+    train_ex = [e for e, t in zip(examples, test) if not t]
+    test_ex = [e for e, t in zip(examples, test) if t]
+    overlap = {e.group for e in train_ex} & {e.group for e in test_ex}
+    assert not overlap, "a request is on both sides of the split"
+    print(f"examples: {len(examples)} ({len(train_ex)} train, {len(test_ex)} held out)", file=sys.stderr)
+
+    vec = TfidfVectorizer(analyzer=lambda t: analyze(t, settings), sublinear_tf=True, min_df=MIN_DF,
+                          max_features=MAX_FEATURES, norm="l2", smooth_idf=True, dtype=np.float64)
+    X_train = vec.fit_transform([e.text for e in train_ex])
+    X_test = vec.transform([e.text for e in test_ex])
+    features = [None] * len(vec.vocabulary_)
+    for f, i in vec.vocabulary_.items():
+        features[i] = f
+
+    coefs, intercepts, selection, sk_models = {}, {}, {}, {}
+    for head in ("harmful", "refusal"):
+        rows = [i for i, e in enumerate(train_ex) if getattr(e, head) is not None and (head != "harmful" or e.train_harmful)]
+        y = np.array([getattr(train_ex[i], head) for i in rows])
+        g = np.array([train_ex[i].group for i in rows])
+        model, sel = fit_head(X_train[rows], y, g, head)
+        sk_models[head], selection[head] = model, sel | {"train_rows": len(rows), "train_positives": int(y.sum())}
+        coefs[head], intercepts[head] = model.coef_[0].astype(np.float64), float(model.intercept_[0])
+
+    clf = TextClassifier(features=features, idf=vec.idf_.astype(np.float64), coefs=coefs, intercepts=intercepts,
+                         thresholds={"harmful": 0.5, "refusal": 0.5}, settings=settings, sublinear_tf=True)
+
+    # numpy inference must reproduce scikit-learn exactly (same analyzer, same arithmetic)
+    texts = [e.text for e in test_ex]
+    max_diff = {}
+    for head in coefs:
+        ours = clf.predict_proba(texts, head)
+        ref = sk_models[head].predict_proba(X_test)[:, 1]
+        max_diff[head] = float(np.abs(ours - ref).max())
+        assert max_diff[head] < 1e-6, f"numpy inference differs from sklearn on {head}: {max_diff[head]}"
+    print(f"numpy vs sklearn max |dP|: {max_diff}", file=sys.stderr)
+
+    # held-out metrics (all held-out rows with their source's label, disputed ones included)
+    p_harm, p_ref = clf.predict_proba(texts, "harmful"), clf.predict_proba(texts, "refusal")
+    results = {"harmful": {}, "refusal": {}}
+    for head, p in (("harmful", p_harm), ("refusal", p_ref)):
+        idx = [i for i, e in enumerate(test_ex) if getattr(e, head) is not None]
+        y = np.array([getattr(test_ex[i], head) for i in idx])
+        results[head]["overall"] = metrics(y, p[idx])
+        by_src = defaultdict(list)
+        for i in idx:
+            by_src[test_ex[i].source].append(i)
+        results[head]["per_source"] = {
+            s: metrics(np.array([getattr(test_ex[i], head) for i in ii]), p[ii]) for s, ii in sorted(by_src.items())
+        }
+    agreed = [i for i, e in enumerate(test_ex) if e.train_harmful]
+    results["harmful"]["agreed_labels_only"] = metrics(np.array([test_ex[i].harmful for i in agreed]), p_harm[agreed])
+
+    counts = {
+        s: {
+            "rows": sum(e.source == s for e in examples),
+            "held_out_rows": sum(e.source == s for e in test_ex),
+            "harmful": sum(e.source == s and e.harmful == 1 for e in examples),
+            "refusal": sum(e.source == s and e.refusal == 1 for e in examples),
+            "disputed_harm_label": sum(e.source == s and not e.train_harmful for e in examples),
+        }
+        for s in FILES
+    }
+    card = {
+        "name": "harmprune offline response classifier",
+        "heads": {
+            "harmful": "P(response is harmful content); judge score. Threshold 0.5.",
+            "refusal": "P(response refuses); judge refusal = P >= 0.5.",
+        },
+        "inputs": "response text only (the request is not used)",
+        "model": {
+            "features": "TF-IDF (sublinear tf, smoothed idf, L2) over word 1-2 grams, lead-word 1-2 grams "
+                        "and in-word char 3-5 grams of the lowercased response (first 4000 chars)",
+            "analyzer": asdict(settings), "n_features": len(features), "min_df": MIN_DF,
+            "max_features": MAX_FEATURES, "classifier": "logistic regression (liblinear, L2, class_weight=balanced)",
+            "selection": selection,
+        },
+        "data": {
+            "source_dir": "shared/data (not shipped)",
+            "files": {s: {"path": p, "license": lic, "sha256": sha256(src / p)} for s, (p, lic) in FILES.items()},
+            "counts": counts,
+            "split": f"by request: sha256('{SEED}:'+normalised prompt) mod 1000 < {int(TEST_FRACTION * 1000)} is held out",
+            "train_rows": len(train_ex), "held_out_rows": len(test_ex),
+            "groups": {"train": len({e.group for e in train_ex}), "held_out": len({e.group for e in test_ex})},
+        },
+        "metrics_held_out": results,
+        "numpy_vs_sklearn_max_abs_diff": max_diff,
+        "seed": SEED,
+        "versions": versions() | {"scikit-learn": sklearn.__version__},
+    }
+    clf.save(args.out)
+    (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    h = results["harmful"]["overall"]
+    print(f"held-out harmful: accuracy {h['accuracy']} AUC {h['auc']} (n={h['n']}); "
+          f"refusal: accuracy {results['refusal']['overall']['accuracy']}", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
