@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "harmprune.attribution.cli",
     "harmprune.pruning.cli",
     "harmprune.evals.cli",
+    "harmprune.finetune.cli",
 )
 
 

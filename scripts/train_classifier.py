@@ -30,7 +30,7 @@ import hashlib
 import json
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +57,8 @@ FILES = {
     "xstest_llama2": ("recognition/xstest_v2_completions_llama2orig.csv", "CC-BY-4.0 (prompts)"),
     "refusals_llama2": ("refusal/alignment_attribution_safety_short.csv", "MIT"),
 }
+
+JUDGED_SOURCES = ("harmbench_cls", "llamaguard2", "jbb_judge")
 
 
 @dataclass
@@ -95,6 +97,11 @@ def csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def truthy(v) -> bool:
+    """JSON booleans, or their string spellings."""
+    return v is True or str(v).strip().lower() in ("true", "1", "yes")
+
+
 def load_examples(src: Path) -> list[Example]:
     ex: list[Example] = []
     for r in jsonl_gz(src / FILES["harmbench_cls"][0]):
@@ -106,9 +113,9 @@ def load_examples(src: Path) -> list[Example]:
     for r in jsonl_gz(src / FILES["jbb_judge"][0]):
         if r["response"] is None:  # PAIR rows with no submitted jailbreak
             continue
-        y = r["jailbroken"] == "True"
+        y = truthy(r["jailbroken"])
         lg1 = r["jailbroken_llama_guard1"]
-        agree = lg1 in (None, "None") or (lg1 == "True") == y
+        agree = lg1 in (None, "None") or truthy(lg1) == y
         ex.append(Example("jbb_judge", norm_prompt(r["goal"]), r["response"], int(y), 0 if y else None, agree))
     for name in ("xstest_gpt4", "xstest_llama2"):
         for r in csv_rows(src / FILES[name][0]):
@@ -237,6 +244,9 @@ def main(argv=None) -> None:
         results[head]["per_source"] = {
             s: metrics(np.array([getattr(test_ex[i], head) for i in ii]), p[ii]) for s, ii in sorted(by_src.items())
         }
+    # the headline without the easy refusal/XSTest negatives: sources whose labels come from a judge
+    judged = [i for i, e in enumerate(test_ex) if e.source in JUDGED_SOURCES]
+    results["harmful"]["judge_labelled_sources"] = metrics(np.array([test_ex[i].harmful for i in judged]), p_harm[judged])
     agreed = [i for i, e in enumerate(test_ex) if e.train_harmful]
     results["harmful"]["agreed_labels_only"] = metrics(np.array([test_ex[i].harmful for i in agreed]), p_harm[agreed])
 

@@ -8,6 +8,7 @@ the input raises a one-line ``DataError`` naming the source, row and field; noth
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -88,13 +89,13 @@ def _resolve(data: str) -> _Source:
             raise DataError(f"{data}: expected hf:<dataset>[:<split>]")
         return _Source("hf", data, Path(name).name or name, name, split=split or "train")
     path = Path(data).expanduser()
-    if path.is_dir():
-        raise DataError(f"{data}: is a directory; for a folder of data files use hf:{data}")
-    if path.exists():
+    if path.is_file():
         return _Source("file", data, _stem(path.name), path.name, path=path)
     parsed = builtin.parse(data)
     if parsed is not None:
         return _Source("builtin", data, data.partition(":")[0], parsed[0], split=parsed[1])
+    if path.is_dir():
+        raise DataError(f"{data}: is a directory; for a folder of data files use hf:{data}")
     if "/" in data or "\\" in data or _suffix(data) is not None:
         raise DataError(f"{data}: no such file")
     raise DataError(f"{data}: no such file and not a built-in dataset (built-ins: {', '.join(builtin.names())})")
@@ -133,12 +134,14 @@ def _decode(src: _Source, raw: bytes) -> str:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{src.label}: not a valid gzip file ({e})") from None
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8-sig")
+        return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
+        start = bom + e.start
+        line = raw[:start].count(b"\n") + 1
         where = " of the decompressed data" if gz else ""
-        raise DataError(f"{src.label}: not UTF-8 at byte {e.start}{where} (line {line})") from None
+        raise DataError(f"{src.label}: not UTF-8 at byte {start}{where} (line {line})") from None
 
 
 def _jsonl_rows(src: _Source, text: str):
@@ -221,15 +224,15 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "")
 
 
-def _detect(row: dict, candidates: tuple[str, ...]) -> str | None:
+def _detect(keys, candidates: tuple[str, ...]) -> str | None:
     by_norm = {}
-    for key in row:
+    for key in keys:
         by_norm.setdefault(_norm(str(key)), key)
     return next((by_norm[_norm(c)] for c in candidates if _norm(c) in by_norm), None)
 
 
-def _fields_of(row: dict) -> str:
-    return ", ".join(map(str, row)) or "none"
+def _fields_of(keys) -> str:
+    return ", ".join(map(str, keys)) or "none"
 
 
 @dataclass
@@ -240,24 +243,25 @@ class _FieldMap:
     category_explicit: bool
 
 
-def _field_map(spec: DataSpec, src: _Source, n: int, row: dict, require_response: bool) -> _FieldMap:
-    """Which keys hold prompt, response and category, decided once from the first row."""
-    category = spec.category_field or _detect(row, CATEGORY_NAMES)
+def _field_map(spec: DataSpec, src: _Source, rows: list[tuple[int, dict]], require_response: bool) -> _FieldMap:
+    """Which keys hold prompt, response and category, decided once from the keys of all rows."""
+    keys = dict.fromkeys(k for _, row in rows for k in row)
+    category = spec.category_field or _detect(keys, CATEGORY_NAMES)
     explicit = spec.category_field is not None
-    if spec.prompt_field is None and spec.response_field is None and "messages" in row:
+    if spec.prompt_field is None and spec.response_field is None and "messages" in keys:
         return _FieldMap(None, None, category, explicit)
-    prompt = spec.prompt_field or _detect(row, PROMPT_NAMES)
+    prompt = spec.prompt_field or _detect(keys, PROMPT_NAMES)
     if prompt is None:
-        raise DataError(f"{src.label} row {n}: no prompt field found (tried {', '.join(PROMPT_NAMES)}; "
-                        f"the row has: {_fields_of(row)}); pass --prompt-field")
-    response = spec.response_field or _detect(row, RESPONSE_NAMES)
+        raise DataError(f"{src.label}: no prompt field found (tried {', '.join(PROMPT_NAMES)}; "
+                        f"the rows have: {_fields_of(keys)}); pass --prompt-field")
+    response = spec.response_field or _detect(keys, RESPONSE_NAMES)
     if response is None and require_response:
-        raise DataError(f"{src.label} row {n}: no response field found (tried {', '.join(RESPONSE_NAMES)}; "
-                        f"the row has: {_fields_of(row)}); pass --response-field")
+        raise DataError(f"{src.label}: no response field found (tried {', '.join(RESPONSE_NAMES)}; "
+                        f"the rows have: {_fields_of(keys)}); pass --response-field")
     return _FieldMap(prompt, response, category, explicit)
 
 
-def _text(src: _Source, n: int, row: dict, key: str, value) -> str:
+def _text(src: _Source, n: int, key: str, value) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -269,7 +273,7 @@ def _text(src: _Source, n: int, row: dict, key: str, value) -> str:
 def _get(src: _Source, n: int, row: dict, key: str) -> str:
     if key not in row:
         raise DataError(f"{src.label} row {n}: no field {key!r} (the row has: {_fields_of(row)})")
-    return _text(src, n, row, key, row[key])
+    return _text(src, n, key, row[key])
 
 
 def _content(src: _Source, n: int, i: int, msg) -> str:
@@ -278,7 +282,7 @@ def _content(src: _Source, n: int, i: int, msg) -> str:
     content = msg["content"]
     if isinstance(content, list):  # OpenAI content parts: keep the text parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return _text(src, n, {}, f"messages[{i}].content", content)
+    return _text(src, n, f"messages[{i}].content", content)
 
 
 def _chat(src: _Source, n: int, row: dict, require_response: bool) -> tuple[str, str, str | None]:
@@ -321,7 +325,7 @@ def _record(src: _Source, n: int, row: dict, fm: _FieldMap, require_response: bo
         value = row.get(fm.category, _MISSING)
         if value is _MISSING:
             raise DataError(f"{src.label} row {n}: no field {fm.category!r} (the row has: {_fields_of(row)})")
-        category = None if value is None else _text(src, n, row, fm.category, value)
+        category = None if value is None else _text(src, n, fm.category, value)
     rid = row.get("id")
     rid = f"{src.stem}:{n}" if rid is None or rid == "" else str(rid)
     return Record(prompt=prompt, response=response, category=category, id=rid, system=system)
@@ -351,7 +355,7 @@ def load_records(spec: DataSpec, require_response: bool = True) -> list[Record]:
     """
     src = _resolve(spec.data)
     rows = _rows(src)
-    fm = _field_map(spec, src, rows[0][0], rows[0][1], require_response)
+    fm = _field_map(spec, src, rows, require_response)
     records = [_record(src, n, row, fm, require_response) for n, row in rows]
     wanted = spec.categories()
     return _filter(src, records, wanted) if wanted else records

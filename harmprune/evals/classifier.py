@@ -15,7 +15,6 @@ Heads of the shipped model (score direction: higher = more of the named property
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -183,7 +182,3 @@ class TextClassifier:
 def load_classifier(directory: str | None = None) -> TextClassifier:
     """The shipped classifier (or one at ``directory``), loaded once per process."""
     return TextClassifier.load(directory or BUILTIN_DIR)
-
-
-def sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z))

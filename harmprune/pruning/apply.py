@@ -26,7 +26,7 @@ def check_mask(model: nn.Module, mask: dict[str, torch.Tensor]) -> None:
     A tied weight (e.g. ``lm_head`` sharing the embedding) is refused: writing through the tie
     would silently change the other parameter too.
     """
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     ties = tied_parameters(model)
     for name, m in mask.items():
         if name not in params:
@@ -51,7 +51,7 @@ def apply_mask(model: nn.Module, mask: dict[str, torch.Tensor], action: str = "z
     if action == "scale" and alpha is None:
         raise HarmpruneError("--action scale needs --alpha")
     check_mask(model, mask)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     saved: Restore = {}
     for name, m in mask.items():
         flat = params[name].data.view(-1)
@@ -69,7 +69,7 @@ def apply_mask(model: nn.Module, mask: dict[str, torch.Tensor], action: str = "z
 @torch.no_grad()
 def restore(model: nn.Module, saved: Restore) -> None:
     """Undo ``apply_mask`` exactly (bit for bit)."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, (idx, old) in saved.items():
         params[name].data.view(-1)[idx] = old
 

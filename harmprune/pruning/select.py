@@ -60,22 +60,41 @@ def _topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
-    x = x.float() + 0.0  # -0.0 -> 0.0 so signed zeros tie
+    x = x.float()
     t = torch.kthvalue(x, n - k + 1, dim=1).values[:, None]  # k-th largest of each row
+    return _fill_ties(x, t, k)
+
+
+def _fill_ties(x: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries above the per-row threshold ``t``, plus the lowest-index entries equal to it up to k per row.
+
+    IEEE comparison makes -0.0 and 0.0 tie, as documented.
+    """
     above = x > t
     need = k - above.sum(1, keepdim=True)
     tied = x == t
+    if x.shape[0] == 1:  # one row: index the few tied entries instead of a cumulative sum
+        idx = tied.view(-1).nonzero().squeeze(1)[: int(need)]
+        above.view(-1)[idx] = True
+        return above
     return above | (tied & (tied.cumsum(1, dtype=torch.int32) <= need))
 
 
 def _ordered_key(x: torch.Tensor) -> torch.Tensor:
-    """Map float32 to int32 so that integer order equals float order (-0.0 maps like 0.0)."""
-    i = (x.float() + 0.0).contiguous().view(torch.int32)
-    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+    """Map float32 to int32 with the same order: sign times magnitude bits (so -0.0 and 0.0 both map to 0)."""
+    i = x.float().contiguous().view(torch.int32)
+    m = i & 0x7FFFFFFF
+    return torch.where(i < 0, -m, m)
+
+
+def _key_value(key: int) -> float:
+    """Inverse of ``_ordered_key`` for one key."""
+    bits = key if key >= 0 else (-key) | -0x80000000
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 def _hist16(v: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(v.reshape(-1).long(), minlength=1 << 16).cpu()
+    return torch.bincount(v.reshape(-1), minlength=1 << 16).cpu()
 
 
 def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -89,7 +108,8 @@ def _global_topk(imp: Masks, k: int) -> Masks:
     total = sum(t.numel() for t in imp.values())
     if k <= 0 or k >= total:
         return {n: torch.full_like(t, k > 0, dtype=torch.bool) for n, t in imp.items()}
-    # pass 1: the high 16 bits of the key; pass 2: the low 16 bits inside the chosen high bin
+    # Radix select of the k-th largest key. Pass 1: histogram of the high 16 bits (offset to be
+    # non-negative); pass 2: histogram of the low 16 bits inside the chosen high bin.
     hist = sum(_hist16((_ordered_key(t) >> 16) + (1 << 15)) for t in imp.values())
     hi, above = _pick_bin(hist, k)
     hi_signed = hi - (1 << 15)
@@ -98,17 +118,17 @@ def _global_topk(imp: Masks, k: int) -> Masks:
         key = _ordered_key(t)
         hist2 += _hist16(key[(key >> 16) == hi_signed] & 0xFFFF)
     lo, above2 = _pick_bin(hist2, k - above)
-    thresh = hi_signed * (1 << 16) + lo
+    thresh = torch.tensor([[_key_value(hi_signed * (1 << 16) + lo)]])
     remaining = k - above - above2  # entries equal to the threshold still to take, in key order
     out = {}
     for name, t in imp.items():
-        key = _ordered_key(t)
-        m = key > thresh
+        x = t.float().reshape(1, -1)
+        m = x > thresh.to(x.device)
         if remaining > 0:
-            tied = (key == thresh).reshape(-1).nonzero().squeeze(1)[:remaining]
-            m.view(-1)[tied] = True
-            remaining -= tied.numel()
-        out[name] = m
+            idx = (x == thresh.to(x.device)).view(-1).nonzero().squeeze(1)[:remaining]
+            m.view(-1)[idx] = True
+            remaining -= idx.numel()
+        out[name] = m.reshape(t.shape)
     return out
 
 

@@ -17,8 +17,11 @@ Built-in judge modules are imported on first use, so ``openai`` never imports to
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 from ...core.errors import HarmpruneError
@@ -115,6 +118,22 @@ def get_judge(spec: str, **options) -> Judge:
     return _REGISTRY[prefix](arg or None, **options)
 
 
+HARMBENCH_FILE = Path(__file__).resolve().parents[2] / "data" / "builtin" / "harmbench_classifier_prompt.json"
+
+
+@lru_cache(maxsize=2)
+def harmbench_template(chat: bool = True) -> str:
+    """HarmBench's yes/no classifier prompt (MIT) with ``{behavior}`` and ``{generation}``.
+
+    With ``chat`` the Llama-2 ``[INST] <<SYS>>`` wrapping is removed: the judge's own chat template
+    wraps the text as a user turn.
+    """
+    t = json.loads(HARMBENCH_FILE.read_text(encoding="utf-8"))["prompt"]
+    if chat:
+        t = t.removeprefix("[INST] <<SYS>>\n").replace("\n<</SYS>>\n\n", "\n\n").removesuffix(" [/INST]")
+    return t
+
+
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -128,4 +147,4 @@ def fill(template: str, item: dict) -> str:
 
 
 __all__ = ["Verdict", "RatingResult", "Judge", "Rater", "register_judge", "get_judge",
-           "available_judges", "fill"]
+           "available_judges", "fill", "harmbench_template"]

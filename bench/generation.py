@@ -1,0 +1,76 @@
+"""Batched vs one-prompt-at-a-time greedy generation throughput on the embedded model.
+
+Run by hand: ``.venv/bin/python bench/generation.py`` (a few minutes on a 2-core CPU).
+Prints tokens/s for batch size 1 and each batched size, the speed-up (target >= 6x), and how many
+prompts got token-for-token the same greedy reply batched as alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from harmprune.core.formatting import resolve_format
+from harmprune.core.manifest import banner
+from harmprune.core.models import load_model
+from harmprune.evals.generation import GenConfig, build_inputs, generate_tokens
+
+FALLBACK = [f"Explain, step by step, how {x} works." for x in (
+    "a bicycle", "a refrigerator", "photosynthesis", "a compiler", "the stock market", "a vaccine", "radar",
+    "a jet engine", "public-key cryptography", "a nuclear reactor", "a lock", "a search engine", "GPS",
+    "a battery", "a printing press", "an elevator")]
+
+
+def prompts(n: int) -> tuple[list[str], str]:
+    try:
+        from harmprune.core.data import load
+
+        ps = list(dict.fromkeys(r.prompt for r in load("harmful:all")))
+        if len(ps) >= n:
+            return ps[:n], "built-in harmful:all (distinct prompts)"
+    except Exception as e:  # data layer missing or changed: the bench still runs
+        print(f"built-in data unavailable ({e}); using fixed prompts")
+    return (FALLBACK * (n // len(FALLBACK) + 1))[:n], "fixed strings"
+
+
+def run(model, tok, ctx, cfg) -> tuple[list[list[int]], float]:
+    t = time.perf_counter()
+    out = generate_tokens(model, tok, ctx, cfg, desc=f"batch {cfg.batch_size}")
+    return [o[0] for o in out], time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
+    args = ap.parse_args()
+
+    model, tok = load_model("smollm2-135m-instruct")
+    ps, source = prompts(args.n_prompts)
+    banner("bench generation", {"model": "smollm2-135m-instruct (float32, CPU)", "prompts": f"{len(ps)} from {source}",
+                                "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads()})
+    ctx, _ = build_inputs(tok, ps, resolve_format(tok, "auto"))
+    generate_tokens(model, tok, ctx[:2], GenConfig(max_new_tokens=4, batch_size=2), desc="warm-up")
+
+    single, t1 = run(model, tok, ctx, GenConfig(max_new_tokens=args.max_new_tokens, batch_size=1))
+    n_tok = sum(len(s) for s in single)
+    rows = [(1, n_tok, t1, n_tok / t1, 1.0, len(ps))]
+    for bs in args.batch_sizes:
+        out, t = run(model, tok, ctx, GenConfig(max_new_tokens=args.max_new_tokens, batch_size=bs))
+        toks = sum(len(o) for o in out)
+        same = sum(o == s for o, s in zip(out, single))
+        rows.append((bs, toks, t, toks / t, (toks / t) / (n_tok / t1), same))
+
+    print(f"\n{len(ps)} prompts, max_new_tokens {args.max_new_tokens}, prompt tokens "
+          f"{min(map(len, ctx))}-{max(map(len, ctx))}, {torch.get_num_threads()} threads")
+    print("| batch | new tokens | wall s | tokens/s | speed-up | same greedy reply as alone |")
+    print("|---|---|---|---|---|---|")
+    for bs, toks, t, tps, sp, same in rows:
+        print(f"| {bs} | {toks} | {t:.1f} | {tps:.1f} | {sp:.1f}x | {same}/{len(ps)} |")
+
+
+if __name__ == "__main__":
+    main()

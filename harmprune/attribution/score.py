@@ -1,0 +1,151 @@
+"""The ``harmprune score`` stage: load a model and data, score, write an attribution directory.
+
+Output (DESIGN.md): ``scores.safetensors`` (keys = full parameter names, weight-shaped, float32 by
+default) and ``meta.json`` (method, formula, direction, model and data fingerprints, counts,
+settings, versions, wall time, peak memory). Written atomically: a failure leaves no directory.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core import manifest
+from ..core.data import DataSpec, data_fingerprint, load_records
+from ..core.errors import HarmpruneError
+from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name, parse_dtype
+from ..core.settings import check, opt, to_dict
+from ..core.targets import DEFAULT_TARGETS
+from .engine import WANDA_TOKENS, compute_scores
+from .formulas import DIRECTIONS, FORMULAS, METHODS
+
+SCORES_FILE = "scores.safetensors"
+META_FILE = "meta.json"
+SELECTION = "rows shuffled with random.Random(seed).shuffle, then the first nsamples taken"
+IMPORTANCE = {"snip": "-S", "snip-abs": "S", "wanda": "S"}  # what the pruner ranks (larger = prune first)
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of ``harmprune score`` (each field is also a CLI option)."""
+
+    method: str = opt(help="score: snip (signed W*grad), snip-abs (|W|*sum|grad|) or wanda (|W|*||X||)")
+    out: str = opt(help="output directory for scores.safetensors and meta.json")
+    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
+    data: str = opt("harmful", help="dataset: file (.jsonl/.json/.csv[.gz]), hf:<name>[:<split>] or built-in name")
+    nsamples: int = opt(128, help="records to score, the first n after a seeded shuffle (0 = all)")
+    max_length: int = opt(256, help="maximum tokens per sample (the response is truncated, never the prompt)")
+    batch_size: int = opt(4, help="samples per forward/backward pass (results do not depend on it)")
+    format: str = opt("auto", help="auto (chat if the tokenizer has a template), chat or raw")
+    targets: list[str] = opt([], help="linear modules to score: globs or re:<regex> (default: all in decoder blocks)")
+    ignore: list[str] = opt([], help="linear modules to leave out: globs or re:<regex>")
+    seed: int = opt(0, help="seed of the sample selection")
+    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16); scores accumulate in float32")
+    device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
+    device_map: str | None = opt(None, help="accelerate device map (e.g. auto); overrides --device")
+    score_dtype: str = opt("float32", help="dtype of the stored scores")
+    wanda_tokens: str = opt("response", help="wanda inputs at: response (response tokens) or all (every non-pad token)")
+    overwrite: bool = opt(False, help="replace a non-empty output directory")
+    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
+    response_field: str | None = opt(None, help="field holding the response (default: auto-detect)")
+    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
+    category: str | None = opt(None, help="keep only rows of these categories (comma-separated)")
+
+    def __post_init__(self):
+        check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        check(bool(self.out), "--out is required")
+        check(self.nsamples >= 0, "--nsamples must be 0 (all) or positive")
+        check(self.max_length >= 2, "--max-length must be at least 2")
+        check(self.batch_size >= 1, "--batch-size must be at least 1")
+        check(self.format in ("auto", "chat", "raw"), f"unknown format {self.format!r}; choose auto, chat or raw")
+        check(self.wanda_tokens in WANDA_TOKENS, f"unknown --wanda-tokens {self.wanda_tokens!r}; choose response or all")
+        parse_dtype(self.dtype)
+        parse_dtype(self.score_dtype)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(data=self.data, prompt_field=self.prompt_field, response_field=self.response_field,
+                        category_field=self.category_field, category=self.category)
+
+
+def select(records: list, nsamples: int, seed: int) -> list:
+    """The records a run scores: a ``random.Random(seed)`` shuffle of the rows, first ``nsamples``."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in (order[:nsamples] if nsamples else order)]
+
+
+def _weight_shapes(model, keys) -> dict[str, list[int]]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {k: list(params[k].shape) for k in keys}
+
+
+def score(cfg: ScoreConfig) -> Path:
+    """Run the stage; return the output directory. Raises HarmpruneError on bad input (nothing written)."""
+    from safetensors.torch import save_file
+
+    manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow parts
+    manifest.banner("score", to_dict(cfg))
+    t0 = time.perf_counter()
+    spec = cfg.data_spec()
+    rows = load_records(spec)
+    fingerprint = data_fingerprint(spec, rows)
+    chosen = select(rows, cfg.nsamples, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, cfg.device_map)
+    scores, stats = compute_scores(model, tok, chosen, cfg.method, fmt=cfg.format, max_length=cfg.max_length,
+                                   batch_size=cfg.batch_size, targets=cfg.targets, ignore=cfg.ignore,
+                                   wanda_tokens=cfg.wanda_tokens, score_dtype=parse_dtype(cfg.score_dtype))
+    mhash = model_hash(model)
+    meta = {
+        "method": cfg.method,
+        "formula": FORMULAS[cfg.method],
+        "direction": DIRECTIONS[cfg.method],
+        "importance": IMPORTANCE[cfg.method],
+        "model": {"spec": cfg.model, "name": model_name(cfg.model), "class": type(model).__name__,
+                  "model_hash": mhash, "dtype": cfg.dtype},
+        "model_hash": mhash,
+        "shapes": _weight_shapes(model, scores),
+        "data": {**fingerprint, "selection": SELECTION, "seed": cfg.seed,
+                 "record_ids": [r.id for r in chosen]},
+        "format": stats["format"],
+        "nsamples": {"requested": cfg.nsamples, "available": len(rows), "selected": len(chosen),
+                     "used": stats["samples"], "skipped": stats["skipped"]},
+        "tokens": {"response": stats["tokens"], "input": stats["input_tokens"]},
+        "max_length": cfg.max_length,
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "score_dtype": cfg.score_dtype,
+        "seed": cfg.seed,
+        "targets": cfg.targets or DEFAULT_TARGETS,
+        "ignore": cfg.ignore or [],
+        "wanda_tokens": cfg.wanda_tokens if cfg.method == "wanda" else None,
+        "mean_nll": stats["mean_nll"],
+        "layers": stats["layers"],
+        "layers_never_run": stats["layers_never_run"],
+        "config": to_dict(cfg),
+        "versions": manifest.versions(),
+        "engine_seconds": stats["engine_seconds"],
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+        "peak_memory_bytes": stats["peak_memory_bytes"],
+        "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() and torch.cuda.max_memory_allocated()
+        else "process RSS high-water mark (includes model loading)",
+    }
+    with manifest.atomic_dir(cfg.out, cfg.overwrite) as tmp:
+        save_file(scores, str(tmp / SCORES_FILE), metadata={"method": cfg.method, "format": "harmprune-scores"})
+        manifest.write_json(tmp / META_FILE, meta)
+    return Path(cfg.out)
+
+
+def load_scores(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an attribution directory: ``({parameter name: score}, meta)``."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    for name in (SCORES_FILE, META_FILE):
+        if not (d / name).is_file():
+            raise HarmpruneError(f"{d} is not a scores directory (no {name}); run harmprune score first")
+    return load_file(str(d / SCORES_FILE)), manifest.read_json(d / META_FILE)

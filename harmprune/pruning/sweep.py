@@ -1,0 +1,128 @@
+"""``make sweep``: the before/after NLL table over a (q, p) grid, with same-size controls.
+
+For every p and q: the harm-specific set, a random control and a magnitude control with the same
+per-matrix counts, each applied in place on one loaded model and restored. Writes ``sweep.csv``,
+``sweep.png``, ``sweep.json`` and picks the recommended point: the most harm-specific one whose
+benign NLL rises by at most ``max_benign_rel`` (relative).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core import manifest
+from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name
+from ..core.settings import opt, to_dict
+from .apply import masked
+from .checkpoint import load_scores
+from .pipeline import ScoringSettings, cached_scores, held_out, nll_row, with_deltas
+from .select import SCOPES, select_prune_set
+
+QS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+PS = [0.0, 1e-3, 1e-2]
+VARIANTS = ("harm-specific", "random", "magnitude")
+
+
+@dataclass
+class SweepConfig(ScoringSettings):
+    """Settings of ``harmprune sweep`` (``make sweep``)."""
+
+    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
+    harm: str = opt("harmful", help="data whose generation is removed")
+    benign: str = opt("benign", help="data whose ability is protected")
+    method: str = opt("snip", help="score of the harmful data", choices=["snip", "snip-abs", "wanda"])
+    benign_method: str = opt("snip-abs", help="score of the benign data", choices=["snip", "snip-abs", "wanda"])
+    qs: list[float] = opt(QS, help="q values")
+    ps: list[float] = opt(PS, help="p values")
+    scope: str = opt("matrix", help="matrix, row or global", choices=list(SCOPES))
+    controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set")
+    eval_harm: str = opt("harmful:test", help="held-out harmful completions")
+    eval_benign: str = opt("benign:test", help="held-out benign completions")
+    eval_nsamples: int = opt(48, help="held-out records per set (0 = all)")
+    max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
+    out: str | None = opt(None, help="output directory (default: results/sweep-<model>)")
+    overwrite: bool = opt(False, help="replace a non-empty --out")
+    dtype: str = opt("float32", help="model dtype")
+    device: str = opt("cpu", help="device")
+
+
+def recommend(rows: list[dict], max_benign_rel: float) -> dict | None:
+    """The harm-specific point with the highest specificity among those with benign rise <= bound and Δharm > 0."""
+    ok = [r for r in rows if r["variant"] == "harm-specific" and r["d_harmful"] > 0
+          and r["benign_rel"] <= max_benign_rel and r["pruned"] > 0]
+    return max(ok, key=lambda r: (r["specificity"] if not math.isnan(r["specificity"]) else -1, r["d_harmful"]),
+               default=None)
+
+
+def plot(rows: list[dict], base: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    styles = {"harm-specific": "-o", "random": "--s", "magnitude": ":^"}
+    for ax, key, label in ((axes[0], "d_harmful", "harmful"), (axes[1], "d_benign", "benign")):
+        for variant in VARIANTS:
+            for p in sorted({r["p"] for r in rows}):
+                pts = sorted((r["fraction"], r[key]) for r in rows if r["variant"] == variant and r["p"] == p
+                             and r["fraction"] > 0)
+                if pts:
+                    ax.plot(*zip(*pts), styles[variant], label=f"{variant}, p={p:g}", alpha=0.85, markersize=4)
+        ax.set_xscale("log")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel("fraction of matched weights pruned")
+        ax.set_ylabel(f"{label} NLL increase (nats/token)")
+        ax.set_title(f"{label} completions (base {base[key.replace('d_', '') + '_nll']:.3f})")
+    axes[1].legend(fontsize=7, ncol=1)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(cfg: SweepConfig) -> Path:
+    """Measure the grid and write sweep.csv, sweep.png and sweep.json into the output directory."""
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out or Path("results") / f"sweep-{model_name(cfg.model)}")
+    manifest.check_out_dir(out, cfg.overwrite)
+    manifest.banner("sweep", {**to_dict(cfg), "out": str(out)})
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    mhash = model_hash(model)
+    harm = load_scores(cached_scores(model, tok, mhash, cfg.harm, cfg.method, cfg, cfg.model, cfg.dtype))
+    benign = load_scores(cached_scores(model, tok, mhash, cfg.benign, cfg.benign_method, cfg, cfg.model, cfg.dtype))
+    harm_rows, benign_rows = held_out(cfg.eval_harm, cfg.eval_nsamples), held_out(cfg.eval_benign, cfg.eval_nsamples)
+    base = nll_row(model, tok, harm_rows, benign_rows, cfg)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weights = {n: params[n] for n in harm.tensors}
+    rows = []
+    grid = [(p, q, v) for p in cfg.ps for q in cfg.qs for v in ("harm-specific", *cfg.controls)]
+    for p, q, variant in tqdm(grid, desc="sweep (p, q, variant)"):
+        control = "none" if variant == "harm-specific" else variant
+        mask, stats = select_prune_set(harm.tensors, benign.tensors if p > 0 else None, harm.method,
+                                       benign.method, q, p, cfg.scope, control, cfg.seed, weights)
+        with masked(model, mask):
+            r = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
+        rows.append({"p": p, "q": q, "variant": variant, "pruned": stats["total_pruned"],
+                     "fraction": stats["total_fraction"], **r})
+    best = recommend(rows, cfg.max_benign_rel)
+    with manifest.atomic_dir(out, cfg.overwrite) as tmp:
+        with open(tmp / "sweep.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        plot(rows, base, tmp / "sweep.png", f"{model_name(cfg.model)}: {cfg.method} harm vs {cfg.benign_method} "
+             f"benign, scope {cfg.scope}, held-out {len(harm_rows)}+{len(benign_rows)}")
+        manifest.write_json(tmp / "sweep.json", {"config": to_dict(cfg), "model_hash": mhash, "base": base,
+                                                 "rows": rows, "recommended": best, "versions": manifest.versions()})
+    print(f"harmprune: sweep written to {out}")
+    if best:
+        print(f"recommended: q={best['q']:g} p={best['p']:g}: Δharmful {best['d_harmful']:+.4f}, "
+              f"Δbenign {best['d_benign']:+.4f} ({best['benign_rel']:+.1%}), specificity {best['specificity']:.2f}")
+    else:
+        print(f"no harm-specific point raised harmful NLL with benign NLL rising <= {cfg.max_benign_rel:.0%}")
+    return out
