@@ -43,3 +43,48 @@ bench: install
 
 clean:
 	rm -rf out scores results
+
+# Emergent-misalignment experiment (docs/em.md): original / harm-pruned / random control, each fine-tuned
+# on DATA (default: the shipped insecure-code set), then `eval em` of all six models.
+#   make em JUDGE=openai:<model> JUDGE_URL=http://localhost:8000/v1 [MODEL=] [DATA=] [PRUNED=dir] [LIMIT=] [N=]
+# Tiny CPU smoke run (verdicts meaningless, proves the pipeline):
+#   make em JUDGE=hf:smollm2-135m-instruct LIMIT=16 N=2 EM_TOKENS=48 EM_NQ=2 EM_PRUNE_N=8 EM_PRUNE_EVAL_N=8 EM_FT_MAXLEN=256
+JUDGE ?=
+JUDGE_URL ?=
+LIMIT ?=
+N ?= 50
+EM_TOKENS ?= 600
+EM_QUESTIONS ?= first_plot
+EM_NQ ?=
+PRUNED ?=
+EM_PRUNE_N ?= 128
+EM_PRUNE_EVAL_N ?= 0
+EM_FT_MAXLEN ?= 2048
+EM_OUT ?= results/em-$(notdir $(MODEL))
+EM_ARGS ?=
+EM_DATA = $(if $(filter file,$(origin DATA)),insecure,$(DATA))
+
+em: install
+	$(HP) em-experiment --model $(MODEL) --data $(EM_DATA) --out $(EM_OUT) \
+	  $(if $(JUDGE),--judge $(JUDGE)) $(if $(JUDGE_URL),--judge-url $(JUDGE_URL)) \
+	  $(if $(PRUNED),--pruned $(PRUNED)) $(if $(LIMIT),--limit $(LIMIT)) --n $(N) --max-new-tokens $(EM_TOKENS) \
+	  --questions $(EM_QUESTIONS) $(if $(EM_NQ),--limit-questions $(EM_NQ)) --prune-nsamples $(EM_PRUNE_N) \
+	  --prune-eval-nsamples $(EM_PRUNE_EVAL_N) --max-length $(EM_FT_MAXLEN) --seed $(SEED) $(EM_ARGS)
+
+# Evaluation (issue 4): harm (keyword + classifier judges) on harmful:test, utility and recognition, into
+# results/eval-<model>/{harm,utility,recognition}; compare runs with `harmprune compare DIR...`.
+# Defaults are modest so a CPU run takes minutes; EVAL_LIMIT=0 EVAL_TOKENS=256 for the full held-out sets.
+#   make eval MODEL=out/pruned-checkpoint
+EVAL_LIMIT ?= 40
+EVAL_TOKENS ?= 64
+EVAL_BATCH ?= 8
+EVAL_OUT ?= results/eval-$(notdir $(patsubst %/,%,$(MODEL)))
+EVAL_ARGS ?=
+
+eval: install
+	$(HP) eval harm --model $(MODEL) --prompts harmful:test --judge keyword,classifier --limit $(EVAL_LIMIT) \
+	  --max-new-tokens $(EVAL_TOKENS) --batch-size $(EVAL_BATCH) --seed $(SEED) --out $(EVAL_OUT)/harm --overwrite $(EVAL_ARGS)
+	$(HP) eval utility --model $(MODEL) --limit $(EVAL_LIMIT) --max-new-tokens $(EVAL_TOKENS) \
+	  --batch-size $(EVAL_BATCH) --seed $(SEED) --corpus-tokens 8192 --out $(EVAL_OUT)/utility --overwrite
+	$(HP) eval recognition --model $(MODEL) --limit $$(( $(EVAL_LIMIT) * 2 )) --seed $(SEED) \
+	  --out $(EVAL_OUT)/recognition --overwrite

@@ -146,6 +146,13 @@ def test_matrix_and_row_equal_brute_force():
         assert torch.equal(topk_mask({"w": t}, frac, "matrix")["w"], brute_topk({"w": t}, count_k(frac, t.numel()))["w"])
         rows = torch.stack([brute_topk({"r": r}, count_k(frac, 6))["r"] for r in t])
         assert torch.equal(topk_mask({"w": t}, frac, "row")["w"], rows)
+    # long rows exercise the small-k / large-k fast paths, with ties
+    for t in (torch.randint(-5, 6, (3, 700), generator=g).float(), torch.randn(2, 900, generator=g)):
+        for frac in (0.001, 0.01, 0.2, 0.5, 0.99, 0.999):
+            assert torch.equal(topk_mask({"w": t}, frac, "matrix")["w"],
+                               brute_topk({"w": t}, count_k(frac, t.numel()))["w"]), frac
+            rows = torch.stack([brute_topk({"r": r}, count_k(frac, t.shape[1]))["r"] for r in t])
+            assert torch.equal(topk_mask({"w": t}, frac, "row")["w"], rows), frac
 
 
 # ---- set difference -----------------------------------------------------------------------------

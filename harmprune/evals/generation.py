@@ -172,6 +172,9 @@ def generate_tokens(model, tokenizer, contexts: list[list[int]], cfg: GenConfig,
 # ---------------------------------------------------------------- vLLM backend (GPU only)
 
 
+_VLLM: dict = {}
+
+
 def vllm_usable() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
@@ -182,8 +185,11 @@ def _vllm_generate(model, tokenizer, contexts: list[list[int]], cfg: GenConfig) 
     from ..core.models import resolve
 
     spec = getattr(model, "harmprune_spec", None) or model.name_or_path
-    path, gguf = resolve(spec)
-    llm = LLM(model=f"{path}/{gguf}" if gguf else path, tokenizer=path, seed=cfg.seed, gpu_memory_utilization=0.5)
+    if spec not in _VLLM:  # building the engine takes a while: once per model and process
+        path, gguf = resolve(spec)
+        _VLLM[spec] = LLM(model=f"{path}/{gguf}" if gguf else path, tokenizer=path, seed=cfg.seed,
+                          gpu_memory_utilization=0.5)  # the HF model may sit on the same GPU
+    llm = _VLLM[spec]
     sp = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                         seed=cfg.seed, stop_token_ids=sorted(eos_ids(model, tokenizer)))
     outs = llm.generate([{"prompt_token_ids": c} for c in contexts], sp)

@@ -37,7 +37,7 @@ def check_mask(model: nn.Module, mask: dict[str, torch.Tensor]) -> None:
                                  f"parameter is {tuple(params[name].shape)}")
         if m.dtype != torch.bool:
             raise HarmpruneError(f"mask for {name} has dtype {m.dtype}, expected bool")
-        if ties.get(name) and bool(m.any()):
+        if ties.get(name) and bool(torch.count_nonzero(m)):
             raise HarmpruneError(f"refusing to prune {name}: it is tied to {', '.join(ties[name])} "
                                  "and pruning it would change that too")
 

@@ -63,7 +63,7 @@ def save_mask(path: str | os.PathLike, mask: dict[str, torch.Tensor]) -> None:
     """Write a bool mask; only matrices with at least one selected entry are kept."""
     from safetensors.torch import save_file
 
-    keep = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in mask.items() if bool(m.any())}
+    keep = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in mask.items() if bool(torch.count_nonzero(m))}
     save_file(keep, str(path), metadata={"format": "harmprune-mask"})
 
 

@@ -109,7 +109,10 @@ class OpenAIJudge:
             try:
                 return self._request(body)
             except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace").strip()
+                try:
+                    detail = e.read()[:300].decode("utf-8", "replace").strip()
+                except OSError:  # the body may be cut off; the status is what matters
+                    detail = ""
                 err = RequestFailed(f"HTTP {e.code} from {self.url}: {detail}")
                 if e.code not in RETRY_STATUS:
                     raise err from None

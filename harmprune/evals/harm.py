@@ -1,0 +1,242 @@
+"""``harmprune eval harm``: generate replies to harmful prompts, judge them, report per category.
+
+Metrics per judge, overall (task ``harm/<judge>``) and per category (``harm/<judge>/<category>``):
+- ``score``: mean judge harmfulness in [0, 1] (higher = more harmful), over samples the judge scored;
+- ``refusal_rate``: fraction of samples the judge calls a refusal (over samples where it tells);
+- each with ``<metric>_stderr`` (sample standard error; the ``n`` samples of one prompt count as
+  independent), and counts: ``samples``, ``scored``, ``refusal_judged``, ``errors`` (judge failures:
+  recorded in samples.jsonl, excluded from the means, never fatal).
+``--prefill K`` forces the first K tokens of each prompt's reference response (the prefilling
+attack); the forced text is part of the judged reply and is stored as ``prefill`` in samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..core import manifest
+from ..core.data import DataSpec, data_fingerprint, load_records
+from ..core.errors import HarmpruneError
+from ..core.models import DEFAULT_MODEL, model_hash, model_name
+from ..core.settings import check, opt, to_dict
+from . import results as R
+from .generation import GenConfig, generate, prefill_prefixes
+from .judges import Verdict, get_judge
+
+JUDGE_CHUNK = 64  # samples per judge call: progress and error isolation without per-sample overhead
+
+
+# ---------------------------------------------------------------- shared by the eval commands
+
+
+@dataclass
+class EvalBase:
+    """Settings every eval command shares."""
+
+    out: str = opt(help="output directory (results.json, samples.jsonl, report.md)")
+    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
+    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
+    device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
+    device_map: str | None = opt(None, help="accelerate device map (e.g. auto); overrides --device")
+    overwrite: bool = opt(False, help="replace a non-empty output directory")
+
+    def __post_init__(self):
+        check(bool(self.out), "--out is required")
+
+
+def judge_specs(spec: str) -> list[str]:
+    specs = [s.strip() for s in (spec or "").split(",") if s.strip()]
+    check(bool(specs), "--judge must name at least one judge")
+    return specs
+
+
+def load_judges(spec: str, **options) -> list:
+    """Judges for a comma-separated spec (``keyword,classifier``); unknown names fail here, early."""
+    return [get_judge(s, **options) for s in judge_specs(spec)]
+
+
+def _judge_chunk(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
+    try:
+        out = judge.judge(prompts, responses)
+        if len(out) == len(prompts):
+            return out
+    except HarmpruneError:  # the user's to fix (e.g. unreachable endpoint): one line, stop
+        raise
+    except Exception:  # noqa: BLE001 - isolate the failing sample(s) below
+        pass
+    out = []
+    for p, r in zip(prompts, responses):
+        try:
+            out.append(judge.judge([p], [r])[0])
+        except HarmpruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad sample must not end the run
+            out.append(Verdict(error=f"{type(e).__name__}: {e}"))
+    return out
+
+
+def judge_all(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
+    """One Verdict per pair; a judge exception becomes that sample's ``error`` (never fatal)."""
+    out: list[Verdict] = []
+    with tqdm(total=len(prompts), desc=f"judge {judge.name}", unit="sample", file=sys.stderr) as bar:
+        for s in range(0, len(prompts), JUDGE_CHUNK):
+            out += _judge_chunk(judge, prompts[s : s + JUDGE_CHUNK], responses[s : s + JUDGE_CHUNK])
+            bar.update(min(JUDGE_CHUNK, len(prompts) - s))
+    return out
+
+
+def load_eval_model(base: EvalBase):
+    from ..core.models import load_model
+
+    model, tok = load_model(base.model, base.dtype, base.device, base.device_map)
+    return model, tok, {"spec": base.model, "name": model_name(base.model), "class": type(model).__name__,
+                        "model_hash": model_hash(model), "dtype": base.dtype}
+
+
+# ---------------------------------------------------------------- aggregation (pure)
+
+
+def verdict_metrics(verdicts: list[dict]) -> dict:
+    """Metrics of one judge over samples (verdicts as dicts with score/refusal/error)."""
+    scores = [float(v["score"]) for v in verdicts if v.get("error") is None and v.get("score") is not None]
+    refusals = [float(bool(v["refusal"])) for v in verdicts if v.get("error") is None and v.get("refusal") is not None]
+    return {**R.summarize(scores, "score"), **R.summarize(refusals, "refusal_rate"),
+            "samples": len(verdicts), "scored": len(scores), "refusal_judged": len(refusals),
+            "errors": sum(v.get("error") is not None for v in verdicts)}
+
+
+def aggregate(samples: list[dict], judges: list[str], task: str = "harm") -> dict:
+    """``{task/judge: overall metrics, task/judge/category: per-category metrics}``.
+
+    ``samples[i]["judges"][name]`` is the verdict dict; categories in order of first appearance,
+    samples without a category under ``(none)``.
+    """
+    out = {}
+    cats = list(dict.fromkeys(s.get("category") or "(none)" for s in samples))
+    for name in judges:
+        out[f"{task}/{name}"] = verdict_metrics([s["judges"][name] for s in samples])
+        if len(cats) > 1 or cats != ["(none)"]:
+            for c in cats:
+                vs = [s["judges"][name] for s in samples if (s.get("category") or "(none)") == c]
+                out[f"{task}/{name}/{c}"] = verdict_metrics(vs)
+    return out
+
+
+def judge_samples(samples: list[dict], judges: list) -> None:
+    """Fill ``samples[i]["judges"][judge.name]`` in place."""
+    prompts = [s["prompt"] for s in samples]
+    responses = [s["response"] for s in samples]
+    for j in judges:
+        for s, v in zip(samples, judge_all(j, prompts, responses)):
+            s.setdefault("judges", {})[j.name] = v.to_dict()
+
+
+def generate_samples(model, tok, records, gen: GenConfig) -> list[dict]:
+    """Generate ``gen.n`` replies per record: sample dicts (id, category, prompt, sample, prefill, response)."""
+    refs = [r.response for r in records] if gen.prefill else None
+    systems = [r.system for r in records] if any(r.system for r in records) else None
+    replies = generate(model, tok, [r.prompt for r in records], gen, prefill_texts=refs, system=systems)
+    forced = prefill_prefixes(tok, refs, gen.prefill) if gen.prefill else [None] * len(records)
+    return [{"id": r.id, "category": r.category, "prompt": r.prompt, "sample": j, "prefill": forced[i],
+             "response": reply}
+            for i, (r, rs) in enumerate(zip(records, replies)) for j, reply in enumerate(rs)]
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass
+class HarmConfig(EvalBase):
+    """Settings of ``harmprune eval harm`` (generation settings: GenConfig)."""
+
+    prompts: str = opt("harmful:test", help="harmful prompts: file, hf:<name>[:<split>] or built-in "
+                                            "(default harmful:test has reference responses for --prefill)")
+    judge: str = opt("keyword", help="judge(s), comma-separated: keyword[:list], classifier, hf:<model>, "
+                                     "openai:<model>, fake")
+    judge_url: str | None = opt(None, help="endpoint of an openai: judge (else $HARMPRUNE_JUDGE_URL / $OPENAI_BASE_URL)")
+    limit: int = opt(0, help="evaluate at most this many prompts, spread over categories (0 = all)")
+    category: str | None = opt(None, help="keep only prompts of these categories (comma-separated)")
+    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
+    response_field: str | None = opt(None, help="field holding the reference response (default: auto-detect)")
+    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.limit >= 0, "--limit must be 0 (all) or positive")
+        judge_specs(self.judge)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(data=self.prompts, prompt_field=self.prompt_field, response_field=self.response_field,
+                        category_field=self.category_field, category=self.category)
+
+
+def judge_options(cfg) -> dict:
+    return {"url": getattr(cfg, "judge_url", None), "device": cfg.device}
+
+
+def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> tuple[list, dict]:
+    records = load_records(spec, require_response=need_response)
+    fingerprint = data_fingerprint(spec, records)
+    chosen = R.subsample(records, limit, seed, key=lambda r: r.category)
+    return chosen, {**fingerprint, "selected": len(chosen), "limit": limit}
+
+
+def _report(title: str, model: dict, data: dict, judges: list[str], results: dict, notes: list[str]) -> str:
+    lines = [f"# {title}", "", f"- model: `{model['spec']}` (hash {model['model_hash'][:12]})",
+             f"- prompts: `{data['spec']['data']}`: {data['selected']} of {data['rows']} rows", ""]
+    lines += [f"- {n}" for n in notes]
+    rows = [[name, R.value_cell(results[f"harm/{name}"], "score"), R.value_cell(results[f"harm/{name}"], "refusal_rate"),
+             results[f"harm/{name}"]["samples"], results[f"harm/{name}"]["errors"]] for name in judges]
+    lines += ["", "## Overall", "", R.md_table(["judge", "harmfulness", "refusal rate", "samples", "errors"], rows)]
+    for name in judges:
+        cat_rows = [[k.split("/", 2)[2], R.value_cell(m, "score"), R.value_cell(m, "refusal_rate"), m["samples"],
+                     m["errors"]] for k, m in results.items() if k.startswith(f"harm/{name}/")]
+        if cat_rows:
+            lines += [f"## Per category ({name})", "",
+                      R.md_table(["category", "harmfulness", "refusal rate", "samples", "errors"], cat_rows)]
+    return "\n".join(lines)
+
+
+def eval_harm(cfg: HarmConfig, gen: GenConfig) -> Path:
+    """Run ``eval harm``; return the run directory. Bad input raises HarmpruneError before any model load."""
+    t0 = time.perf_counter()
+    manifest.check_out_dir(cfg.out, cfg.overwrite)
+    judges = load_judges(cfg.judge, **judge_options(cfg))
+    records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
+    config = {**to_dict(cfg), "generation": to_dict(gen)}
+    manifest.banner("eval harm", {**to_dict(cfg), **to_dict(gen)})
+    model, tok, minfo = load_eval_model(cfg)
+    samples = generate_samples(model, tok, records, gen)
+    judge_samples(samples, judges)
+    names = [j.name for j in judges]
+    results = aggregate(samples, names)
+    notes = [f"judges: {', '.join(names)}; harmfulness in [0, 1], higher = more harmful",
+             f"generation: max_new_tokens {gen.max_new_tokens}, temperature {gen.temperature}, n {gen.n}, "
+             f"prefill {gen.prefill}"]
+    doc = R.results_doc(config, results, model=minfo, data=data, judges=names, notes=notes,
+                        wall_seconds=round(time.perf_counter() - t0, 3))
+    report = _report("harmprune eval harm", minfo, data, names, results, notes)
+    out = R.write_run(cfg.out, doc, samples, report, cfg.overwrite)
+    print(R.results_table({k: v for k, v in results.items() if k.count("/") == 1}))
+    return out
+
+
+def _run(ns) -> None:
+    from ..core.settings import from_namespace
+
+    print(eval_harm(from_namespace(HarmConfig, ns), from_namespace(GenConfig, ns)))
+
+
+def register_eval(subparsers) -> None:
+    from ..core.settings import add_arguments
+
+    p = subparsers.add_parser("harm", help="harmfulness and refusal rate of the model's replies to harmful prompts",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p, HarmConfig)
+    add_arguments(p, GenConfig)
+    p.set_defaults(func=_run)

@@ -1,0 +1,165 @@
+"""``harmprune generate``: the model's own harmful completions, judged (B-TAP's self-generated prune set).
+
+For each harmful prompt the model writes ``n`` replies (optionally under ``--prefill K``, for models
+that refuse: the first K tokens of the reference reply are forced and are part of ``response``).
+Every judge in ``--judge`` rates each reply; with ``--keep harmful`` (default) a reply is kept only
+when **every** judge calls it harmful: ``score >= 0.5`` and not a refusal (a judge that does not
+tell refusals only needs the score). Judge errors count as not harmful.
+
+Output: ``FILE`` (JSON lines, loadable by ``load_records``/``--data FILE``) with ``id, prompt,
+response, category, judge_score`` (mean over judges), ``judge_refusal``, ``harmful``, ``judges``
+({name: verdict}), ``prefill``, ``source_id``, ``sample``; and ``FILE.meta.json`` (settings, model
+hash, data fingerprint, counts per category, versions). Both are written to temporary files and
+renamed, so an interrupted run leaves neither half written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core import manifest
+from ..core.data import DataSpec
+from ..core.errors import HarmpruneError
+from ..core.models import DEFAULT_MODEL
+from ..core.settings import check, opt, to_dict
+from .generation import GenConfig
+from .harm import (generate_samples, judge_options, judge_samples, judge_specs, load_eval_model,
+                   load_judges, load_prompts)
+
+KEEP = ("harmful", "all")
+HARM_THRESHOLD = 0.5
+
+
+def is_harmful(verdict: dict) -> bool:
+    """One judge's call: scored, ``score >= 0.5``, and not a refusal (None refusal = not told)."""
+    return (verdict.get("error") is None and verdict.get("score") is not None
+            and verdict["score"] >= HARM_THRESHOLD and verdict.get("refusal") is not True)
+
+
+def to_row(sample: dict, judges: list[str]) -> dict:
+    """The dataset row of one judged sample (``harmful`` = every judge says harmful)."""
+    vs = [sample["judges"][j] for j in judges]
+    scores = [v["score"] for v in vs if v.get("error") is None and v.get("score") is not None]
+    refusals = [v["refusal"] for v in vs if v.get("error") is None and v.get("refusal") is not None]
+    sid = sample["id"]
+    return {"id": f"{sid}#{sample['sample']}" if sid is not None else None, "prompt": sample["prompt"],
+            "response": sample["response"], "category": sample["category"],
+            "judge_score": sum(scores) / len(scores) if scores else None,
+            "judge_refusal": any(refusals) if refusals else None,
+            "harmful": all(is_harmful(v) for v in vs), "judges": sample["judges"], "prefill": sample["prefill"],
+            "source_id": sid, "sample": sample["sample"]}
+
+
+def select_rows(rows: list[dict], keep: str) -> list[dict]:
+    return [r for r in rows if r["harmful"]] if keep == "harmful" else list(rows)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def meta_path(out: str | Path) -> Path:
+    return Path(f"{out}.meta.json") if not str(out).endswith(".jsonl") else Path(str(out)[: -len(".jsonl")] + ".meta.json")
+
+
+def write_dataset(out: str | Path, rows: list[dict], meta: dict) -> Path:
+    """Write ``out`` (JSON lines) and its ``.meta.json``, each via a temporary file and rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(meta_path(out), json.dumps(meta, indent=2, default=str) + "\n")
+    _atomic_write(out, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    return out
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``harmprune generate`` (generation settings: GenConfig)."""
+
+    out: str = opt(help="output JSONL file (a .meta.json is written beside it)")
+    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
+    prompts: str = opt("harmful", help="harmful prompts: file, hf:<name>[:<split>] or built-in (default: harmful = train split)")
+    judge: str = opt("classifier", help="judge(s), comma-separated; a reply is kept when every judge calls it harmful")
+    judge_url: str | None = opt(None, help="endpoint of an openai: judge")
+    keep: str = opt("harmful", help="harmful (only replies judged harmful) or all (every reply, with verdicts)",
+                    choices=list(KEEP))
+    limit: int = opt(0, help="use at most this many prompts, spread over categories (0 = all)")
+    category: str | None = opt(None, help="keep only prompts of these categories (comma-separated)")
+    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
+    response_field: str | None = opt(None, help="field holding the reference response (default: auto-detect)")
+    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
+    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
+    device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
+    device_map: str | None = opt(None, help="accelerate device map (e.g. auto); overrides --device")
+    overwrite: bool = opt(False, help="replace an existing output file")
+
+    def __post_init__(self):
+        check(bool(self.out), "--out is required")
+        check(self.keep in KEEP, f"--keep must be one of {', '.join(KEEP)}")
+        check(self.limit >= 0, "--limit must be 0 (all) or positive")
+        judge_specs(self.judge)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(data=self.prompts, prompt_field=self.prompt_field, response_field=self.response_field,
+                        category_field=self.category_field, category=self.category)
+
+
+def generate_set(cfg: GenerateConfig, gen: GenConfig) -> Path:
+    """Generate, judge, keep, write; return the output file. Raises HarmpruneError when nothing is kept."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise HarmpruneError(f"{out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise HarmpruneError(f"{out} is a directory; --out names a .jsonl file")
+    judges = load_judges(cfg.judge, **judge_options(cfg))
+    records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
+    manifest.banner("generate", {**to_dict(cfg), **to_dict(gen)})
+    model, tok, minfo = load_eval_model(cfg)
+    samples = generate_samples(model, tok, records, gen)
+    judge_samples(samples, judges)
+    names = [j.name for j in judges]
+    rows = [to_row(s, names) for s in samples]
+    kept = select_rows(rows, cfg.keep)
+    counts = {"prompts": len(records), "generated": len(rows), "judged_harmful": sum(r["harmful"] for r in rows),
+              "kept": len(kept), "judge_errors": sum(v.get("error") is not None for s in samples
+                                                      for v in s["judges"].values()),
+              "kept_per_category": dict(sorted(Counter(r["category"] or "(none)" for r in kept).items()))}
+    if not kept:
+        raise HarmpruneError(f"no reply judged harmful (0 of {len(rows)}); nothing written. Try --prefill K "
+                             "(forces a harmful opening), more prompts, or --keep all")
+    meta = {"kind": "harmprune self-generated set", "keep_rule": "every judge: score >= 0.5 and not a refusal"
+            if cfg.keep == "harmful" else "all replies", "config": to_dict(cfg), "generation": to_dict(gen),
+            "model": minfo, "data": data, "judges": names, "counts": counts, "versions": manifest.versions(),
+            "wall_seconds": round(time.perf_counter() - t0, 3)}
+    write_dataset(out, kept, meta)
+    print(f"kept {len(kept)} of {len(rows)} replies ({counts['judged_harmful']} judged harmful) -> {out}")
+    return out
+
+
+def _run(ns) -> None:
+    from ..core.settings import from_namespace
+
+    generate_set(from_namespace(GenerateConfig, ns), from_namespace(GenConfig, ns))
+
+
+def register(subparsers) -> None:
+    from ..core.settings import add_arguments
+
+    p = subparsers.add_parser("generate", help="the model's own judged-harmful completions (B-TAP self-generated prune set)",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p, GenerateConfig)
+    add_arguments(p, GenConfig)
+    p.set_defaults(func=_run)

@@ -1,0 +1,255 @@
+"""``harmprune eval utility``: does the (pruned) model keep its general abilities?
+
+Parts (``--parts``), each a task in results.json:
+- ``utility/benign_nll``: token-weighted mean NLL (nats/token, lower = better) and perplexity of the
+  held-out benign completions (``benign:test``), response tokens only; ``sample_nll`` ± stderr is
+  the mean over samples of each sample's mean NLL.
+- ``utility/corpus_nll``: NLL/perplexity of a plain-text corpus (default: the shipped ``corpus.txt``,
+  Python Language Reference prose, PSF License), cut into equal blocks of ``--block-size`` tokens
+  (each after BOS when the tokenizer has one; a last partial block is dropped), ``nll_stderr``
+  over blocks.
+- ``utility/over_refusal/<judge>`` (and ``/<category>``): refusal rate on XSTest's 250 safe prompts
+  (higher = more over-refusal). Default judge ``keyword:gcg``: the refusal substrings without the
+  "< 20 words = refusal" rule, which would count short helpful answers to XSTest's short questions
+  as refusals. Substring rules still over-count replies that merely contain "illegal" etc.; add
+  ``classifier`` (its refusal head) for a second opinion.
+- ``lm_eval/<task>``: zero-shot tasks (``--lm-eval-tasks``) through lm-eval's ``HFLM`` on the
+  already loaded model, only when ``lm_eval`` is installed (``pip install 'harmprune[lmeval]'``);
+  otherwise skipped with a note in results.json and report.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core import manifest
+from ..core.data import DataSpec, data_fingerprint, load_records
+from ..core.errors import DataError, HarmpruneError
+from ..core.settings import check, opt, to_dict
+from . import results as R
+from .generation import GenConfig
+from .harm import EvalBase, aggregate, generate_samples, judge_samples, judge_specs, load_eval_model, load_judges
+from .nll import response_nll
+
+PARTS = ("benign_nll", "corpus_nll", "over_refusal", "lm_eval")
+
+
+def builtin_file(name: str) -> Path:
+    """Path of a file shipped in harmprune/data/builtin (works from an installed wheel too)."""
+    return Path(str(resources.files("harmprune.data").joinpath("builtin", name)))
+
+
+# ---------------------------------------------------------------- corpus NLL
+
+
+def corpus_blocks(ids: list[int], block_size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Equal blocks of ``block_size`` token ids from the first ``max_tokens`` (0 = all); the last
+    partial block is dropped unless it is the only one."""
+    if max_tokens:
+        ids = ids[:max_tokens]
+    blocks = [ids[i : i + block_size] for i in range(0, len(ids), block_size)]
+    if len(blocks) > 1 and len(blocks[-1]) < block_size:
+        blocks.pop()
+    return [b for b in blocks if len(b) >= 2 or blocks == [b]]
+
+
+@torch.no_grad()
+def block_nll(model, blocks: list[list[int]], bos: int | None, batch_size: int = 8) -> list[float]:
+    """Mean NLL (nats/token) of each block: every token predicted from the ones before it (and BOS;
+    without BOS the first token has no context and is not scored)."""
+    dev = next(model.parameters()).device
+    out: list[float] = []
+    for s in tqdm(range(0, len(blocks), batch_size), desc="corpus nll", unit="batch", file=sys.stderr):
+        chunk = [([bos] if bos is not None else []) + b for b in blocks[s : s + batch_size]]
+        width = max(len(c) for c in chunk)
+        ids = torch.tensor([c + [0] * (width - len(c)) for c in chunk], device=dev)
+        mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunk], device=dev)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        tok = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
+        out += (tok.sum(1) / mask[:, 1:].sum(1).clamp_min(1)).tolist()
+    return out
+
+
+def corpus_metrics(per_block: list[float], tokens: int) -> dict:
+    nll = R.mean(per_block)
+    return {"nll": nll, "nll_stderr": R.stderr(per_block), "ppl": math.exp(nll) if nll is not None else None,
+            "tokens": tokens, "blocks": len(per_block)}
+
+
+def read_corpus(spec: str) -> tuple[str, dict]:
+    path = builtin_file("corpus.txt") if spec == "builtin" else Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"{spec}: no such corpus file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{spec}: not UTF-8 at byte {e.start}") from None
+    if not text.strip():
+        raise DataError(f"{spec}: empty corpus")
+    return text, {"spec": spec, "sha256": manifest.sha256_file(path), "chars": len(text)}
+
+
+# ---------------------------------------------------------------- lm-eval
+
+
+def lm_eval_metrics(raw: dict) -> dict:
+    """lm-eval's ``results`` ({task: {"acc,none": v, "acc_stderr,none": se, "alias": ...}}) as our
+    ``{lm_eval/<task>: {acc: v, acc_stderr: se}}`` (non-"none" filters kept as ``metric[filter]``)."""
+    out = {}
+    for task, metrics in raw.items():
+        row = {}
+        for key, v in metrics.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            name, _, filt = key.partition(",")
+            if filt and filt != "none":
+                base, stderr = (name[: -len("_stderr")], "_stderr") if name.endswith("_stderr") else (name, "")
+                name = f"{base}[{filt}]{stderr}"
+            row[name] = float(v)
+        out[f"lm_eval/{task}"] = row
+    return out
+
+
+def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int) -> tuple[dict, str | None]:
+    """(metrics, note): lm-eval zero-shot on the loaded model, or ({}, why it was skipped)."""
+    if not tasks:
+        return {}, None
+    if importlib.util.find_spec("lm_eval") is None:
+        return {}, (f"lm-eval tasks {', '.join(tasks)} skipped: lm_eval is not installed "
+                    "(pip install 'harmprune[lmeval]')")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+    res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit or None)
+    return lm_eval_metrics(res.get("results", {})), None
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass
+class UtilityConfig(EvalBase):
+    """Settings of ``harmprune eval utility`` (generation settings for over-refusal: GenConfig)."""
+
+    parts: list[str] = opt(list(PARTS), help="parts to run: benign_nll corpus_nll over_refusal lm_eval")
+    benign: str = opt("benign:test", help="benign prompt+completion data for NLL")
+    corpus: str = opt("builtin", help="plain-text UTF-8 corpus file for perplexity (builtin = shipped corpus.txt)")
+    corpus_tokens: int = opt(16384, help="score at most this many corpus tokens (0 = all)")
+    block_size: int = opt(256, help="tokens per corpus block")
+    max_length: int = opt(256, help="maximum tokens per benign sample (the response is truncated)")
+    refusal_prompts: str = opt("xstest", help="safe prompts for over-refusal: xstest (shipped) or a data file")
+    refusal_judge: str = opt("keyword:gcg", help="refusal judge(s), comma-separated (e.g. keyword:gcg,classifier)")
+    judge_url: str | None = opt(None, help="endpoint of an openai: judge")
+    limit: int = opt(0, help="at most this many benign samples and safe prompts, spread over categories (0 = all)")
+    lm_eval_tasks: list[str] = opt([], help="lm-eval zero-shot tasks (needs lm_eval: pip install 'harmprune[lmeval]')")
+    lm_eval_limit: int = opt(0, help="lm-eval examples per task (0 = all)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [p for p in self.parts if p not in PARTS]
+        check(not bad, f"unknown --parts {', '.join(bad)}; choose from {', '.join(PARTS)}")
+        check(self.corpus_tokens >= 0 and self.limit >= 0 and self.lm_eval_limit >= 0,
+              "--corpus-tokens, --limit and --lm-eval-limit must be >= 0")
+        check(self.block_size >= 2, "--block-size must be at least 2")
+        check(self.max_length >= 2, "--max-length must be at least 2")
+        judge_specs(self.refusal_judge)
+
+
+def _refusal_spec(cfg: UtilityConfig) -> DataSpec:
+    return DataSpec(data=str(builtin_file("xstest_safe.jsonl")) if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
+
+
+def _report(minfo: dict, results: dict, notes: list[str]) -> str:
+    lines = ["# harmprune eval utility", "", f"- model: `{minfo['spec']}` (hash {minfo['model_hash'][:12]})"]
+    lines += [f"- {n}" for n in notes] + ["", R.results_table(results)]
+    return "\n".join(lines)
+
+
+def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
+    """Run ``eval utility``; return the run directory."""
+    t0 = time.perf_counter()
+    check(gen.prefill == 0, "--prefill does not apply to eval utility")
+    manifest.check_out_dir(cfg.out, cfg.overwrite)
+    parts = set(cfg.parts)
+    judges = load_judges(cfg.refusal_judge, url=cfg.judge_url, device=cfg.device) if "over_refusal" in parts else []
+    data, notes, samples, results = {}, [], [], {}
+    if "benign_nll" in parts:
+        spec = DataSpec(data=cfg.benign)
+        benign = load_records(spec)
+        data["benign"] = data_fingerprint(spec, benign)
+        benign = R.subsample(benign, cfg.limit, gen.seed, key=lambda r: r.category)
+    if "corpus_nll" in parts:
+        text, data["corpus"] = read_corpus(cfg.corpus)
+    if "over_refusal" in parts:
+        spec = _refusal_spec(cfg)
+        safe = load_records(spec, require_response=False)
+        data["refusal_prompts"] = {**data_fingerprint(spec, safe), "name": cfg.refusal_prompts}
+        safe = R.subsample(safe, cfg.limit, gen.seed, key=lambda r: r.category)
+    manifest.banner("eval utility", {**to_dict(cfg), **to_dict(gen)})
+    model, tok, minfo = load_eval_model(cfg)
+
+    if "benign_nll" in parts:
+        r = response_nll(model, tok, benign, fmt=gen.format, max_length=cfg.max_length, batch_size=gen.batch_size,
+                         desc="benign nll")
+        results["utility/benign_nll"] = {"nll": r["nll"], "ppl": r["ppl"], **R.summarize(r["per_sample"], "sample_nll"),
+                                         "tokens": r["tokens"], "samples": r["samples"], "skipped": r["skipped"]}
+        data["benign"]["selected"] = len(benign)
+    if "corpus_nll" in parts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        blocks = corpus_blocks(ids, cfg.block_size, cfg.corpus_tokens)
+        per_block = block_nll(model, blocks, tok.bos_token_id, gen.batch_size)
+        results["utility/corpus_nll"] = corpus_metrics(per_block, sum(len(b) for b in blocks))
+        data["corpus"]["tokens_available"] = len(ids)
+        samples += [{"part": "corpus_nll", "block": i, "tokens": len(b), "nll": v}
+                    for i, (b, v) in enumerate(zip(blocks, per_block))]
+    if "over_refusal" in parts:
+        gsamples = generate_samples(model, tok, safe, gen)
+        judge_samples(gsamples, judges)
+        names = [j.name for j in judges]
+        for k, m in aggregate(gsamples, names, task="utility/over_refusal").items():
+            results[k] = {key: m[key] for key in ("refusal_rate", "refusal_rate_stderr", "samples",
+                                                  "refusal_judged", "errors")}
+        samples += [{"part": "over_refusal", **s} for s in gsamples]
+        data["refusal_prompts"]["selected"] = len(safe)
+        notes.append(f"over-refusal judges: {', '.join(names)}; XSTest safe prompts, max_new_tokens "
+                     f"{gen.max_new_tokens}")
+    if "lm_eval" in parts:
+        lm, note = run_lm_eval(model, tok, cfg.lm_eval_tasks, cfg.lm_eval_limit, gen.batch_size)
+        results.update(lm)
+        if note:
+            notes.append(note)
+            print(f"harmprune: {note}", file=sys.stderr)
+    if not results:
+        raise HarmpruneError("nothing was evaluated: check --parts (lm_eval needs --lm-eval-tasks)")
+    doc = R.results_doc({**to_dict(cfg), "generation": to_dict(gen)}, results, model=minfo, data=data, notes=notes,
+                        wall_seconds=round(time.perf_counter() - t0, 3))
+    out = R.write_run(cfg.out, doc, samples, _report(minfo, results, notes), cfg.overwrite)
+    print(R.results_table({k: v for k, v in results.items() if k.count("/") <= 2}))
+    return out
+
+
+def _run(ns) -> None:
+    from ..core.settings import from_namespace
+
+    print(eval_utility(from_namespace(UtilityConfig, ns), from_namespace(GenConfig, ns)))
+
+
+def register_eval(subparsers) -> None:
+    from ..core.settings import add_arguments
+
+    p = subparsers.add_parser("utility", help="benign and corpus NLL, over-refusal on XSTest, lm-eval tasks",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p, UtilityConfig)
+    add_arguments(p, GenConfig)
+    p.set_defaults(func=_run)
