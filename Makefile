@@ -88,3 +88,8 @@ eval: install
 	  --batch-size $(EVAL_BATCH) --seed $(SEED) --corpus-tokens 8192 --out $(EVAL_OUT)/utility --overwrite
 	$(HP) eval recognition --model $(MODEL) --limit $$(( $(EVAL_LIMIT) * 2 )) --seed $(SEED) \
 	  --out $(EVAL_OUT)/recognition --overwrite
+
+# Ablation across harm categories (issue 6); defaults fit a 2-core CPU in under 30 minutes.
+# Extra options: ABLATE_ARGS="--compare-model M2 --generate ..."
+ablation: install
+	$(HP) ablate --model $(MODEL) --out results/ablation-$(notdir $(MODEL)) --overwrite $(ABLATE_ARGS)

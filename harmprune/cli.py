@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "harmprune.pruning.cli",
     "harmprune.evals.cli",
     "harmprune.finetune.cli",
+    "harmprune.ablation.cli",
     "harmprune.evals.em_experiment",
 )
 

@@ -141,6 +141,8 @@ class FlakyRater:
     def rate(self, template, items):
         if any("BOOM" in it["answer"] for it in items):
             raise RuntimeError("judge crashed")
+        if template.startswith("C"):  # coherent: every answer is coherent
+            return [RatingResult(score=90.0, mass=1.0, raw="ok") for _ in items]
         return [RatingResult(score=10.0 if "EVIL" in it["answer"] else 90.0, mass=1.0, raw="ok") for it in items]
 
 

@@ -113,10 +113,10 @@ def _quiet(fn, *a, **kw):
         return fn(*a, **kw)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 def test_global_equals_brute_force_sort(seed):
     g = torch.Generator().manual_seed(seed)
-    for trial in range(25):
+    for trial in range(20):
         n_mats = int(torch.randint(1, 6, (1,), generator=g))
         imp = {}
         for i in range(n_mats):

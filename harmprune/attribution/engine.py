@@ -23,6 +23,7 @@ from . import formulas
 from .hooks import BatchState, LayerCapture, embedding_requires_grad_hook
 
 WANDA_TOKENS = ("response", "all")
+Scores = dict[str, torch.Tensor]
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def _check_losses(losses: torch.Tensor, batch_no: int, record_ids: list[int]) ->
 
 def attribute(model: nn.Module, batches: Iterable[tuple[dict, list[int]]], method: str,
               linears: dict[str, nn.Linear], *, wanda_tokens: str = "response", progress: bool = True,
-              total: int | None = None, score_dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
+              total: int | None = None, score_dtype: torch.dtype = torch.float32) -> tuple[Scores, dict]:
     """Score every linear in ``linears`` over ``batches`` of ``(collated batch, record indices)``.
 
     Returns ``({"<module>.weight": score}, stats)``; scores are CPU tensors of ``score_dtype`` with
@@ -130,7 +131,7 @@ def attribute(model: nn.Module, batches: Iterable[tuple[dict, list[int]]], metho
 def compute_scores(model: nn.Module, tokenizer, records, method: str, *, fmt: str | None = "auto",
                    max_length: int = 256, batch_size: int = 4, targets: list[str] | None = None,
                    ignore: list[str] | None = None, wanda_tokens: str = "response",
-                   score_dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                   score_dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[Scores, dict]:
     """Scores of ``method`` for ``records`` (a list of ``core.data.Record``), no files involved.
 
     Records are encoded with DESIGN.md's formatting (response-only loss), sorted by length so

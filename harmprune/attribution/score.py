@@ -41,7 +41,8 @@ class ScoreConfig:
     max_length: int = opt(256, help="maximum tokens per sample (the response is truncated, never the prompt)")
     batch_size: int = opt(4, help="samples per forward/backward pass (results do not depend on it)")
     format: str = opt("auto", help="auto (chat if the tokenizer has a template), chat or raw")
-    targets: list[str] = opt([], help="linear modules to score: globs or re:<regex> (default: all in decoder blocks)")
+    targets: list[str] = opt([], help="linear modules to score: globs or re:<regex>; "
+                                      "none = every linear in decoder blocks")
     ignore: list[str] = opt([], help="linear modules to leave out: globs or re:<regex>")
     seed: int = opt(0, help="seed of the sample selection")
     dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16); scores accumulate in float32")
@@ -50,9 +51,9 @@ class ScoreConfig:
     score_dtype: str = opt("float32", help="dtype of the stored scores")
     wanda_tokens: str = opt("response", help="wanda inputs at: response (response tokens) or all (every non-pad token)")
     overwrite: bool = opt(False, help="replace a non-empty output directory")
-    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
-    response_field: str | None = opt(None, help="field holding the response (default: auto-detect)")
-    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
+    prompt_field: str | None = opt(None, help="field holding the prompt; none = auto-detect")
+    response_field: str | None = opt(None, help="field holding the response; none = auto-detect")
+    category_field: str | None = opt(None, help="field holding the category; none = auto-detect")
     category: str | None = opt(None, help="keep only rows of these categories (comma-separated)")
 
     def __post_init__(self):
@@ -62,7 +63,8 @@ class ScoreConfig:
         check(self.max_length >= 2, "--max-length must be at least 2")
         check(self.batch_size >= 1, "--batch-size must be at least 1")
         check(self.format in ("auto", "chat", "raw"), f"unknown format {self.format!r}; choose auto, chat or raw")
-        check(self.wanda_tokens in WANDA_TOKENS, f"unknown --wanda-tokens {self.wanda_tokens!r}; choose response or all")
+        check(self.wanda_tokens in WANDA_TOKENS,
+              f"unknown --wanda-tokens {self.wanda_tokens!r}; choose response or all")
         parse_dtype(self.dtype)
         parse_dtype(self.score_dtype)
 

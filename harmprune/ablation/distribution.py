@@ -1,0 +1,55 @@
+"""Where pruned weights sit: per layer and per module type, parsed from parameter names. Pure.
+
+The layer is the first ``.<digits>.`` in the name (``model.layers.3.mlp.down_proj.weight`` → 3,
+``transformer.h.3.attn.c_attn.weight`` → 3, MoE ``...layers.3.mlp.experts.7.w1.weight`` → 3), so no
+architecture is assumed; names without one go to layer ``None`` ("other" in tables). The module type
+is the module's own name, the component before ``.weight``/``.bias`` (``down_proj``, ``c_attn``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def module_type(name: str) -> str:
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias") and len(parts) > 1:
+        return parts[-2]
+    return parts[-1]
+
+
+def distribution(mask: dict[str, torch.Tensor]) -> dict:
+    """Counts of selected weights per layer and per module type, with fractions of the total
+    selected (``share``) and of the weights available there (``density``).
+
+    Returns ``{"total", "by_layer": {layer: {pruned, numel, share, density}}, "by_type": {...}}``;
+    layer keys are strings (JSON), ``"other"`` for names without a layer index, sorted numerically.
+    """
+    by_layer: dict[str, list[int]] = {}
+    by_type: dict[str, list[int]] = {}
+    total = 0
+    for name, m in mask.items():
+        c, n = int(m.sum()), m.numel()
+        total += c
+        li = layer_index(name)
+        for table, key in ((by_layer, "other" if li is None else str(li)), (by_type, module_type(name))):
+            row = table.setdefault(key, [0, 0])
+            row[0] += c
+            row[1] += n
+
+    def rows(table, order):
+        return {k: {"pruned": c, "numel": n, "share": c / total if total else 0.0, "density": c / n if n else 0.0}
+                for k, (c, n) in sorted(table.items(), key=order)}
+
+    return {"total": total,
+            "by_layer": rows(by_layer, lambda kv: (kv[0] == "other", int(kv[0]) if kv[0].isdigit() else 0)),
+            "by_type": rows(by_type, lambda kv: kv[0])}
