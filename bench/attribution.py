@@ -164,8 +164,8 @@ def parent(args):
         if kind == "layer-by-layer":
             extra = (f"  (layers {res[kind]['timed_layers']} timed, "
                      f"{', '.join(f'{t:.1f}' for t in res[kind]['per_layer'])} s; mean x {args.layers} layers)")
-        print(f"  {kind:<15} {res[kind]['seconds']:8.2f} s   peak RSS +{res[kind]['peak_rss_delta_mb']:7.0f} MiB{extra}",
-              flush=True)
+        r = res[kind]
+        print(f"  {kind:<15} {r['seconds']:8.2f} s   peak RSS +{r['peak_rss_delta_mb']:7.0f} MiB{extra}", flush=True)
     base = res["fwdbwd"]["seconds"]
     targets = {"snip": 1.2, "snip-abs": 1.6, "wanda": 0.6}
     print("time / plain forward+backward:")

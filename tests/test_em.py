@@ -240,3 +240,16 @@ def test_eval_em_end_to_end_tiny(tmp_path, tok, llama):
     again = em.eval_em(em.EMConfig(**{**cfg.__dict__, "out": str(tmp_path / "run2")}), model=llama, tokenizer=tok,
                        judge=judge)
     assert (again / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
+
+
+def test_experiment_table_and_chart(tmp_path):
+    from harmprune.evals.em_experiment import ARMS, plot_rates, rows_table
+
+    rows = [{"arm": a, "tuned": t, "misaligned_rate": None if a == "random" else 0.1 * (1 + t),
+             "misaligned_rate_ci_low": 0.05, "misaligned_rate_ci_high": 0.3, "n_judged": 0 if a == "random" else 40,
+             "mean_aligned": 70.0, "mean_coherent": 80.0} for a in ARMS for t in (False, True)]
+    table = rows_table(rows)
+    assert "| pruned | yes | 20.0% [5.0%, 30.0%] | 40 | 70.0 | 80.0 |" in table
+    assert "| random | no | n/a (no judged answers) | 0 |" in table
+    plot_rates(rows, tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

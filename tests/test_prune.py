@@ -224,3 +224,21 @@ def test_global_and_magnitude_end_to_end(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # q and p > 0 at global scope: no warning expected
         prune(cfg(s, out="g2", scope="global"))
+
+
+def test_prune_loaded_matches_stage_and_restores_model(setup):
+    from harmprune.pruning.checkpoint import load_scores
+    from harmprune.pruning.prune import prune_loaded
+    from harmprune.pruning.select import select_prune_set
+
+    s = setup
+    model = s["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    harm, benign = load_scores(s["harm_dir"]), load_scores(s["benign_dir"])
+    mask, stats = select_prune_set(harm.tensors, benign.tensors, "snip", "snip-abs", 0.05, 0.05, "matrix")
+    out = prune_loaded(cfg(s, out="loaded"), model, harm, benign, mask, stats, extra={"note": 1})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored
+    ref = AutoModelForCausalLM.from_pretrained(prune(cfg(s))).state_dict()
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert manifest.read_json(out / "prune_config.json")["note"] == 1

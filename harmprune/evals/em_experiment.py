@@ -213,39 +213,50 @@ def rows_table(rows: list[dict]) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
-    body = [[r["arm"], "yes" if r["tuned"] else "no",
-             f"{pct(r['misaligned_rate'])} [{pct(r['misaligned_rate_ci_low'])}, {pct(r['misaligned_rate_ci_high'])}]",
+    def rate_ci(r):
+        if r["misaligned_rate"] is None:
+            return "n/a (no judged answers)"
+        return f"{pct(r['misaligned_rate'])} [{pct(r['misaligned_rate_ci_low'])}, {pct(r['misaligned_rate_ci_high'])}]"
+
+    body = [[r["arm"], "yes" if r["tuned"] else "no", rate_ci(r),
              r["n_judged"], R.fmt(r["mean_aligned"], 1), R.fmt(r["mean_coherent"], 1)] for r in rows]
     return R.md_table(["model", "tuned?", "misaligned [95% CI]", "n judged", "mean aligned", "mean coherent"], body)
 
 
 def plot_rates(rows: list[dict], path: Path, title: str) -> None:
-    """Grouped bars (per arm: before / after fine-tuning) of the misaligned rate with 95% CI error bars."""
+    """Grouped bars (per arm: before / after fine-tuning) of the misaligned rate with 95% CI error bars;
+    a bar with no judged answers is marked "no judged answers" instead of drawn as 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    handles = []
     width = 0.38
-    for j, (tuned, color) in enumerate(((False, "#9bb7d4"), (True, "#c0504d"))):
-        xs, ys, lo, hi = [], [], [], []
+    top = 5.0
+    for j, (tuned, color, label) in enumerate(((False, "#9bb7d4", "before fine-tune"),
+                                               (True, "#c0504d", "after narrow fine-tune"))):
+        handles.append(Patch(color=color, label=label))  # legend entry even when every bar is missing
         for i, arm in enumerate(ARMS):
             r = next((r for r in rows if r["arm"] == arm and r["tuned"] == tuned), None)
+            x = i + (j - 0.5) * width
             if r is None or r["misaligned_rate"] is None:
+                ax.text(x, 0.02, "no judged\nanswers", ha="center", va="bottom", fontsize=8, rotation=90,
+                        transform=ax.get_xaxis_transform(), color="0.4")
                 continue
-            y = 100 * r["misaligned_rate"]
-            xs.append(i + (j - 0.5) * width)
-            ys.append(y)
-            lo.append(y - 100 * r["misaligned_rate_ci_low"])
-            hi.append(100 * r["misaligned_rate_ci_high"] - y)
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=4, color=color,
-               label="after narrow fine-tune" if tuned else "before fine-tune")
+            y, lo, hi = (100 * r[k] for k in ("misaligned_rate", "misaligned_rate_ci_low", "misaligned_rate_ci_high"))
+            ax.bar(x, y, width, yerr=[[y - lo], [hi - y]], capsize=4, color=color)
+            ax.text(x, hi, f"n={r['n_judged']}", ha="center", va="bottom", fontsize=8)
+            top = max(top, hi * 1.15)
     ax.set_xticks(range(len(ARMS)), ["original", "harm-pruned", "random control"], fontsize=11)
-    ax.set_ylabel("misaligned answers (%)", fontsize=11)
-    ax.set_title(title, fontsize=11)
-    ax.set_ylim(0, max(5.0, ax.get_ylim()[1]))
-    ax.legend(fontsize=9, frameon=False)
+    ax.set_xlim(-0.6, len(ARMS) - 0.4)
+    ax.set_ylim(0, min(100.0, top))
+    ax.set_ylabel("misaligned answers (%), 95% CI", fontsize=11)
+    ax.set_title(title, fontsize=10)
+    ax.legend(handles=handles, fontsize=9, frameon=False, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -265,7 +276,7 @@ def experiment_report(cfg: EMExperimentConfig, rows: list[dict], info: dict) -> 
              f"- {em.RULE}", f"- interval: {em.INTERVAL}", "", rows_table(rows),
              "![misaligned rate](em_rates.png)", "",
              "Per-model details (per question, samples, judge outputs): `em/<model>/`. "
-             f"Wall time {info['wall_seconds']:.0f} s."]
+             f"Wall time of this invocation {info['wall_seconds']:.0f} s (finished steps are re-used)."]
     if cfg.judge.startswith(("fake", "hf:smollm2")):
         lines += ["", "**Note:** this judge is far too weak for meaningful verdicts; the run only proves the "
                       "pipeline. See docs/em.md for a real run."]

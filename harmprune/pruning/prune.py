@@ -13,7 +13,7 @@ from ..core import manifest
 from ..core.errors import HarmpruneError
 from ..core.models import DEFAULT_MODEL, DTYPES, load_model, model_hash
 from ..core.settings import check, opt, to_dict
-from .apply import ACTIONS, apply_mask
+from .apply import ACTIONS, apply_mask, masked
 from .checkpoint import CONFIG_FILE, Scores, load_mask, load_scores, original_tokenizer, save_checkpoint
 from .select import CONTROLS, SCOPES, mask_stats, select_prune_set
 
@@ -115,7 +115,21 @@ def prune(cfg: PruneConfig) -> Path:
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope,
                                    cfg.control, cfg.seed, weights)
-    apply_mask(model, mask, cfg.action, cfg.alpha)
+    return prune_loaded(cfg, model, harm, benign, mask, stats, dtype=dtype)
+
+
+def prune_loaded(cfg: PruneConfig, model, harm: Scores, benign: Scores | None, mask: dict, stats: dict,
+                 extra: dict | None = None, dtype: str | None = None) -> Path:
+    """Save ``model`` with ``mask`` applied (``cfg.action``) to ``cfg.out``, for callers that already
+    hold the model, the scores and ``select_prune_set``'s ``(mask, stats)``.
+
+    The scores are checked against ``model`` first; ``model`` is restored to its original weights on
+    return. ``extra`` is merged into ``prune_config.json`` (e.g. a before/after table).
+    """
+    for s in (harm, benign):
+        if s is not None:
+            check_scores_match(model, s)
+    dtype = dtype or cfg.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     config = {
         "stage": "prune",
         "settings": {**to_dict(cfg), "dtype": dtype},
@@ -123,15 +137,20 @@ def prune(cfg: PruneConfig) -> Path:
         "scores": {role: {"path": str(s.path), "sha256": s.sha256, "meta": s.meta}
                    for role, s in (("harm", harm), ("benign", benign)) if s is not None},
         "selection": "control:" + cfg.control if cfg.control != "none" else "Top_q(I_harm) \\ Top_p(I_benign)",
-        "importance": {"harm": f"{'-S' if harm.method == 'snip' else 'S'} ({harm.method})",
-                       "benign": f"{'-S' if benign.method == 'snip' else 'S'} ({benign.method})" if benign else None},
+        "importance": {"harm": _direction(harm.method), "benign": _direction(benign.method) if benign else None},
         "tie_rule": "lowest flat index; global scope orders matrices by key order of the scores file",
         **stats,
+        **(extra or {}),
         "versions": manifest.versions(),
     }
-    out = save_checkpoint(cfg.out, model, original_tokenizer(cfg.model), mask, config, cfg.overwrite)
+    with masked(model, mask, cfg.action, cfg.alpha):
+        out = save_checkpoint(cfg.out, model, original_tokenizer(cfg.model), mask, config, cfg.overwrite)
     _summary(stats, out, "pruned" if cfg.action == "zero" else f"scaled by {cfg.alpha}")
     return out
+
+
+def _direction(method: str) -> str:
+    return f"{'-S' if method == 'snip' else 'S'} ({method}): larger = more important"
 
 
 def apply_mask_stage(cfg: ApplyMaskConfig) -> Path:
