@@ -38,6 +38,29 @@ score: install
 	  --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) \
 	  --out $(SCORES)/$(notdir $(MODEL))-$(notdir $(DATA))-$(METHOD)-n$(NSAMPLES) --overwrite
 
+# The main job: score harmful + benign data (cached under $(SCORES)), prune, save out/<model>-<settings>/,
+# print the held-out before/after NLL table. Q/P default to the values picked by `make sweep` (README).
+HARM ?= harmful
+BENIGN ?= benign
+BENIGN_METHOD ?= snip-abs
+Q ?=
+P ?=
+SCOPE ?= matrix
+OUT ?=
+EVAL_N ?= 0
+
+prune: install
+	$(HP) pipeline --model $(MODEL) --harm $(HARM) --benign $(BENIGN) --method $(METHOD) \
+	  --benign-method $(BENIGN_METHOD) $(if $(Q),--q $(Q)) $(if $(P),--p $(P)) --scope $(SCOPE) \
+	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) \
+	  --scores-dir $(SCORES) --eval-nsamples $(EVAL_N) $(if $(OUT),--out $(OUT)) --overwrite
+
+SWEEP_EVAL_N ?= 48
+sweep: install
+	$(HP) sweep --model $(MODEL) --harm $(HARM) --benign $(BENIGN) --method $(METHOD) \
+	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \
+	  --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) --eval-nsamples $(SWEEP_EVAL_N) --overwrite
+
 bench: install
 	$(PY) bench/attribution.py
 

@@ -124,6 +124,12 @@ def _more_or_less(pct, more="more", less="fewer") -> str:
     return f"{fmt(abs(pct))}% {more if pct >= 0 else less}"
 
 
+def _times_or_pct(ratio, pct) -> str:
+    if ratio >= 2:
+        return f"{fmt(ratio)} times as many weights (by Jaccard) as"
+    return f"{_more_or_less(pct)} weights than"
+
+
 def _overlap_section(m: dict, s: dict) -> list[str]:
     ov = m["overlap"]
     names = ov["names"]
@@ -138,7 +144,7 @@ def _overlap_section(m: dict, s: dict) -> list[str]:
                        "overlap coef.", "random"], rows))
     o = s["overlap"]
     out += ["", f"**Conclusion.** Over the {o['pairs']} category pairs, the sets share "
-                f"{_more_or_less(o['jaccard_pct_vs_random'])} weights than random sets of the same sizes would "
+                f"{_times_or_pct(o['jaccard_ratio'], o['jaccard_pct_vs_random'])} random sets of the same sizes would "
                 f"(mean Jaccard {fmt(o['mean_jaccard'])} vs {fmt(o['mean_jaccard_random'])}; "
                 f"mean overlap coefficient {fmt(o['mean_overlap'])} vs {fmt(o['mean_overlap_random'])}); "
                 f"{o['pairs_above_random']} of {o['pairs']} pairs overlap more than random."

@@ -209,7 +209,7 @@ def _sets_at(q: float, harm: dict, benign, cfg: AblateConfig) -> tuple[dict, dic
     return sets, stats
 
 
-def study(model, tok, spec: str, cfg: AblateConfig, train: dict[str, list], held: dict[str, list],
+def study(model, tok, spec: str, tag: str, cfg: AblateConfig, train: dict[str, list], held: dict[str, list],
           benign_rows: list, eval_benign: list, timing: dict) -> dict:
     """Every measurement for one loaded model; returns its JSON-ready results."""
     import warnings
@@ -217,7 +217,6 @@ def study(model, tok, spec: str, cfg: AblateConfig, train: dict[str, list], held
     from ..pruning.select import PruneWarning
 
     warnings.simplefilter("ignore", PruneWarning)  # the warnings are kept in the results instead
-    tag = model_name(spec)
     mhash = model_hash(model)
     nll = transfer.NLLMeasure(cfg.format, cfg.max_length, 2 * cfg.batch_size)
     measure = nll
@@ -325,11 +324,13 @@ def ablate(cfg: AblateConfig) -> Path:
         "models": {},
     }
     for spec in [cfg.model] + ([cfg.compare_model] if cfg.compare_model else []):
+        name = model_name(spec)
+        name = name if name not in results["models"] else f"{name} (compare)"
         t = time.perf_counter()
         model, tok = load_model(spec, cfg.dtype, cfg.device)
-        timing[f"{model_name(spec)}: load"] = time.perf_counter() - t
-        results["models"][model_name(spec)] = study(model, tok, spec, cfg, score_rows, eval_rows, benign_rows,
-                                                    eval_benign, timing)
+        timing[f"{name}: load"] = time.perf_counter() - t
+        results["models"][name] = study(model, tok, spec, name, cfg, score_rows, eval_rows, benign_rows,
+                                        eval_benign, timing)
         del model
     timing["total"] = time.perf_counter() - t0
     results["timing_seconds"] = timing

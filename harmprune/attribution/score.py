@@ -85,8 +85,11 @@ def _weight_shapes(model, keys) -> dict[str, list[int]]:
     return {k: list(params[k].shape) for k in keys}
 
 
-def score(cfg: ScoreConfig) -> Path:
-    """Run the stage; return the output directory. Raises HarmpruneError on bad input (nothing written)."""
+def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
+    """Run the stage; return the output directory. Raises HarmpruneError on bad input (nothing written).
+
+    ``model``/``tokenizer``: an already loaded ``cfg.model`` (pipelines pass theirs to avoid a reload).
+    """
     from safetensors.torch import save_file
 
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow parts
@@ -97,7 +100,10 @@ def score(cfg: ScoreConfig) -> Path:
     fingerprint = data_fingerprint(spec, rows)
     chosen = select(rows, cfg.nsamples, cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, cfg.device_map)
+    if model is None:
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device, cfg.device_map)
+    else:
+        tok = tokenizer
     scores, stats = compute_scores(model, tok, chosen, cfg.method, fmt=cfg.format, max_length=cfg.max_length,
                                    batch_size=cfg.batch_size, targets=cfg.targets, ignore=cfg.ignore,
                                    wanda_tokens=cfg.wanda_tokens, score_dtype=parse_dtype(cfg.score_dtype))

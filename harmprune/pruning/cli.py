@@ -15,3 +15,16 @@ def register(subparsers) -> None:
                               description="Zero a saved mask in another checkpoint of the same architecture (e.g. after fine-tuning).")
     add_arguments(a, ApplyMaskConfig)
     a.set_defaults(func=lambda ns: apply_mask_stage(from_namespace(ApplyMaskConfig, ns)))
+    from .pipeline import PipelineConfig, run_pipeline
+    from .sweep import SweepConfig, run_sweep
+
+    r = subparsers.add_parser("pipeline", help="score (cached), prune and print the before/after NLL table (make prune)",
+                              description="Score harmful and benign data (cached), prune the harm-specific set, "
+                                          "save the checkpoint and compare held-out NLL with a random control.")
+    add_arguments(r, PipelineConfig)
+    r.set_defaults(func=lambda ns: run_pipeline(from_namespace(PipelineConfig, ns)))
+    s = subparsers.add_parser("sweep", help="the before/after table over a (q, p) grid with controls (make sweep)",
+                              description="Measure harmful and benign NLL increases over a (q, p) grid for the "
+                                          "harm-specific set and same-size random/magnitude controls; CSV + PNG.")
+    add_arguments(s, SweepConfig)
+    s.set_defaults(func=lambda ns: run_sweep(from_namespace(SweepConfig, ns)))
