@@ -8,7 +8,9 @@ On a randomly initialised SmolLM2-135M-sized Llama (tied embeddings) and a few r
   only that layer's weights requiring grad) divided by ours (``snip``);
 - the peak memory of each.
 Every measurement runs in a fresh subprocess (same seed, same model and batches). Time: the second
-of two passes (the first warms up). Memory: peak process RSS above the RSS after the model and
+of two passes (the first warms up), both wall time and process CPU time (user+sys); the children
+run with OMP_WAIT_POLICY=PASSIVE so idle threads do not spin, which makes CPU time a fair measure
+of work when other processes share the machine (wall-time ratios are then unreliable). Memory: peak process RSS above the RSS after the model and
 batches were built, sampled every 5 ms by a psutil thread during the first pass.
 Targets (issue 2): snip <= 1.2x, snip-abs <= 1.6x, wanda <= 0.6x of forward+backward;
 layer-by-layer >= L/2 x slower than ours.
@@ -125,20 +127,21 @@ def child(args):
         picks = sorted({round(i * (args.layers - 1) / max(1, n - 1)) for i in range(n)})
         with PeakRSS() as mem:
             layer_by_layer(model, batches[:1], picks[0])  # warm-up
-            times = []
+            times, cpu = [], []
             for layer in picks:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 layer_by_layer(model, batches, layer)
                 times.append(time.perf_counter() - t0)
-        per_layer = sum(times) / len(times)
-        result = {"seconds": per_layer * args.layers, "timed_layers": picks, "per_layer": times}
+                cpu.append(time.process_time() - c0)
+        result = {"seconds": sum(times) / len(times) * args.layers, "cpu_seconds": sum(cpu) / len(cpu) * args.layers,
+                  "timed_layers": picks, "per_layer": times}
     else:
         fn = fwdbwd if args.child == "fwdbwd" else ours(args.child)
         with PeakRSS() as mem:
             fn(model, batches)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(model, batches)
-        result = {"seconds": time.perf_counter() - t0}
+        result = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
     result.update(peak_rss_delta_mb=mem.delta / 2**20, threads=torch.get_num_threads())
     print("RESULT " + json.dumps(result))
 
@@ -155,7 +158,8 @@ def parent(args):
     res = {}
     for kind in KINDS:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, *map(str, passthrough)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{kind} failed:\n{out.stderr[-3000:]}")
@@ -165,17 +169,18 @@ def parent(args):
             extra = (f"  (layers {res[kind]['timed_layers']} timed, "
                      f"{', '.join(f'{t:.1f}' for t in res[kind]['per_layer'])} s; mean x {args.layers} layers)")
         r = res[kind]
-        print(f"  {kind:<15} {r['seconds']:8.2f} s   peak RSS +{r['peak_rss_delta_mb']:7.0f} MiB{extra}", flush=True)
-    base = res["fwdbwd"]["seconds"]
+        print(f"  {kind:<15} wall {r['seconds']:8.2f} s  cpu {r['cpu_seconds']:8.2f} s  peak RSS +{r['peak_rss_delta_mb']:7.0f} MiB{extra}", flush=True)
     targets = {"snip": 1.2, "snip-abs": 1.6, "wanda": 0.6}
-    print("time / plain forward+backward:")
-    for m, t in targets.items():
-        r = res[m]["seconds"] / base
-        print(f"  {m:<9} {r:5.2f}x   (target <= {t}x: {'met' if r <= t else 'MISSED'})")
-    r = res["layer-by-layer"]["seconds"] / res["snip"]["seconds"]
     need = args.layers / 2
-    print(f"layer-by-layer / ours (snip): {r:5.1f}x   (target >= L/2 = {need:g}x: {'met' if r >= need else 'MISSED'}; "
-          "extrapolated from the timed layers)")
+    for clock in ("seconds", "cpu_seconds"):
+        base = res["fwdbwd"][clock]
+        print(f"{'wall' if clock == 'seconds' else 'CPU'} time / plain forward+backward:")
+        for m, t in targets.items():
+            r = res[m][clock] / base
+            print(f"  {m:<9} {r:5.2f}x   (target <= {t}x: {'met' if r <= t else 'MISSED'})")
+        r = res["layer-by-layer"][clock] / res["snip"][clock]
+        print(f"  layer-by-layer / ours (snip): {r:5.1f}x   (target >= L/2 = {need:g}x: "
+              f"{'met' if r >= need else 'MISSED'}; extrapolated from the timed layers)")
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes on this machine inflate times)")
 
 

@@ -236,10 +236,13 @@ def _compare_section(results: dict) -> list[str]:
     if valid:
         t = valid[0]
         r = ratios[t]
-        word = "more" if r > 1 else "fewer"
+        if r == 1:
+            verdict = "both need the same fraction"
+        else:
+            verdict = (f"{names[0]} needs {'fewer' if r > 1 else 'more'} weights: its harm weights are "
+                       f"{'more' if r > 1 else 'less'} compressed")
         out += ["", f"**Conclusion.** To raise harmful NLL by {t}, {names[1]} needs {fmt(r)} times the "
-                    f"fraction of weights {names[0]} needs, i.e. {names[0]} needs {word} weights: its harm "
-                    f"weights are {'more' if r > 1 else 'less'} compressed."]
+                    f"fraction of weights {names[0]} needs; {verdict}."]
     return out + [""]
 
 

@@ -112,8 +112,9 @@ def attribute(model: nn.Module, batches: Iterable[tuple[dict, list[int]]], metho
             c.release()
     scores = {}
     for name, c in caps.items():
-        s = formulas.finalize(method, c.module.weight, c.acc)
-        if not torch.isfinite(s).all():
+        s = formulas.finalize(method, c.module.weight, c.acc, inplace=True)
+        c.acc = None
+        if not torch.isfinite(s.sum()):  # one reduction: any NaN/inf entry makes the sum non-finite
             raise HarmpruneError(f"{method} scores of {name}.weight are not finite (NaN/inf weights or activations)")
         scores[f"{name}.weight"] = s.to(dtype=score_dtype, device="cpu").contiguous()
     stats = {

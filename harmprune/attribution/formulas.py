@@ -51,13 +51,16 @@ def add_sq_norm(acc: torch.Tensor, x: torch.Tensor) -> None:
     acc.add_(x.square().sum(0))
 
 
-def finalize(method: str, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-    """The stored score S (float32, weight's shape) from a weight and its accumulator."""
+def finalize(method: str, weight: torch.Tensor, acc: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The stored score S (float32, weight's shape) from a weight and its accumulator.
+
+    ``inplace`` reuses the accumulator's memory for a gradient method's score (saves one matrix).
+    """
     w = weight.detach().float()
     if method == "snip":
-        return w * acc
+        return acc.mul_(w) if inplace else w * acc
     if method == "snip-abs":
-        return w.abs() * acc
+        return acc.mul_(w.abs()) if inplace else w.abs() * acc
     if method == "wanda":
         return w.abs() * acc.sqrt().unsqueeze(0)
     raise ValueError(f"unknown method {method!r}")
