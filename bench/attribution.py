@@ -10,7 +10,8 @@ On a randomly initialised SmolLM2-135M-sized Llama (tied embeddings) and a few r
 Every measurement runs in a fresh subprocess (same seed, same model and batches). Time: the second
 of two passes (the first warms up), both wall time and process CPU time (user+sys); the children
 run with OMP_WAIT_POLICY=PASSIVE so idle threads do not spin, which makes CPU time a fair measure
-of work when other processes share the machine (wall-time ratios are then unreliable). Memory: peak process RSS above the RSS after the model and
+of work when other processes share the machine (wall-time ratios are then unreliable).
+Memory: peak process RSS above the RSS after the model and
 batches were built, sampled every 5 ms by a psutil thread during the first pass.
 Targets (issue 2): snip <= 1.2x, snip-abs <= 1.6x, wanda <= 0.6x of forward+backward;
 layer-by-layer >= L/2 x slower than ours.
@@ -169,7 +170,8 @@ def parent(args):
             extra = (f"  (layers {res[kind]['timed_layers']} timed, "
                      f"{', '.join(f'{t:.1f}' for t in res[kind]['per_layer'])} s; mean x {args.layers} layers)")
         r = res[kind]
-        print(f"  {kind:<15} wall {r['seconds']:8.2f} s  cpu {r['cpu_seconds']:8.2f} s  peak RSS +{r['peak_rss_delta_mb']:7.0f} MiB{extra}", flush=True)
+        print(f"  {kind:<15} wall {r['seconds']:8.2f} s  cpu {r['cpu_seconds']:8.2f} s  "
+              f"peak RSS +{r['peak_rss_delta_mb']:7.0f} MiB{extra}", flush=True)
     targets = {"snip": 1.2, "snip-abs": 1.6, "wanda": 0.6}
     need = args.layers / 2
     for clock in ("seconds", "cpu_seconds"):

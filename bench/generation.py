@@ -9,6 +9,7 @@ one-at-a-time run uses only the first ``--single-prompts`` prompts (it is the sl
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -53,7 +54,8 @@ def main():
     model, tok = load_model("smollm2-135m-instruct")
     ps, source = prompts(args.n_prompts)
     banner("bench generation", {"model": "smollm2-135m-instruct (float32, CPU)", "prompts": f"{len(ps)} from {source}",
-                                "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads()})
+                                "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
+                                "load average": " ".join(f"{x:.1f}" for x in os.getloadavg())})
     ctx, _ = build_inputs(tok, ps, resolve_format(tok, "auto"))
     generate_tokens(model, tok, ctx[:2], GenConfig(max_new_tokens=4, batch_size=2), desc="warm-up")
 
@@ -69,7 +71,8 @@ def main():
         rows.append((bs, len(out), toks, t, toks / t, (toks / t) / (n_tok / t1), same))
         print(f"batch {bs}: {len(out)} prompts, {toks} tokens in {t:.1f} s", flush=True)
 
-    print(f"\n{len(ps)} prompts, max_new_tokens {args.max_new_tokens}, prompt tokens "
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs slow every row)")
+    print(f"{len(ps)} prompts, max_new_tokens {args.max_new_tokens}, prompt tokens "
           f"{min(map(len, ctx))}-{max(map(len, ctx))}, {torch.get_num_threads()} threads")
     print("| batch | prompts | new tokens | wall s | tokens/s | speed-up | same greedy reply as alone |")
     print("|---|---|---|---|---|---|---|")

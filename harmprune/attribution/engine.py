@@ -108,8 +108,7 @@ def attribute(model: nn.Module, batches: Iterable[tuple[dict, list[int]]], metho
     finally:
         for h in handles:
             h.remove()
-        for c in caps.values():
-            c.release()
+        state.release()
     scores = {}
     for name, c in caps.items():
         s = formulas.finalize(method, c.module.weight, c.acc, inplace=True)

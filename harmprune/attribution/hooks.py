@@ -27,10 +27,21 @@ class BatchState:
 
     mask: torch.Tensor | None = None
     all_true: bool = True
+    _buffers: dict = field(default_factory=dict)
 
     def set(self, mask: torch.Tensor) -> None:
         self.mask = mask.bool()
         self.all_true = bool(self.mask.all())
+
+    def buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A scratch matrix shared by all layers of one shape: never a second copy of all gradients."""
+        key = (tuple(like.shape), like.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty_like(like)
+        return self._buffers[key]
+
+    def release(self) -> None:
+        self._buffers.clear()
 
 
 @dataclass
@@ -43,7 +54,6 @@ class LayerCapture:
     state: BatchState
     acc: torch.Tensor = field(init=False)
     calls: int = 0
-    _tmp: torch.Tensor | None = None
 
     def __post_init__(self):
         self.acc = formulas.new_accumulator(self.method, self.module.weight)
@@ -85,17 +95,13 @@ class LayerCapture:
             formulas.add_grad(self.acc, self._rows(delta).float(), self._rows(x).float())
             return
         self._per_token(x)
-        if self._tmp is None:
-            self._tmp = torch.empty_like(self.acc)
+        tmp = self.state.buffer(self.acc)
         m = self.state.mask
         for b in range(x.shape[0]):  # exact per-sample |δ_bᵀ X_b|; one (out, in) buffer at a time
             xb, db = x[b], delta[b]
             if not self.state.all_true:
                 xb, db = xb[m[b]], db[m[b]]
-            formulas.add_abs_grad(self.acc, db.float(), xb.float(), self._tmp)
-
-    def release(self) -> None:
-        self._tmp = None
+            formulas.add_abs_grad(self.acc, db.float(), xb.float(), tmp)
 
 
 def embedding_requires_grad_hook(module, inputs, output):
