@@ -49,7 +49,11 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--single-prompts", type=int, default=8, help="prompts generated one at a time")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch's default); 1 is fairer when other jobs share the CPU")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tok = load_model("smollm2-135m-instruct")
     ps, source = prompts(args.n_prompts)
