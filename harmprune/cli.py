@@ -23,19 +23,26 @@ COMMAND_MODULES = (
 )
 
 
+def present_modules(names):
+    """Import each named plug-in module, skipping one that does not exist (its command is absent).
+
+    An ImportError raised *inside* an existing module is not swallowed.
+    """
+    for name in names:
+        try:
+            yield importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmprune", description=__doc__.splitlines()[0])
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"harmprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # stage not built yet
-                continue
-            raise
+    for mod in present_modules(COMMAND_MODULES):
         mod.register(sub)
     return parser
 

@@ -6,8 +6,6 @@ does not exist yet is skipped (its command is simply absent).
 
 from __future__ import annotations
 
-import importlib
-
 EVAL_TASKS = ("harmprune.evals.harm", "harmprune.evals.utility", "harmprune.evals.recognition", "harmprune.evals.em")
 
 
@@ -24,13 +22,9 @@ def register(subparsers) -> None:
                                description="Evaluate a model; every task writes results.json, samples.jsonl "
                                            "and report.md to --out.")
     tasks = ev.add_subparsers(dest="eval_task", metavar="TASK")
-    for name in EVAL_TASKS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # task not built yet
-                continue
-            raise
+    from ..cli import present_modules
+
+    for mod in present_modules(EVAL_TASKS):
         mod.register_eval(tasks)
     ev.set_defaults(func=_no_task)
     selfgen.register(subparsers)

@@ -37,24 +37,30 @@ class ScoringSettings:
 
 
 @dataclass
-class PipelineConfig(ScoringSettings):
-    """Settings of ``harmprune pipeline`` (``make prune``)."""
+class PruneInputs(ScoringSettings):
+    """Model, data, score methods and held-out sets shared by ``pipeline`` and ``sweep``."""
 
     model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
     harm: str = opt("harmful", help="data whose generation is removed (built-in name, file or hf:)")
     benign: str = opt("benign", help="data whose ability is protected")
     method: str = opt("snip", help="score of the harmful data", choices=["snip", "snip-abs", "wanda"])
     benign_method: str = opt("snip-abs", help="score of the benign data", choices=["snip", "snip-abs", "wanda"])
-    q: float = opt(DEFAULT_Q, help="fraction in Top_q of the harm importance")
-    p: float = opt(DEFAULT_P, help="fraction protected by Top_p of the benign importance (0 = none: dangerous)")
     scope: str = opt("matrix", help="matrix, row or global", choices=list(SCOPES))
-    eval_harm: str = opt("harmful:test", help="held-out harmful completions for the before/after table")
-    eval_benign: str = opt("benign:test", help="held-out benign completions for the before/after table")
-    eval_nsamples: int = opt(0, help="held-out records per set in the table (0 = all)")
-    out: str | None = opt(None, help="checkpoint directory (default: out/<model>-<settings>)")
+    eval_harm: str = opt("harmful:test", help="held-out harmful completions")
+    eval_benign: str = opt("benign:test", help="held-out benign completions")
     overwrite: bool = opt(False, help="replace a non-empty --out")
     dtype: str = opt("float32", help="model dtype")
     device: str = opt("cpu", help="device")
+
+
+@dataclass
+class PipelineConfig(PruneInputs):
+    """Settings of ``harmprune pipeline`` (``make prune``)."""
+
+    q: float = opt(DEFAULT_Q, help="fraction in Top_q of the harm importance")
+    p: float = opt(DEFAULT_P, help="fraction protected by Top_p of the benign importance (0 = none: dangerous)")
+    eval_nsamples: int = opt(0, help="held-out records per set in the table (0 = all)")
+    out: str | None = opt(None, help="checkpoint directory (default: out/<model>-<settings>)")
 
     def __post_init__(self):
         check(0 <= self.q <= 1 and 0 <= self.p <= 1, "--q and --p must be fractions in [0, 1]")

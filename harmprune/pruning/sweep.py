@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import manifest
-from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name
+from ..core.models import load_model, model_hash, model_name
 from ..core.settings import opt, to_dict
 from .apply import masked
 from .checkpoint import load_scores
-from .pipeline import ScoringSettings, cached_scores, held_out, nll_row, with_deltas
-from .select import SCOPES, select_prune_set
+from .pipeline import PruneInputs, cached_scores, held_out, nll_row, with_deltas
+from .select import select_prune_set
 
 QS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
 PS = [0.0, 1e-3, 1e-2]
@@ -27,26 +27,15 @@ VARIANTS = ("harm-specific", "random", "magnitude")
 
 
 @dataclass
-class SweepConfig(ScoringSettings):
+class SweepConfig(PruneInputs):
     """Settings of ``harmprune sweep`` (``make sweep``)."""
 
-    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
-    harm: str = opt("harmful", help="data whose generation is removed")
-    benign: str = opt("benign", help="data whose ability is protected")
-    method: str = opt("snip", help="score of the harmful data", choices=["snip", "snip-abs", "wanda"])
-    benign_method: str = opt("snip-abs", help="score of the benign data", choices=["snip", "snip-abs", "wanda"])
     qs: list[float] = opt(QS, help="q values")
     ps: list[float] = opt(PS, help="p values")
-    scope: str = opt("matrix", help="matrix, row or global", choices=list(SCOPES))
     controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set")
-    eval_harm: str = opt("harmful:test", help="held-out harmful completions")
-    eval_benign: str = opt("benign:test", help="held-out benign completions")
     eval_nsamples: int = opt(48, help="held-out records per set (0 = all)")
     max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
     out: str | None = opt(None, help="output directory (default: results/sweep-<model>)")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
-    dtype: str = opt("float32", help="model dtype")
-    device: str = opt("cpu", help="device")
 
 
 def recommend(rows: list[dict], max_benign_rel: float) -> dict | None:
