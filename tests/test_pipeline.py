@@ -1,0 +1,136 @@
+"""`make prune` and `make sweep` end to end on a tiny checkpoint, checked against independent re-computation."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harmprune.core.data import DataSpec, load_records
+from harmprune.core.models import load_model
+from harmprune.evals.nll import response_nll
+from harmprune.pruning import pipeline as pipeline_mod
+from harmprune.pruning.checkpoint import load_scores
+from harmprune.pruning.pipeline import PipelineConfig, run_pipeline
+from harmprune.pruning.select import select_prune_set
+from harmprune.pruning.sweep import SweepConfig, recommend, run_sweep
+
+pytestmark = pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    harm = [{"prompt": f"how to do bad thing {i}", "response": f"step {i}: hurt them with {i} knives"} for i in range(6)]
+    benign = [{"prompt": f"recipe {i}", "response": f"mix {i} eggs and bake it slowly"} for i in range(6)]
+    return {"harm": _jsonl(tmp_path / "harm.jsonl", harm), "benign": _jsonl(tmp_path / "benign.jsonl", benign)}
+
+
+def _pipeline_cfg(tiny_ckpt, data, tmp_path, **kw):
+    base = dict(model=tiny_ckpt, harm=data["harm"], benign=data["benign"], eval_harm=data["harm"],
+                eval_benign=data["benign"], nsamples=4, max_length=48, batch_size=2, q=0.02, p=0.05,
+                scores_dir=str(tmp_path / "scores"), out=str(tmp_path / "pruned"))
+    return PipelineConfig(**{**base, **kw})
+
+
+def _nll(model, tok, data_path):
+    rows = load_records(DataSpec(data=data_path))
+    return response_nll(model, tok, rows, fmt="auto", max_length=48, batch_size=8)["nll"]
+
+
+def test_pipeline_checkpoint_table_and_cache(tiny_ckpt, data, tmp_path, monkeypatch):
+    cfg = _pipeline_cfg(tiny_ckpt, data, tmp_path)
+    out = run_pipeline(cfg)
+
+    # the saved mask is the selection of the cached scores, and the checkpoint holds it
+    score_dirs = sorted((tmp_path / "scores").glob("*/*"))
+    assert len(score_dirs) == 2
+    harm_dir = next(d for d in score_dirs if "-snip-n4-" in d.name)
+    benign_dir = next(d for d in score_dirs if "-snip-abs-n4-" in d.name)
+    harm, benign = load_scores(harm_dir), load_scores(benign_dir)
+    expected, stats = select_prune_set(harm.tensors, benign.tensors, "snip", "snip-abs", 0.02, 0.05, "matrix")
+    mask = load_file(str(out / "mask.safetensors"))
+    assert set(mask) == set(expected)
+    assert all(torch.equal(mask[k].bool(), expected[k]) for k in mask)
+    assert stats["total_pruned"] > 0
+
+    # the before/after table agrees with an independent NLL of the original and of the saved checkpoint
+    table = json.loads((out / "prune_config.json").read_text())["before_after"]["rows"]
+    orig, tok = load_model(tiny_ckpt)
+    pruned, _ = load_model(str(out))
+    assert table["original"]["harmful_nll"] == pytest.approx(_nll(orig, tok, data["harm"]), rel=1e-5)
+    assert table["pruned"]["harmful_nll"] == pytest.approx(_nll(pruned, tok, data["harm"]), rel=1e-5)
+    assert table["pruned"]["benign_nll"] == pytest.approx(_nll(pruned, tok, data["benign"]), rel=1e-5)
+    d_h = table["pruned"]["harmful_nll"] - table["original"]["harmful_nll"]
+    assert table["pruned"]["d_harmful"] == pytest.approx(d_h)
+    assert table["random"]["pruned"] == table["pruned"]["pruned"] == stats["total_pruned"]
+    assert (out / "before_after.md").read_text().count("\n") >= 5
+
+    # another q re-uses both score directories: scoring must not run again
+    monkeypatch.setattr(pipeline_mod, "score", lambda *a, **k: pytest.fail("scores were recomputed"))
+    out2 = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, q=0.05, out=str(tmp_path / "pruned2")))
+    assert load_file(str(out2 / "mask.safetensors"))
+    assert len(sorted((tmp_path / "scores").glob("*/*"))) == 2
+
+
+def test_pipeline_cache_key_changes_with_settings(tiny_ckpt, data, tmp_path, monkeypatch):
+    calls = []
+    real = pipeline_mod.score
+    monkeypatch.setattr(pipeline_mod, "score", lambda cfg, **kw: calls.append(cfg.out) or real(cfg, **kw))
+    run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, p=0.0))
+    assert len(calls) == 1  # p = 0: no benign scores are needed
+    run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, p=0.0, max_length=64, overwrite=True))
+    assert len(calls) == 2 and calls[0] != calls[1]
+
+
+def _row(q, p, variant, dh, db, base_b=2.0, pruned=10):
+    spec = dh / db if db > 0 else (math.inf if dh > 0 else math.nan)
+    return {"q": q, "p": p, "variant": variant, "pruned": pruned, "d_harmful": dh, "d_benign": db,
+            "benign_rel": db / base_b, "specificity": spec}
+
+
+def test_recommend_picks_most_specific_within_benign_bound():
+    rows = [
+        _row(1e-4, 0.01, "harm-specific", 0.02, 0.01),   # specificity 2, benign +0.5%
+        _row(1e-3, 0.01, "harm-specific", 0.50, 0.05),   # specificity 10, benign +2.5%
+        _row(1e-3, 0.00, "harm-specific", 3.00, 0.20),   # specificity 15 but benign +10%: excluded
+        _row(1e-3, 0.01, "random", 0.90, 0.01),          # controls never recommended
+        _row(1e-5, 0.01, "harm-specific", -0.01, 0.001),  # harm NLL fell: excluded
+        _row(1e-5, 0.00, "harm-specific", 0.0, 0.0, pruned=0),
+    ]
+    best = recommend(rows, 0.05)
+    assert (best["q"], best["p"]) == (1e-3, 0.01)
+    assert recommend(rows, 0.2)["p"] == 0.0
+    assert recommend(rows, 0.001) is None  # even the mildest point raises benign NLL by 0.5%
+    # a point whose benign NLL fell is maximally specific
+    assert recommend(rows + [_row(3e-5, 0.01, "harm-specific", 0.01, -0.01)], 0.05)["q"] == 3e-5
+
+
+def test_sweep_grid_controls_and_recommendation(tiny_ckpt, data, tmp_path):
+    scores_dir = str(tmp_path / "scores")
+    cfg = SweepConfig(model=tiny_ckpt, harm=data["harm"], benign=data["benign"], eval_harm=data["harm"],
+                      eval_benign=data["benign"], nsamples=4, max_length=48, batch_size=2, qs=[0.01, 0.05],
+                      ps=[0.0, 0.05], eval_nsamples=0, scores_dir=scores_dir, out=str(tmp_path / "sweep"))
+    out = run_sweep(cfg)
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 3
+    assert (out / "sweep.png").stat().st_size > 1000
+    result = json.loads((out / "sweep.json").read_text())
+    by = {(float(r["q"]), float(r["p"]), r["variant"]): r for r in rows}
+    for q in (0.01, 0.05):
+        for p in (0.0, 0.05):
+            n = {int(by[(q, p, v)]["pruned"]) for v in ("harm-specific", "random", "magnitude")}
+            assert len(n) == 1  # controls have the harm-specific set's size
+    assert result["recommended"] == recommend(result["rows"], 0.05)
+
+    # the sweep's harm-specific point equals what `make prune` measures at the same (q, p)
+    out_p = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, q=0.05, p=0.05, scores_dir=scores_dir))
+    table = json.loads((out_p / "prune_config.json").read_text())["before_after"]["rows"]
+    assert float(by[(0.05, 0.05, "harm-specific")]["harmful_nll"]) == pytest.approx(table["pruned"]["harmful_nll"])
