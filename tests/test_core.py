@@ -90,6 +90,18 @@ def test_settings_roundtrip_and_validation():
         p.parse_args(["--model", "m", "--mode", "z"])
 
 
+@dataclasses.dataclass
+class _OptionalList:
+    layers: list[int] | None = settings.opt(None, help="layers (none = all)")
+
+
+def test_settings_optional_list_defaults_to_none():
+    p = argparse.ArgumentParser()
+    settings.add_arguments(p, _OptionalList)
+    assert settings.from_namespace(_OptionalList, p.parse_args([])).layers is None
+    assert settings.from_namespace(_OptionalList, p.parse_args(["--layers", "1", "3"])).layers == [1, 3]
+
+
 def test_atomic_dir(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):

@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif tp is list:
             kw["nargs"] = "+"
             kw["type"] = inner
-            kw["default"] = None if required else f.default_factory()
+            # a list field may default to a list (default_factory) or to None ("not given")
+            has_factory = f.default_factory is not dataclasses.MISSING
+            kw["default"] = None if required else (f.default_factory() if has_factory else f.default)
         else:
             kw["type"] = tp
             kw["default"] = None if required else f.default
