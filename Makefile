@@ -55,7 +55,7 @@ prune: install
 	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) \
 	  --scores-dir $(SCORES) --eval-nsamples $(EVAL_N) $(if $(OUT),--out $(OUT)) --overwrite
 
-SWEEP_EVAL_N ?= 48
+SWEEP_EVAL_N ?= 32
 sweep: install
 	$(HP) sweep --model $(MODEL) --harm $(HARM) --benign $(BENIGN) --method $(METHOD) \
 	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \
