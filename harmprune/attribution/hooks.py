@@ -3,11 +3,19 @@ formulas as soon as both exist, so no per-layer gradient outlives its own backwa
 
 All parameters are frozen during a run and the input-embedding output is made to require grad, so
 backward computes activation gradients only; no weight ``.grad`` is ever materialised.
+
+Offloaded layers (accelerate CPU/disk offload: ``module.weight`` is on ``meta`` outside its
+forward) keep their accumulator on the CPU, where their weights live, and add each batch's
+contribution from the compute device once; ``real_weight`` materialises a weight for ``finalize``.
+Hooks that fire outside ``BatchState.in_forward`` are activation-checkpoint recomputations during
+backward and are ignored, so every layer is counted once per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -27,21 +35,89 @@ class BatchState:
 
     mask: torch.Tensor | None = None
     all_true: bool = True
+    in_forward: bool = False
     _buffers: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)
 
     def set(self, mask: torch.Tensor) -> None:
         self.mask = mask.bool()
         self.all_true = bool(self.mask.all())
+        self._masks = {self.mask.device: self.mask}
 
-    def buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """A scratch matrix shared by all layers of one shape: never a second copy of all gradients."""
-        key = (tuple(like.shape), like.device)
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        """The mask on ``device`` (layers of a device map run on several devices), copied once per batch."""
+        if device not in self._masks:
+            self._masks[device] = self.mask.to(device)
+        return self._masks[device]
+
+    @contextlib.contextmanager
+    def forward_pass(self) -> Iterator[None]:
+        """Mark the model's own forward; layer hooks outside it are checkpoint recomputations."""
+        self.in_forward = True
+        try:
+            yield
+        finally:
+            self.in_forward = False
+
+    def buffer(self, like: torch.Tensor, tag: str = "tmp", device: torch.device | None = None) -> torch.Tensor:
+        """A scratch tensor shared by all layers of one shape: never a second copy of all gradients."""
+        device = like.device if device is None else torch.device(device)
+        key = (tag, tuple(like.shape), device)
         if key not in self._buffers:
-            self._buffers[key] = torch.empty_like(like)
+            self._buffers[key] = torch.empty(like.shape, dtype=like.dtype, device=device)
         return self._buffers[key]
 
     def release(self) -> None:
         self._buffers.clear()
+        self._masks.clear()
+
+
+# -- accelerate offload ----------------------------------------------------------------------------
+def is_offloaded(module: nn.Module) -> bool:
+    """True when accelerate keeps this module's own weights off-device (``meta`` outside forward)."""
+    try:
+        from accelerate.utils import has_offloaded_params
+    except ImportError:
+        return False
+    return has_offloaded_params(module)
+
+
+def compute_device(module: nn.Module) -> torch.device:
+    """Where the module's forward runs: accelerate's execution device, else its weight's device."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None and is_offloaded(module):
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    return next(module.parameters()).device
+
+
+@contextlib.contextmanager
+def real_weight(module: nn.Module) -> Iterator[torch.Tensor]:
+    """``module.weight`` as a real tensor for the duration of the block (offloaded ones loaded once)."""
+    if is_offloaded(module):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield module.weight
+    else:
+        yield module.weight
+
+
+def named_real_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` (same names, order and de-duplication) with offloaded weights
+    materialised one module at a time, so a disk-offloaded model never sits in memory whole."""
+    from accelerate.utils import align_module_device
+
+    wanted = {n for n, _ in model.named_parameters()}
+    for mod_name, mod in model.named_modules():
+        if not any(True for _ in mod.parameters(recurse=False)):
+            continue
+        ctx = align_module_device(mod) if is_offloaded(mod) else contextlib.nullcontext()
+        with ctx:
+            for name, p in mod.named_parameters(recurse=False):
+                full = f"{mod_name}.{name}" if mod_name else name
+                if full in wanted:
+                    yield full, p
 
 
 @dataclass
@@ -54,9 +130,24 @@ class LayerCapture:
     state: BatchState
     acc: torch.Tensor = field(init=False)
     calls: int = 0
+    staged: bool = field(init=False)
 
     def __post_init__(self):
-        self.acc = formulas.new_accumulator(self.method, self.module.weight)
+        self.staged = is_offloaded(self.module)
+        w = self.module.weight
+        if self.staged:  # meta weight: only its shape counts; keep the sum on the CPU with the weights
+            w = torch.empty((), device="cpu").expand(w.shape)
+        self.acc = formulas.new_accumulator(self.method, w)
+
+    def _target(self, device: torch.device) -> torch.Tensor:
+        """Where this batch's contribution is added: the accumulator, or a zeroed staging buffer."""
+        if not self.staged and self.acc.device == device:
+            return self.acc
+        return self.state.buffer(self.acc, "stage", device).zero_()
+
+    def _flush(self, target: torch.Tensor) -> None:
+        if target is not self.acc:
+            self.acc.add_(target.to(self.acc.device))
 
     # -- rows of X / δ that count -------------------------------------------------------------
     def _per_token(self, t: torch.Tensor) -> bool:
@@ -72,14 +163,18 @@ class LayerCapture:
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         if not self._per_token(t) or self.state.all_true:
             return t.reshape(-1, t.shape[-1])
-        return t[self.state.mask]
+        return t[self.state.mask_on(t.device)]
 
     # -- hooks --------------------------------------------------------------------------------
     def forward_hook(self, module, inputs, output):
+        if not self.state.in_forward:
+            return  # checkpoint recomputation in backward: X and δ were taken in the real forward
         self.calls += 1
         x = inputs[0].detach()
         if self.method == "wanda":
-            formulas.add_sq_norm(self.acc, self._rows(x).float())
+            target = self._target(x.device)
+            formulas.add_sq_norm(target, self._rows(x).float())
+            self._flush(target)
             return
         if not output.requires_grad:
             return  # not on the loss's path (e.g. a frozen side branch): contributes nothing
@@ -91,17 +186,20 @@ class LayerCapture:
         output.register_hook(on_grad)
 
     def _accumulate(self, x: torch.Tensor, delta: torch.Tensor) -> None:
+        target = self._target(x.device)
         if self.method == "snip":
-            formulas.add_grad(self.acc, self._rows(delta).float(), self._rows(x).float())
+            formulas.add_grad(target, self._rows(delta).float(), self._rows(x).float())
+            self._flush(target)
             return
         self._per_token(x)
-        tmp = self.state.buffer(self.acc)
-        m = self.state.mask
+        tmp = self.state.buffer(target)
+        m = None if self.state.all_true else self.state.mask_on(x.device)
         for b in range(x.shape[0]):  # exact per-sample |δ_bᵀ X_b|; one (out, in) buffer at a time
             xb, db = x[b], delta[b]
-            if not self.state.all_true:
+            if m is not None:
                 xb, db = xb[m[b]], db[m[b]]
-            formulas.add_abs_grad(self.acc, db.float(), xb.float(), tmp)
+            formulas.add_abs_grad(target, db.float(), xb.float(), tmp)
+        self._flush(target)
 
 
 def embedding_requires_grad_hook(module, inputs, output):

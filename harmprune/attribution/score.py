@@ -3,10 +3,16 @@
 Output (DESIGN.md): ``scores.safetensors`` (keys = full parameter names, weight-shaped, float32 by
 default) and ``meta.json`` (method, formula, direction, model and data fingerprints, counts,
 settings, versions, wall time, peak memory). Written atomically: a failure leaves no directory.
+
+Scaling (see ``distributed``): with ``--num-processes N`` or under ``accelerate launch`` each
+process scores a shard and the raw sums are added once; only rank 0 writes. ``--device-map`` (with
+``--offload-folder`` for disk) scores models larger than one device, ``--gradient-checkpointing``
+trades a second forward for activation memory; neither changes the scores.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -17,10 +23,12 @@ import torch
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name, parse_dtype
+from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, model_name, parse_dtype, resolve
 from ..core.settings import check, opt, to_dict
 from ..core.targets import DEFAULT_TARGETS
+from . import distributed
 from .engine import WANDA_TOKENS, compute_scores
+from .hooks import named_real_parameters
 from .formulas import DIRECTIONS, FORMULAS, METHODS
 
 SCORES_FILE = "scores.safetensors"
@@ -47,7 +55,13 @@ class ScoreConfig:
     seed: int = opt(0, help="seed of the sample selection")
     dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16); scores accumulate in float32")
     device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
-    device_map: str | None = opt(None, help="accelerate device map (e.g. auto); overrides --device")
+    device_map: str | None = opt(None, help="accelerate device map: auto, balanced, ..., a JSON object or a .json "
+                                            "file ({module: device|cpu|disk}); overrides --device")
+    offload_folder: str | None = opt(None, help="folder for weights a device map puts on disk")
+    num_processes: int = opt(1, help="data-parallel processes on this machine (each scores a shard; "
+                                     "under accelerate launch the launcher's processes are used)")
+    gradient_checkpointing: bool = opt(False, help="recompute block activations in backward to save memory "
+                                                   "(same scores, about one more forward per batch)")
     score_dtype: str = opt("float32", help="dtype of the stored scores")
     wanda_tokens: str = opt("response", help="wanda inputs at: response (response tokens) or all (every non-pad token)")
     overwrite: bool = opt(False, help="replace a non-empty output directory")
@@ -65,8 +79,25 @@ class ScoreConfig:
         check(self.format in ("auto", "chat", "raw"), f"unknown format {self.format!r}; choose auto, chat or raw")
         check(self.wanda_tokens in WANDA_TOKENS,
               f"unknown --wanda-tokens {self.wanda_tokens!r}; choose response or all")
+        check(self.num_processes >= 1, "--num-processes must be at least 1")
+        check(not (self.num_processes > 1 and self.device_map),
+              "--device-map cannot be combined with --num-processes: every process would hold the whole model")
         parse_dtype(self.dtype)
         parse_dtype(self.score_dtype)
+        self.parsed_device_map()
+
+    def parsed_device_map(self) -> str | dict | None:
+        """``--device-map`` as transformers takes it: a strategy name or ``{module name: device}``."""
+        dm = self.device_map
+        if not dm or not (dm.lstrip().startswith("{") or dm.endswith(".json")):
+            return dm
+        try:
+            value = json.loads(Path(dm).read_text() if dm.endswith(".json") else dm)
+        except (OSError, json.JSONDecodeError) as e:
+            raise HarmpruneError(f"--device-map {dm!r} is neither a strategy, a JSON object nor a readable "
+                                 f".json file: {e}") from None
+        check(isinstance(value, dict), f"--device-map {dm!r} must be a JSON object {{module: device}}")
+        return value
 
     def data_spec(self) -> DataSpec:
         return DataSpec(data=self.data, prompt_field=self.prompt_field, response_field=self.response_field,
@@ -85,15 +116,66 @@ def _weight_shapes(model, keys) -> dict[str, list[int]]:
     return {k: list(params[k].shape) for k in keys}
 
 
+def _load(cfg: ScoreConfig, device: str):
+    device_map = cfg.parsed_device_map()
+    if not cfg.offload_folder:
+        return load_model(cfg.model, cfg.dtype, device, device_map)
+    # core.models.load_model takes no offload folder: the same load with one.
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = resolve(cfg.model)
+    check(gguf is None, "--offload-folder needs a checkpoint directory or Hub id, not a .gguf file")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(cfg.dtype), device_map=device_map or "auto",
+                                                 offload_folder=cfg.offload_folder)
+    model.eval()
+    model.harmprune_spec = cfg.model
+    return model, load_tokenizer(cfg.model)
+
+
+def _model_hash(model) -> str:
+    if not any(p.is_meta for p in model.parameters()):
+        return model_hash(model)
+    # Offloaded weights are meta outside forward: hash the real ones, one module at a time.
+    return model_hash(_RealParameters(model))
+
+
+class _RealParameters:
+    """``model_hash`` reads only ``named_parameters()``: give it the materialised ones."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_parameters(self):
+        return named_real_parameters(self.model)
+
+
+def _launch(cfg: ScoreConfig, model) -> Path:
+    if model is not None:
+        raise HarmpruneError("--num-processes loads the model in every process: pass no model object")
+    manifest.check_out_dir(cfg.out, cfg.overwrite)
+    load_records(cfg.data_spec())  # bad input fails here, once, before any process starts
+    distributed.launch(cfg.num_processes, score, cfg)
+    return Path(cfg.out)
+
+
 def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
     """Run the stage; return the output directory. Raises HarmpruneError on bad input (nothing written).
 
     ``model``/``tokenizer``: an already loaded ``cfg.model`` (pipelines pass theirs to avoid a reload).
+    With ``cfg.num_processes > 1`` outside a launcher, starts that many processes (see ``distributed``).
     """
     from safetensors.torch import save_file
 
+    proc = distributed.setup(cfg.device)
+    if proc.world == 1 and cfg.num_processes > 1:
+        return _launch(cfg, model)
+    if proc.world > 1:
+        check(cfg.num_processes in (1, proc.world),
+              f"--num-processes {cfg.num_processes} but the launcher started {proc.world} processes")
+        check(not cfg.device_map, "--device-map cannot be combined with data-parallel processes")
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow parts
-    manifest.banner("score", to_dict(cfg))
+    if proc.is_main:
+        manifest.banner("score", {**to_dict(cfg), "world_size": proc.world})
     t0 = time.perf_counter()
     spec = cfg.data_spec()
     rows = load_records(spec)
@@ -101,13 +183,18 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
     chosen = select(rows, cfg.nsamples, cfg.seed)
     torch.manual_seed(cfg.seed)
     if model is None:
-        model, tok = load_model(cfg.model, cfg.dtype, cfg.device, cfg.device_map)
+        model, tok = _load(cfg, distributed.process_device(cfg.device, proc))
     else:
         tok = tokenizer
     scores, stats = compute_scores(model, tok, chosen, cfg.method, fmt=cfg.format, max_length=cfg.max_length,
                                    batch_size=cfg.batch_size, targets=cfg.targets, ignore=cfg.ignore,
-                                   wanda_tokens=cfg.wanda_tokens, score_dtype=parse_dtype(cfg.score_dtype))
-    mhash = model_hash(model)
+                                   wanda_tokens=cfg.wanda_tokens, score_dtype=parse_dtype(cfg.score_dtype),
+                                   progress=proc.is_main, gradient_checkpointing=cfg.gradient_checkpointing,
+                                   shard=proc.shard,
+                                   reduce=distributed.all_reduce_run if proc.world > 1 else None)
+    if not proc.is_main:
+        return Path(cfg.out)
+    mhash = _model_hash(model)
     meta = {
         "method": cfg.method,
         "formula": FORMULAS[cfg.method],
@@ -125,6 +212,9 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
         "tokens": {"response": stats["tokens"], "input": stats["input_tokens"]},
         "max_length": cfg.max_length,
         "batch_size": cfg.batch_size,
+        "world_size": proc.world,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "device_map": getattr(model, "hf_device_map", None),
         "dtype": cfg.dtype,
         "score_dtype": cfg.score_dtype,
         "seed": cfg.seed,
@@ -138,7 +228,7 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
         "versions": manifest.versions(),
         "engine_seconds": stats["engine_seconds"],
         "wall_seconds": round(time.perf_counter() - t0, 3),
-        "peak_memory_bytes": stats["peak_memory_bytes"],
+        "peak_memory_bytes": stats["peak_memory_bytes"],  # of rank 0 when world_size > 1
         "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() and torch.cuda.max_memory_allocated()
         else "process RSS high-water mark (includes model loading)",
     }

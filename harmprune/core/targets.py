@@ -29,9 +29,10 @@ def _match(name: str, pattern: str) -> bool:
 
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     """Map each parameter name to the other names sharing its storage (empty when untied)."""
-    by_ptr: dict[int, list[str]] = {}
+    by_ptr: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        by_ptr.setdefault(p.data_ptr(), []).append(name)
+        # meta tensors (accelerate-offloaded weights) all have data_ptr 0: only identity ties them
+        by_ptr.setdefault(("meta", id(p)) if p.is_meta else p.data_ptr(), []).append(name)
     return {n: [m for m in names if m != n] for names in by_ptr.values() for n in names}
 
 
