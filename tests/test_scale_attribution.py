@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny import make_tokenizer, tiny_llama
 
-from harmprune.attribution import compute_scores, load_scores
+from harmprune.attribution import compute_scores
+from harmprune.attribution.artifact import load_scores
 from harmprune.attribution.score import _model_hash
 from harmprune.cli import main
 from harmprune.core.data import Record
@@ -24,6 +25,10 @@ def data(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return str(path)
+
+
+def _pair(s):
+    return s.tensors, s.meta
 
 
 def records():
@@ -113,7 +118,7 @@ def test_cli_num_processes_2_equals_one_process_and_records_world_size(tiny_ckpt
     one, two = tmp_path / "one", tmp_path / "two"
     assert run(*common, "--out", one) == 0
     assert run(*common, "--out", two, "--num-processes", 2) == 0
-    (ref, meta1), (got, meta2) = load_scores(one), load_scores(two)
+    (ref, meta1), (got, meta2) = _pair(load_scores(one)), _pair(load_scores(two))
     assert_same(got, ref)
     assert all(v.dtype == torch.float32 for v in got.values())
     assert meta1["world_size"] == 1 and meta2["world_size"] == 2 and meta2["config"]["num_processes"] == 2
@@ -183,7 +188,7 @@ def test_cli_device_map_json_with_disk_offload(tiny_ckpt, data, tmp_path):
     assert run(*common, "--out", tmp_path / "plain") == 0
     assert run(*common, "--out", tmp_path / "off", "--device-map", json.dumps(DISK_MAP),
                "--offload-folder", tmp_path / "offload") == 0
-    (ref, _), (got, meta) = load_scores(tmp_path / "plain"), load_scores(tmp_path / "off")
+    (ref, _), (got, meta) = _pair(load_scores(tmp_path / "plain")), _pair(load_scores(tmp_path / "off"))
     assert_same(got, ref)
     assert meta["device_map"]["model.layers.1"] == "disk"
 
@@ -214,7 +219,7 @@ def test_bf16_weights_give_float32_scores_close_to_float32_run(tiny_ckpt, data, 
     for method in METHODS:
         assert run(*common, "--method", method, "--out", tmp_path / f"f32-{method}") == 0
         assert run(*common, "--method", method, "--out", tmp_path / f"bf16-{method}", "--dtype", "bfloat16") == 0
-        (ref, _), (got, meta) = load_scores(tmp_path / f"f32-{method}"), load_scores(tmp_path / f"bf16-{method}")
+        (ref, _), (got, meta) = _pair(load_scores(tmp_path / f"f32-{method}")), _pair(load_scores(tmp_path / f"bf16-{method}"))
         assert meta["dtype"] == "bfloat16" and meta["score_dtype"] == "float32"
         assert all(v.dtype == torch.float32 for v in got.values())
         for k in ref:  # bf16 keeps ~3 significant digits: close in norm, not bitwise

@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import make_tokenizer, save_tiny, tiny_llama
 
-from harmprune.attribution import compute_scores, load_scores
+from harmprune.attribution import compute_scores
+from harmprune.attribution.artifact import load_scores
 from harmprune.cli import main
 from harmprune.core.data import load
 
@@ -33,7 +34,8 @@ def test_writes_loadable_scores_and_meta(tiny_ckpt, data, tmp_path, capsys):
     out = tmp_path / "scores"
     assert run("--model", tiny_ckpt, "--data", data, "--method", "snip-abs", "--out", out,
                "--nsamples", 6, "--batch-size", 4, "--max-length", 64) == 0
-    scores, meta = load_scores(out)
+    s = load_scores(out)
+    scores, meta = s.tensors, s.meta
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "scores.safetensors"]
     assert "model.layers.0.mlp.down_proj.weight" in scores and "lm_head.weight" not in scores
     assert all(v.dtype == torch.float32 and list(v.shape) == meta["shapes"][k] for k, v in scores.items())
@@ -57,7 +59,8 @@ def test_writes_loadable_scores_and_meta(tiny_ckpt, data, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert run("--model", tiny_ckpt, "--data", data, "--method", "wanda", "--out", out, "--overwrite",
                "--category", "a", "--score-dtype", "bfloat16") == 0
-    scores, meta = load_scores(out)
+    s = load_scores(out)
+    scores, meta = s.tensors, s.meta
     assert meta["method"] == "wanda" and meta["nsamples"]["used"] == 5
     assert all(v.dtype == torch.bfloat16 for v in scores.values())
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..attribution.artifact import load_scores, write_scores
 from ..attribution.engine import compute_scores
 from ..attribution.score import select
 from ..core import manifest
@@ -23,7 +24,6 @@ from ..core.errors import HarmpruneError
 from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name
 from ..core.settings import check, opt, to_dict
 from ..pruning.apply import masked
-from ..pruning.checkpoint import load_scores
 from ..pruning.select import SCOPES, random_control, select_prune_set
 from . import curves, distribution, overlap, plots, report, transfer
 
@@ -186,11 +186,8 @@ def cached_record_scores(model, tok, mhash: str, spec: str, records: list, metho
                 "tokens": stats["tokens"], "format": stats["format"], "max_length": cfg.max_length,
                 "dtype": cfg.dtype, "mean_nll": stats["mean_nll"], "engine_seconds": stats["engine_seconds"],
                 "versions": manifest.versions()}
-        from safetensors.torch import save_file
-
         with manifest.atomic_dir(d, overwrite=True) as tmp:
-            save_file(scores, str(tmp / "scores.safetensors"), metadata={"method": method, "format": "harmprune-scores"})
-            manifest.write_json(tmp / "meta.json", meta)
+            write_scores(tmp, scores, meta)
     else:
         print(f"harmprune: re-using scores {d}")
     return load_scores(d)

@@ -8,6 +8,8 @@ the function; import the module as ``harmprune.attribution.score`` via ``from ..
 
 from .engine import attribute, compute_scores
 from .formulas import DIRECTIONS, FORMULAS, METHODS
-from .score import ScoreConfig, load_scores, score  # noqa: F811 - the function shadows its module
+from .artifact import Scores, load_scores, write_scores
+from .score import ScoreConfig, score  # noqa: F811 - the function shadows its module
 
-__all__ = ["attribute", "compute_scores", "METHODS", "FORMULAS", "DIRECTIONS", "ScoreConfig", "score", "load_scores"]
+__all__ = ["attribute", "compute_scores", "METHODS", "FORMULAS", "DIRECTIONS", "ScoreConfig", "score", "Scores",
+           "load_scores", "write_scores"]

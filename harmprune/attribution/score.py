@@ -27,12 +27,11 @@ from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash,
 from ..core.settings import check, opt, to_dict
 from ..core.targets import DEFAULT_TARGETS
 from . import distributed
+from .artifact import write_scores
 from .engine import WANDA_TOKENS, compute_scores
 from .hooks import named_real_parameters
 from .formulas import DIRECTIONS, FORMULAS, METHODS
 
-SCORES_FILE = "scores.safetensors"
-META_FILE = "meta.json"
 SELECTION = "rows shuffled with random.Random(seed).shuffle, then the first nsamples taken"
 IMPORTANCE = {"snip": "-S", "snip-abs": "S", "wanda": "S"}  # what the pruner ranks (larger = prune first)
 
@@ -164,8 +163,6 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
     ``model``/``tokenizer``: an already loaded ``cfg.model`` (pipelines pass theirs to avoid a reload).
     With ``cfg.num_processes > 1`` outside a launcher, starts that many processes (see ``distributed``).
     """
-    from safetensors.torch import save_file
-
     proc = distributed.setup(cfg.device)
     if proc.world == 1 and cfg.num_processes > 1:
         return _launch(cfg, model)
@@ -233,17 +230,5 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
         else "process RSS high-water mark (includes model loading)",
     }
     with manifest.atomic_dir(cfg.out, cfg.overwrite) as tmp:
-        save_file(scores, str(tmp / SCORES_FILE), metadata={"method": cfg.method, "format": "harmprune-scores"})
-        manifest.write_json(tmp / META_FILE, meta)
+        write_scores(tmp, scores, meta)
     return Path(cfg.out)
-
-
-def load_scores(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read an attribution directory: ``({parameter name: score}, meta)``."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    for name in (SCORES_FILE, META_FILE):
-        if not (d / name).is_file():
-            raise HarmpruneError(f"{d} is not a scores directory (no {name}); run harmprune score first")
-    return load_file(str(d / SCORES_FILE)), manifest.read_json(d / META_FILE)

@@ -3,60 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..core import manifest
 from ..core.errors import HarmpruneError
-from .select import METHODS
+from ..attribution.artifact import Scores, load_scores  # noqa: F401 - re-exported for the pruner
 
-SCORES_FILE = "scores.safetensors"
-META_FILE = "meta.json"
 MASK_FILE = "mask.safetensors"
 CONFIG_FILE = "prune_config.json"
-
-
-@dataclass
-class Scores:
-    """One score directory: tensors keyed by parameter name, its meta.json and file hash."""
-
-    path: Path
-    tensors: dict[str, torch.Tensor]
-    meta: dict
-    sha256: str
-
-    @property
-    def method(self) -> str:
-        return self.meta["method"]
-
-
-def load_scores(directory: str | os.PathLike) -> Scores:
-    """Read ``scores.safetensors`` + ``meta.json`` (DESIGN.md format) and check they agree."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    sfile, mfile = d / SCORES_FILE, d / META_FILE
-    for f in (sfile, mfile):
-        if not f.is_file():
-            raise HarmpruneError(f"{f} not found: is {d} a score directory written by `harmprune score`?")
-    meta = manifest.read_json(mfile)
-    for key in ("method", "model_hash", "shapes"):
-        if key not in meta:
-            raise HarmpruneError(f"{mfile} lacks the field {key!r}")
-    if meta["method"] not in METHODS:
-        raise HarmpruneError(f"{mfile}: unknown method {meta['method']!r}; expected one of {METHODS}")
-    tensors = load_file(str(sfile))
-    if set(tensors) != set(meta["shapes"]):
-        extra = sorted(set(tensors) ^ set(meta["shapes"]))
-        raise HarmpruneError(f"{d}: scores and meta.json list different keys, e.g. {extra[0]}")
-    for name, t in tensors.items():
-        if list(t.shape) != list(meta["shapes"][name]):
-            raise HarmpruneError(f"{sfile}: {name} has shape {list(t.shape)}, meta.json says {meta['shapes'][name]}")
-        if not bool(torch.isfinite(t).all()):
-            raise HarmpruneError(f"{sfile}: {name} holds NaN or infinite scores")
-    return Scores(d, tensors, meta, manifest.sha256_file(sfile))
 
 
 def save_mask(path: str | os.PathLike, mask: dict[str, torch.Tensor]) -> None:
