@@ -265,3 +265,64 @@ def test_apply_refuses_ties_and_bad_masks(llama):
         apply_mask(llama, {"model.layers.0.mlp.down_proj.weight": B([[T]])})
     with pytest.raises(HarmpruneError, match="not a parameter"):
         apply_mask(llama, {"nope.weight": B([[T]])})
+
+
+class _Tracked(dict):
+    """Scores mapping that records how many tensors it handed out are still alive at each access."""
+
+    def __init__(self, data):
+        super().__init__()
+        self._data, self._refs, self.max_alive = data, [], 0
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+    def __contains__(self, k):
+        return k in self._data
+
+    def __getitem__(self, k):
+        import weakref
+
+        self.max_alive = max(self.max_alive, sum(r() is not None for r in self._refs))
+        t = self._data[k].clone()
+        self._refs.append(weakref.ref(t))
+        return t
+
+    def items(self):
+        return ((k, self[k]) for k in self._data)
+
+
+@pytest.mark.parametrize("scope", ["matrix", "row", "global"])
+def test_selection_streams_one_matrix_at_a_time(scope):
+    g = torch.Generator().manual_seed(3)
+    harm = {f"m{i}.weight": torch.randn(16, 24, generator=g) for i in range(6)}
+    benign = {k: torch.rand(16, 24, generator=g) for k in harm}
+    ref, _ = select_prune_set(harm, benign, "snip", "snip-abs", 0.05, 0.1, scope)
+    th, tb = _Tracked(harm), _Tracked(benign)
+    got, _ = select_prune_set(th, tb, "snip", "snip-abs", 0.05, 0.1, scope)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert th.max_alive <= 1 and tb.max_alive <= 1  # at most the previous matrix, never all of them
+
+
+def test_lazy_score_files_equal_eager(tmp_path):
+    from harmprune.attribution.artifact import LazyTensors, load_scores, write_scores
+    from harmprune.core.errors import HarmpruneError
+
+    t = {"a.weight": torch.randn(4, 5), "b.weight": torch.randn(3, 2)}
+    meta = {"method": "snip", "model_hash": "h", "shapes": {k: list(v.shape) for k, v in t.items()}}
+    write_scores(tmp_path, t, meta)
+    lazy, eager = load_scores(tmp_path, lazy=True), load_scores(tmp_path)
+    assert isinstance(lazy.tensors, LazyTensors) and lazy.sha256 == eager.sha256
+    assert list(lazy.tensors) == list(eager.tensors) and "a.weight" in lazy.tensors
+    assert all(torch.equal(lazy.tensors[k], eager.tensors[k]) for k in t)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_scores(bad, {**t, "b.weight": torch.tensor([[float("nan"), 0.0]] * 3)}, meta)
+    with pytest.raises(HarmpruneError, match="NaN"):
+        load_scores(bad)
+    lz = load_scores(bad, lazy=True)  # lazy: reported when the matrix is read
+    with pytest.raises(HarmpruneError, match="NaN"):
+        lz.tensors["b.weight"]

@@ -7,6 +7,7 @@ caches, and the pruner. Scores are keyed by full parameter name and have the wei
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,46 @@ class Scores:
         return self.meta["method"]
 
 
+class LazyTensors(Mapping):
+    """Read-only ``{name: tensor}`` view of a safetensors file that reads one tensor per access.
+
+    Lets the pruner hold one matrix's scores at a time instead of the whole file (an 8B model's
+    float32 scores are 32 GB per dataset). Non-finite values are reported when a tensor is read.
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        with safe_open(str(self.path), framework="pt") as f:
+            self._keys = list(f.keys())
+            self.shapes = {k: list(f.get_slice(k).get_shape()) for k in self._keys}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.shapes:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            t = f.get_tensor(name)
+        _check_finite(self.path, name, t)
+        return t
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, name) -> bool:
+        return name in self.shapes
+
+
+def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise HarmpruneError(f"{path}: {name} holds NaN or infinite scores")
+
+
 def write_scores(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write both files into an existing (temporary) directory; the caller makes it atomic."""
     from safetensors.torch import save_file
@@ -47,8 +88,12 @@ def write_scores(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
     manifest.write_json(d / META_FILE, meta)
 
 
-def load_scores(directory: str | os.PathLike) -> Scores:
-    """Read a score directory and check that its files agree (keys, shapes, finite values)."""
+def load_scores(directory: str | os.PathLike, lazy: bool = False) -> Scores:
+    """Read a score directory and check that its files agree (keys, shapes, finite values).
+
+    ``lazy``: ``tensors`` is a ``LazyTensors`` view that reads each matrix when it is accessed
+    (finiteness is then checked per access); use it when the scores of a large model do not fit twice.
+    """
     from safetensors.torch import load_file
 
     d = Path(directory)
@@ -62,13 +107,14 @@ def load_scores(directory: str | os.PathLike) -> Scores:
             raise HarmpruneError(f"{mfile} lacks the field {key!r}")
     if meta["method"] not in METHODS:
         raise HarmpruneError(f"{mfile}: unknown method {meta['method']!r}; expected one of {METHODS}")
-    tensors = load_file(str(sfile))
-    if set(tensors) != set(meta["shapes"]):
-        extra = sorted(set(tensors) ^ set(meta["shapes"]))
+    tensors = LazyTensors(sfile) if lazy else load_file(str(sfile))
+    shapes = tensors.shapes if lazy else {k: list(t.shape) for k, t in tensors.items()}
+    if set(shapes) != set(meta["shapes"]):
+        extra = sorted(set(shapes) ^ set(meta["shapes"]))
         raise HarmpruneError(f"{d}: scores and meta.json list different keys, e.g. {extra[0]}")
-    for name, t in tensors.items():
-        if list(t.shape) != list(meta["shapes"][name]):
-            raise HarmpruneError(f"{sfile}: {name} has shape {list(t.shape)}, meta.json says {meta['shapes'][name]}")
-        if not bool(torch.isfinite(t).all()):
-            raise HarmpruneError(f"{sfile}: {name} holds NaN or infinite scores")
+    for name, shape in shapes.items():
+        if shape != list(meta["shapes"][name]):
+            raise HarmpruneError(f"{sfile}: {name} has shape {shape}, meta.json says {meta['shapes'][name]}")
+        if not lazy:
+            _check_finite(sfile, name, tensors[name])
     return Scores(d, tensors, meta, manifest.sha256_file(sfile))

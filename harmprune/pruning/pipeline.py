@@ -131,7 +131,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     harm_dir = cached_scores(model, tok, mhash, cfg.harm, cfg.method, cfg, cfg.model, cfg.dtype)
     benign_dir = cached_scores(model, tok, mhash, cfg.benign, cfg.benign_method, cfg, cfg.model, cfg.dtype) \
         if cfg.p > 0 else None
-    harm, benign = load_scores(harm_dir), (load_scores(benign_dir) if benign_dir else None)
+    harm, benign = load_scores(harm_dir, lazy=True), (load_scores(benign_dir, lazy=True) if benign_dir else None)
     harm_rows, benign_rows = held_out(cfg.eval_harm, cfg.eval_nsamples), held_out(cfg.eval_benign, cfg.eval_nsamples)
 
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)

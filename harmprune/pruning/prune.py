@@ -102,8 +102,8 @@ def prune(cfg: PruneConfig) -> Path:
     write ``cfg.out`` = HF checkpoint + ``mask.safetensors`` + ``prune_config.json``. Returns ``cfg.out``."""
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
     manifest.banner("prune", to_dict(cfg))
-    harm = load_scores(cfg.harm)
-    benign = load_scores(cfg.benign) if cfg.benign else None
+    harm = load_scores(cfg.harm, lazy=True)  # one matrix in memory at a time
+    benign = load_scores(cfg.benign, lazy=True) if cfg.benign else None
     _check_scores_agree(harm, benign)
     dtype = cfg.dtype or _scores_dtype(harm.meta)
     model, _ = load_model(cfg.model, dtype=dtype, device=cfg.device)

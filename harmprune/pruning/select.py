@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -31,6 +32,28 @@ METHODS = ("snip", "snip-abs", "wanda")
 CONTROLS = ("none", "random", "magnitude")
 
 Masks = dict[str, torch.Tensor]
+
+
+class LazyMap(Mapping):
+    """``{key: fn(key)}`` computed on access: importances of one matrix at a time, never all at once."""
+
+    def __init__(self, keys, fn):
+        self._keys, self._fn = list(keys), fn
+        self._set = set(self._keys)
+
+    def __getitem__(self, key):
+        if key not in self._set:
+            raise KeyError(key)
+        return self._fn(key)
+
+    def __contains__(self, key) -> bool:  # without computing the value
+        return key in self._set
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 SUPER_WEIGHT_WARNING = (
     "p = 0: no benign protection; signed SNIP's top entries include the model's 'super weights', "
@@ -185,7 +208,7 @@ def harm_specific(harm_imp: Masks, benign_imp: Masks | None, q: float, p: float,
         missing = [n for n in harm_imp if n not in benign_imp]
         if missing:
             raise ValueError(f"benign importances lack {len(missing)} keys, e.g. {missing[0]}")
-        benign_top = topk_mask({n: benign_imp[n] for n in harm_imp}, p, scope)
+        benign_top = topk_mask(LazyMap(harm_imp, benign_imp.__getitem__), p, scope)
         mask = {n: harm_top[n] & ~benign_top[n] for n in harm_top}
         unprotected = empty_keys(benign_top)
         if unprotected:
@@ -300,12 +323,15 @@ def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_har
 
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
-    harm_imp = {n: importance(s, method_harm) for n, s in harm_scores.items()}
+    # lazy: each matrix's importance is computed when selection reaches it, so peak memory is the
+    # masks plus one matrix, not two float copies of every score (scores may be LazyTensors too)
+    harm_imp = LazyMap(harm_scores, lambda n: importance(harm_scores[n], method_harm))
     benign_imp = None
     if p > 0:
         if benign_scores is None or method_benign is None:
             raise ValueError("p > 0 needs benign scores and their method")
-        benign_imp = {n: importance(benign_scores[n], method_benign) for n in harm_scores if n in benign_scores}
+        benign_imp = LazyMap([n for n in harm_scores if n in benign_scores],
+                             lambda n: importance(benign_scores[n], method_benign))
     sel = harm_specific(harm_imp, benign_imp, q, p, scope)
     mask = control_mask(control, sel.mask, seed, weights, sel.benign_top)
     stats = mask_stats(mask)
