@@ -96,6 +96,8 @@ def _curve_axes(axes, curves: dict, label_prefix: str = "", thin_categories: boo
         kw = dict(lw=2.2 if main else 0.9, alpha=1.0 if main else 0.6, marker="o" if main else ".",
                   ls="--" if name == RANDOM else style, label=_label(label_prefix + name, 30))
         for ax, key in zip(axes, ("harm_effect", "benign_effect")):
+            if all(p[key] is None for p in pts):
+                continue  # per-category curves measure harm only (see run.study)
             ax.plot([p["fraction"] for p in pts], [_num(p[key]) for p in pts], **kw)
     for ax, what in zip(axes, ("harmful (held-out) NLL rise", "benign (held-out) NLL rise")):
         ax.set_xscale("log")

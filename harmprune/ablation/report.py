@@ -190,7 +190,8 @@ def _transfer_section(m: dict, s: dict) -> list[str]:
 def _curve_section(m: dict, s: dict) -> list[str]:
     out = ["### Compression curves", "",
            "Harm effect (NLL rise on held-out harmful completions: all categories for the union and the random "
-           "control, the category's own for a category's set) and benign NLL rise versus the fraction of matched "
+           "control, the category's own for a category's set) and benign NLL rise (union and random control "
+           "only) versus the fraction of matched "
            "weights pruned.", ""]
     rows = [[name, p["q"], p["pruned"], p["fraction"], p["harm_effect"], p["benign_effect"]]
             for name, pts in m["curves"].items() for p in pts]

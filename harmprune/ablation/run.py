@@ -260,12 +260,14 @@ def study(model, tok, spec: str, tag: str, cfg: AblateConfig, train: dict[str, l
     for q in tqdm(sorted(cfg.curve_qs), desc="compression curves (q)"):
         qsets, _ = _sets_at(q, harm, benign, cfg)
         qu = overlap.union(list(qsets.values()))
-        for name, m, rows, b in (("union", qu, pooled, base_pooled),
-                                 (RANDOM, random_control(qu, cfg.seed), pooled, base_pooled),
-                                 *((g, qsets[g], held[g], base[g] if measure is nll else None) for g in qsets)):
+        # benign NLL for the union and the random control only: per category it would triple the cost
+        for name, m, rows, b, brows in (("union", qu, pooled, base_pooled, eval_benign),
+                                        (RANDOM, random_control(qu, cfg.seed), pooled, base_pooled, eval_benign),
+                                        *((g, qsets[g], held[g], base[g] if measure is nll else None, [])
+                                          for g in qsets if g in held)):
             if b is None:
                 b = nll(model, tok, rows)
-            curve[name].append({"q": q, **curves.point(model, tok, m, numel, rows, eval_benign, nll, nll,
+            curve[name].append({"q": q, **curves.point(model, tok, m, numel, rows, brows, nll, nll,
                                                        b, base_benign)})
     timing[f"{tag}: curves"] = time.perf_counter() - t
 
