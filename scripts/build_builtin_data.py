@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import hashlib
 import json
 import random
 import shutil
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -40,7 +38,7 @@ JBB_FILE = "harmful_completions/refusal_direction_jbb_completions.jsonl.gz"
 XSTEST_FILES = {"gpt-4": "recognition/xstest_v2_completions_gpt4.csv",
                 "llama-2-70b-chat": "recognition/xstest_v2_completions_llama2orig.csv"}
 LICENCES = ["Apache-2.0-refusal_direction.txt", "MIT-JailbreakBench.txt", "CC-BY-4.0-XSTest.txt"]
-REPO = Path(__file__).resolve().parent.parent
+from _shared import REPO, default_src, sha256  # noqa: E402,F401 - scripts/ is on sys.path when run
 # NOTICE.md above this line is generated; what follows it (other stages' shipped files) is kept as is.
 MARKER = "<!-- Generated above this line by scripts/build_builtin_data.py; edit only below it. -->\n"
 DEFAULT_TAIL = """
@@ -50,17 +48,6 @@ Files shipped here by other stages (judge prompts, refusal lists, EM questions, 
 described below, each with its source, licence and commit.
 """
 OUTPUTS = ["harmful.jsonl", "benign.jsonl", *LICENCES]  # the files this script owns, plus NOTICE.md's head
-
-
-def default_src() -> Path:
-    for cand in (Path("/work/shared/data"), REPO.parent / "shared" / "data"):
-        if cand.is_dir():
-            return cand
-    sys.exit("shared data folder not found; pass --src")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def is_refusal(text: str) -> bool:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from _shared import REPO, default_src, sha256  # noqa: E402,F401 - scripts/ is on sys.path when run
 sys.path.insert(0, str(REPO))
 
 from harmprune.core.manifest import versions  # noqa: E402
@@ -69,17 +69,6 @@ class Example:
     harmful: int | None  # evaluation label for the harmful head
     refusal: int | None  # label for the refusal head
     train_harmful: bool = True  # False: evaluated but left out of training (disputed label)
-
-
-def default_src() -> Path:
-    for cand in (Path("/work/shared/data"), REPO.parent / "shared" / "data"):
-        if cand.is_dir():
-            return cand
-    sys.exit("shared data folder not found; pass --src")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def norm_prompt(p: str) -> str:
