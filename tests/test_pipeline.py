@@ -129,6 +129,11 @@ def test_sweep_grid_controls_and_recommendation(tiny_ckpt, data, tmp_path):
             n = {int(by[(q, p, v)]["pruned"]) for v in ("harm-specific", "random", "magnitude")}
             assert len(n) == 1  # controls have the harm-specific set's size
     assert result["recommended"] == recommend(result["rows"], 0.05)
+    table = (out / "sweep.md").read_text().splitlines()
+    assert len(table) == 2 + 2 * 2  # header, rule, one line per (p, q)
+    r = by[(0.05, 0.05, "harm-specific")]
+    line = next(ln for ln in table if ln.startswith("| 0.05 | 0.05"))
+    assert f"{float(r['d_harmful']):+.4f}" in line and f"{float(by[(0.05, 0.05, 'random')]['d_benign']):+.4f}" in line
 
     # the sweep's harm-specific point equals what `make prune` measures at the same (q, p)
     out_p = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, q=0.05, p=0.05, scores_dir=scores_dir))

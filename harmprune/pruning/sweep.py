@@ -2,7 +2,7 @@
 
 For every p and q: the harm-specific set, a random control and a magnitude control with the same
 per-matrix counts, each applied in place on one loaded model and restored. Writes ``sweep.csv``,
-``sweep.png``, ``sweep.json`` and picks the recommended point: the most harm-specific one whose
+``sweep.png``, ``sweep.md`` (table), ``sweep.json`` and picks the recommended point: the most harm-specific one whose
 benign NLL rises by at most ``max_benign_rel`` (relative).
 """
 
@@ -46,6 +46,25 @@ def recommend(rows: list[dict], max_benign_rel: float) -> dict | None:
                default=None)
 
 
+def markdown_table(rows: list[dict], best: dict | None) -> str:
+    """One line per (p, q): the harm-specific set's NLL rises and specificity beside both controls'."""
+    by = {(r["p"], r["q"], r["variant"]): r for r in rows}
+    controls = [v for v in VARIANTS[1:] if any(k[2] == v for k in by)]
+    head = ["p", "q", "pruned", "fraction", "Δharmful", "Δbenign", "benign rise", "Δh/Δb"]
+    head += [f"{c} Δh / Δb" for c in controls]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (p, q, variant), r in by.items():
+        if variant != "harm-specific":
+            continue
+        mark = " **(recommended)**" if best and (best["p"], best["q"]) == (p, q) else ""
+        cells = [f"{p:g}", f"{q:g}{mark}", str(r["pruned"]), f"{r['fraction']:.2e}", f"{r['d_harmful']:+.4f}",
+                 f"{r['d_benign']:+.4f}", f"{r['benign_rel']:+.1%}", f"{r['specificity']:.2f}"]
+        cells += [f"{by[(p, q, c)]['d_harmful']:+.4f} / {by[(p, q, c)]['d_benign']:+.4f}" for c in controls
+                  if (p, q, c) in by]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], base: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -74,7 +93,7 @@ def plot(rows: list[dict], base: dict, path: Path, title: str) -> None:
 
 
 def run_sweep(cfg: SweepConfig) -> Path:
-    """Measure the grid and write sweep.csv, sweep.png and sweep.json into the output directory."""
+    """Measure the grid and write sweep.csv, sweep.png, sweep.md and sweep.json into the output directory."""
     from tqdm.auto import tqdm
 
     out = Path(cfg.out or Path("results") / f"sweep-{model_name(cfg.model)}")
@@ -106,6 +125,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
             w.writerows(rows)
         plot(rows, base, tmp / "sweep.png", f"{model_name(cfg.model)}: {cfg.method} harm vs {cfg.benign_method} "
              f"benign, scope {cfg.scope}, held-out {len(harm_rows)}+{len(benign_rows)}")
+        (tmp / "sweep.md").write_text(markdown_table(rows, best))
         manifest.write_json(tmp / "sweep.json", {"config": to_dict(cfg), "model_hash": mhash, "base": base,
                                                  "rows": rows, "recommended": best, "versions": manifest.versions()})
     print(f"harmprune: sweep written to {out}")
