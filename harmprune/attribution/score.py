@@ -24,6 +24,7 @@ from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
 from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, model_name, parse_dtype, resolve
+from ..core.models import check_not_quantized
 from ..core.settings import check, opt, to_dict
 from ..core.targets import DEFAULT_TARGETS
 from . import distributed
@@ -183,6 +184,7 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
         model, tok = _load(cfg, distributed.process_device(cfg.device, proc))
     else:
         tok = tokenizer
+    check_not_quantized(model, "score")
     scores, stats = compute_scores(model, tok, chosen, cfg.method, fmt=cfg.format, max_length=cfg.max_length,
                                    batch_size=cfg.batch_size, targets=cfg.targets, ignore=cfg.ignore,
                                    wanda_tokens=cfg.wanda_tokens, score_dtype=parse_dtype(cfg.score_dtype),

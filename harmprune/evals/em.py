@@ -20,6 +20,7 @@ command stops and lists the judges. A judge failure on one answer is recorded in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import sys
@@ -95,6 +96,9 @@ class EMConfig:
     n_boot: int = opt(em_stats.N_BOOT, help="bootstrap replicates of each interval")
     dtype: str = opt("float32", help="dtype of the evaluated model")
     device: str = opt("auto", help="device of the evaluated model (auto = cuda when available)")
+    adapter: str | None = opt(None, help="PEFT LoRA adapter directory (harmprune finetune output) applied to --model")
+    load_in_8bit: bool = opt(False, help="load the evaluated model in 8-bit through bitsandbytes (CUDA only)")
+    load_in_4bit: bool = opt(False, help="load the evaluated model in 4-bit NF4 through bitsandbytes (CUDA only)")
     overwrite: bool = opt(False, help="replace a non-empty --out")
 
     def __post_init__(self):
@@ -109,6 +113,9 @@ class EMConfig:
         check(self.batch_size >= 1 and self.n_boot >= 1, "--batch-size and --n-boot must be >= 1")
         check(self.domain_judge is None or self.domain_judge in DOMAINS or Path(self.domain_judge).is_file(),
               f"--domain-judge must be one of {', '.join(DOMAINS)} or an existing file, got {self.domain_judge!r}")
+        check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
+        check(self.adapter is None or Path(self.adapter, "adapter_config.json").is_file(),
+              f"--adapter {self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
 
 
 # ---------------------------------------------------------------- questions
@@ -264,6 +271,12 @@ def judge_answers(rater, samples: list[dict], questions: list[Question], domain:
         s["misaligned"] = em_stats.is_misaligned(s["aligned"], s["coherent"])
 
 
+def judge_is_evaluated_model(cfg: EMConfig) -> bool:
+    """An ``hf:`` judge naming exactly the evaluated weights (no adapter, not quantized) can share them."""
+    return (cfg.judge.startswith("hf:") and cfg.judge.partition(":")[2] == cfg.model and not cfg.adapter
+            and not (cfg.load_in_8bit or cfg.load_in_4bit))
+
+
 def make_rater(cfg: EMConfig, model=None, tok=None):
     """The judge object; an ``hf:`` judge naming the evaluated model re-uses the loaded weights."""
     import torch
@@ -272,7 +285,7 @@ def make_rater(cfg: EMConfig, model=None, tok=None):
 
     device = cfg.judge_device if cfg.judge_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     opts = {"url": cfg.judge_url, "device": device, "dtype": cfg.judge_dtype}
-    if cfg.judge.startswith("hf:") and model is not None and cfg.judge.partition(":")[2] == cfg.model:
+    if judge_is_evaluated_model(cfg) and isinstance(model, torch.nn.Module):
         opts.update(judge_model=model, judge_tokenizer=tok)
     rater = get_judge(cfg.judge, **opts)
     if not callable(getattr(rater, "rate", None)):
@@ -329,32 +342,48 @@ def results_doc(cfg: EMConfig, summary: dict, info: dict) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
+def load_em_model(cfg: EMConfig, judge_shares: bool):
+    """``(model, tokenizer, info)`` to evaluate; the HF model is skipped when vLLM generates and no
+    ``hf:`` judge shares its weights (``info`` as ``harm.load_eval_model``)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from .harm import load_eval_model
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    base = SimpleNamespace(model=cfg.model, dtype=cfg.dtype, device=device, device_map=None, adapter=cfg.adapter,
+                           load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit)
+    return load_eval_model(base, "hf" if judge_shares else cfg.backend)
+
+
 def eval_em(cfg: EMConfig, model=None, tokenizer=None, judge=None) -> Path:
     """Run the EM evaluation and write ``cfg.out``; returns it.
 
     ``model``/``tokenizer``: an already loaded model to evaluate (else ``cfg.model`` is loaded);
     ``judge``: an already built rater (else ``cfg.judge`` is built), e.g. one judge for many models.
     """
-    import torch
-
-    from ..core.models import load_model, model_hash
+    from ..core.models import model_hash
+    from .harm import eval_backend
 
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
     questions, qinfo = load_questions(cfg.questions, cfg.include_json, cfg.limit_questions)
+    if model is None:  # a caller's model is generated from as given (its backend setting is kept)
+        cfg = dataclasses.replace(cfg, backend=eval_backend(cfg.backend, cfg))  # record the backend used
     domain = domain_template(cfg.domain_judge)
     manifest.banner("eval em", {**to_dict(cfg), "asked": len(questions), "answers": len(questions) * cfg.n})
     if cfg.judge.startswith("fake"):
         print("harmprune: warning: the fake judge's ratings are arbitrary; use it for tests only", file=sys.stderr)
     with manifest.Stopwatch() as sw:
+        minfo = {}
         if model is None:
-            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-            model, tokenizer = load_model(cfg.model, cfg.dtype, device)
-        mhash = model_hash(model)
+            model, tokenizer, minfo = load_em_model(cfg, judge is None and judge_is_evaluated_model(cfg))
+        mhash = minfo["model_hash"] if "model_hash" in minfo else model_hash(model)
         samples = generate_answers(model, tokenizer, questions, cfg)
         rater = judge if judge is not None else make_rater(cfg, model, tokenizer)
         judge_answers(rater, samples, questions, domain)
         summary = em_stats.summarize(samples, cfg.n_boot, cfg.seed, domain=domain is not None)
-    info = {"model": {"spec": cfg.model, "model_hash": mhash}, "judge": {"spec": cfg.judge, "name": rater.name},
+    info = {"model": {**minfo, "spec": cfg.model, "model_hash": mhash}, "judge": {"spec": cfg.judge, "name": rater.name},
             "questions": qinfo, "domain_judge": {"spec": cfg.domain_judge, "prompt": domain} if domain else None,
             "wall_seconds": sw.seconds, "peak_memory_bytes": manifest.Stopwatch.peak_memory_bytes()}
     meta = {"model": cfg.model, "judge": rater.name, "questions": qinfo["source"], "n": cfg.n,

@@ -68,6 +68,8 @@ class EMExperimentConfig:
     domain_judge: str | None = opt(None, help="in-domain judge: " + ", ".join(em.DOMAINS) + " or a prompt file")
     gen_batch_size: int = opt(1, help="questions per generation batch (each holds n sequences)")
     backend: str = opt("hf", help="generation backend: hf, vllm or auto", choices=["hf", "vllm", "auto"])
+    load_in_8bit: bool = opt(False, help="evaluate the six models loaded in 8-bit (bitsandbytes, CUDA; EM eval only)")
+    load_in_4bit: bool = opt(False, help="evaluate the six models loaded in 4-bit NF4 (bitsandbytes, CUDA; EM eval only)")
     seed: int = opt(0, help="seed of pruning control, fine-tuning, sampling and bootstrap")
     dtype: str = opt("float32", help="dtype of the models")
     device: str = opt("auto", help="device (auto = cuda when available)")
@@ -80,6 +82,7 @@ class EMExperimentConfig:
         check(self.random_control is None or Path(self.random_control, "mask.safetensors").is_file(),
               f"--random-control {self.random_control}: no mask.safetensors there")
         check(self.n >= 1 and self.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
+        check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
 
     def out_dir(self) -> Path:
         from ..core.models import model_name
@@ -181,7 +184,7 @@ def em_config(cfg: EMExperimentConfig, model: str, out: Path) -> em.EMConfig:
                        include_json=cfg.include_json, limit_questions=cfg.limit_questions,
                        domain_judge=cfg.domain_judge, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.gen_batch_size, backend=cfg.backend, seed=cfg.seed, dtype=cfg.dtype,
-                       device=cfg.device, overwrite=True)
+                       device=cfg.device, load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit, overwrite=True)
 
 
 class LazyJudge:

@@ -6,6 +6,9 @@ is an optimisation only. Sampling is reproducible for a given (seed, prompts, ba
 not touch the caller's global RNG. A completion stops at the first end-of-sequence token; special
 tokens and padding are stripped.
 
+Backends (``cfg.backend``: hf, vllm, auto) sit behind the protocol in :mod:`.backends`; ``model`` is
+a loaded HF model, or a ``core.models.ModelRef`` when the backend loads the checkpoint itself.
+
 Prefill attack (``cfg.prefill = K``): the first K tokens of a reference reply (usually a harmful
 completion) are appended after the generation prompt and the model continues from there. The
 returned completion *includes* that forced text, so judges see the whole reply;
@@ -14,18 +17,18 @@ returned completion *includes* that forced text, so judges see the whole reply;
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from ..core.errors import HarmpruneError, MissingDependency
+from ..core.errors import HarmpruneError
 from ..core.formatting import prompt_text, resolve_format
 from ..core.settings import check, opt
+from . import backends as B
 
-BACKENDS = ("hf", "vllm", "auto")
+BACKENDS = tuple(B.backend_names())  # hf, vllm, auto
 
 
 @dataclass
@@ -169,47 +172,6 @@ def generate_tokens(model, tokenizer, contexts: list[list[int]], cfg: GenConfig,
     return results
 
 
-# ---------------------------------------------------------------- vLLM backend (GPU only)
-
-
-_VLLM: dict = {}
-
-
-def vllm_usable() -> bool:
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
-def _vllm_generate(model, tokenizer, contexts: list[list[int]], cfg: GenConfig) -> list[list[list[int]]]:
-    from vllm import LLM, SamplingParams
-
-    from ..core.models import resolve
-
-    spec = getattr(model, "harmprune_spec", None) or model.name_or_path
-    if spec not in _VLLM:  # building the engine takes a while: once per model and process
-        path, gguf = resolve(spec)
-        _VLLM[spec] = LLM(model=f"{path}/{gguf}" if gguf else path, tokenizer=path, seed=cfg.seed,
-                          gpu_memory_utilization=0.5)  # the HF model may sit on the same GPU
-    llm = _VLLM[spec]
-    sp = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                        seed=cfg.seed, stop_token_ids=sorted(eos_ids(model, tokenizer)))
-    outs = llm.generate([{"prompt_token_ids": c} for c in contexts], sp)
-    stop = eos_ids(model, tokenizer)
-    return [[cut_at_eos(list(o.token_ids), stop) for o in r.outputs] for r in outs]
-
-
-def _pick_backend(cfg: GenConfig) -> str:
-    if cfg.backend == "hf":
-        return "hf"
-    if vllm_usable():
-        return "vllm"
-    why = "vllm is not installed (pip install 'harmprune[vllm]')" if importlib.util.find_spec("vllm") is None \
-        else "CUDA is not available"
-    if cfg.backend == "vllm":
-        raise MissingDependency(f"--backend vllm: {why}")
-    print(f"harmprune: {why}; generating with transformers", file=sys.stderr)
-    return "hf"
-
-
 # ---------------------------------------------------------------- API
 
 
@@ -222,8 +184,5 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenConfig, prefill_texts
     """
     fmt = resolve_format(tokenizer, cfg.format)
     contexts, forced = build_inputs(tokenizer, prompts, fmt, prefill_texts, cfg.prefill, system)
-    if _pick_backend(cfg) == "vllm":
-        new = _vllm_generate(model, tokenizer, contexts, cfg)
-    else:
-        new = generate_tokens(model, tokenizer, contexts, cfg)
+    new = B.make_backend(cfg.backend, model, tokenizer).generate(contexts, cfg)
     return [[tokenizer.decode(f + c, skip_special_tokens=True) for c in cs] for f, cs in zip(forced, new)]

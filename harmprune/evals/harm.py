@@ -12,6 +12,7 @@ attack); the forced text is part of the judged reply and is stored as ``prefill`
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL, model_hash, model_name
+from ..core.models import DEFAULT_MODEL, model_hash, model_name, quantize_option
 from ..core.settings import check, opt, to_dict
 from . import results as R
+from .backends import resolve_backend
 from .generation import GenConfig, generate, prefill_prefixes
 from .judges import Verdict, get_judge
 
@@ -43,10 +45,16 @@ class EvalBase:
     dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
     device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
     device_map: str | None = opt(None, help="accelerate device map (e.g. auto); overrides --device")
+    adapter: str | None = opt(None, help="PEFT LoRA adapter directory (harmprune finetune output) applied to --model")
+    load_in_8bit: bool = opt(False, help="load the model in 8-bit through bitsandbytes (CUDA only; evaluation only)")
+    load_in_4bit: bool = opt(False, help="load the model in 4-bit NF4 through bitsandbytes (CUDA only; evaluation only)")
     overwrite: bool = opt(False, help="replace a non-empty output directory")
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")
+        check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
+        check(self.adapter is None or Path(self.adapter, "adapter_config.json").is_file(),
+              f"--adapter {self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
 
 
 def judge_specs(spec: str) -> list[str]:
@@ -90,12 +98,53 @@ def judge_all(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
     return out
 
 
-def load_eval_model(base: EvalBase):
-    from ..core.models import load_model
+def eval_quantize(base) -> str | None:
+    """``"8bit"``/``"4bit"``/None from a settings object's ``load_in_8bit``/``load_in_4bit`` (absent = None)."""
+    return quantize_option(getattr(base, "load_in_8bit", False), getattr(base, "load_in_4bit", False))
 
-    model, tok = load_model(base.model, base.dtype, base.device, base.device_map)
-    return model, tok, {"spec": base.model, "name": model_name(base.model), "class": type(model).__name__,
-                        "model_hash": model_hash(model), "dtype": base.dtype}
+
+def eval_backend(requested: str, base) -> str:
+    """The concrete generation backend; bitsandbytes loading keeps generation on transformers.
+
+    Also checks the quantization request (CUDA, bitsandbytes, no .gguf) so it fails before any load."""
+    import torch
+
+    from ..core.models import check_quantize
+
+    q = eval_quantize(base)
+    if q:
+        device = base.device if base.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        check_quantize(q, base.model if base.model.endswith(".gguf") else None, device,
+                       getattr(base, "device_map", None))
+    return resolve_backend(requested, hf_only=f"--load-in-{q}" if q else None)
+
+
+def load_eval_model(base: EvalBase, backend: str = "hf"):
+    """``(model, tokenizer, info)`` of the evaluated model (with ``base.adapter``, quantized as asked).
+
+    With a backend that loads the checkpoint itself (vllm) the HF model is not loaded: ``model`` is a
+    ``ModelRef`` and ``info`` has a ``checkpoint_hash`` of the weight files instead of ``model_hash``.
+    """
+    from ..core.models import ModelRef, checkpoint_hash, load_model, load_tokenizer
+
+    adapter, quantize = getattr(base, "adapter", None), eval_quantize(base)
+    info = {"spec": base.model, "name": model_name(base.model), "dtype": base.dtype}
+    if adapter:
+        info["adapter"] = {"path": adapter, "sha256": manifest.sha256_file(Path(adapter, "adapter_config.json"))}
+        weights = Path(adapter, "adapter_model.safetensors")
+        info["adapter"]["weights_sha256"] = manifest.sha256_file(weights) if weights.is_file() else None
+    if quantize:
+        info["quantize"] = quantize
+    if backend != "hf":
+        ref = ModelRef(base.model, adapter, base.dtype)
+        return ref, load_tokenizer(base.model), {**info, "class": type(ref).__name__, "model_hash": None,
+                                                 "checkpoint_hash": checkpoint_hash(base.model)}
+    model, tok = load_model(base.model, base.dtype, base.device, base.device_map, quantize=quantize, adapter=adapter)
+    return model, tok, {**info, "class": type(model).__name__, "model_hash": model_hash(model)}
+
+
+def short_hash(minfo: dict) -> str:
+    return (minfo.get("model_hash") or minfo.get("checkpoint_hash") or "n/a")[:12]
 
 
 # ---------------------------------------------------------------- aggregation (pure)
@@ -187,7 +236,7 @@ def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> 
 
 
 def _report(title: str, model: dict, data: dict, judges: list[str], results: dict, notes: list[str]) -> str:
-    lines = [f"# {title}", "", f"- model: `{model['spec']}` (hash {model['model_hash'][:12]})",
+    lines = [f"# {title}", "", f"- model: `{model['spec']}` (hash {short_hash(model)})",
              f"- prompts: `{data['spec']['data']}`: {data['selected']} of {data['rows']} rows", ""]
     lines += [f"- {n}" for n in notes]
     rows = [[name, R.value_cell(results[f"harm/{name}"], "score"), R.value_cell(results[f"harm/{name}"], "refusal_rate"),
@@ -208,16 +257,19 @@ def eval_harm(cfg: HarmConfig, gen: GenConfig) -> Path:
     manifest.check_out_dir(cfg.out, cfg.overwrite)
     judges = load_judges(cfg.judge, **judge_options(cfg))
     records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
+    gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))  # record the backend used
     config = {**to_dict(cfg), "generation": to_dict(gen)}
     manifest.banner("eval harm", {**to_dict(cfg), **to_dict(gen)})
-    model, tok, minfo = load_eval_model(cfg)
+    model, tok, minfo = load_eval_model(cfg, gen.backend)
     samples = generate_samples(model, tok, records, gen)
     judge_samples(samples, judges)
     names = [j.name for j in judges]
     results = aggregate(samples, names)
     notes = [f"judges: {', '.join(names)}; harmfulness in [0, 1], higher = more harmful",
              f"generation: max_new_tokens {gen.max_new_tokens}, temperature {gen.temperature}, n {gen.n}, "
-             f"prefill {gen.prefill}"]
+             f"prefill {gen.prefill}, backend {gen.backend}"]
+    notes += [f"adapter: `{cfg.adapter}`"] if cfg.adapter else []
+    notes += [f"quantized on load: {minfo['quantize']} (bitsandbytes)"] if minfo.get("quantize") else []
     doc = R.results_doc(config, results, model=minfo, data=data, judges=names, notes=notes,
                         wall_seconds=round(time.perf_counter() - t0, 3))
     report = _report("harmprune eval harm", minfo, data, names, results, notes)

@@ -20,6 +20,7 @@ Parts (``--parts``), each a task in results.json:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -37,7 +38,8 @@ from ..core.errors import DataError, HarmpruneError
 from ..core.settings import check, opt, to_dict
 from . import results as R
 from .generation import GenConfig
-from .harm import EvalBase, aggregate, generate_samples, judge_samples, judge_specs, load_eval_model, load_judges
+from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_samples, judge_specs, load_eval_model,
+                   load_judges)
 from .nll import response_nll
 
 PARTS = ("benign_nll", "corpus_nll", "over_refusal", "lm_eval")
@@ -196,6 +198,8 @@ def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
         safe = load_records(spec, require_response=False)
         data["refusal_prompts"] = {**data_fingerprint(spec, safe), "name": cfg.refusal_prompts}
         safe = R.subsample(safe, cfg.limit, gen.seed, key=lambda r: r.category)
+    if "over_refusal" in parts:  # NLL needs the HF model anyway; only the over-refusal replies use the backend
+        gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))
     manifest.banner("eval utility", {**to_dict(cfg), **to_dict(gen)})
     model, tok, minfo = load_eval_model(cfg)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core import manifest
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL, DTYPES, load_model, model_hash
+from ..core.models import DEFAULT_MODEL, DTYPES, check_not_quantized, load_model, model_hash
 from ..core.settings import check, opt, to_dict
 from .apply import ACTIONS, apply_mask, masked
 from .checkpoint import CONFIG_FILE, Scores, load_mask, load_scores, original_tokenizer, save_checkpoint
@@ -107,6 +107,7 @@ def prune(cfg: PruneConfig) -> Path:
     _check_scores_agree(harm, benign)
     dtype = cfg.dtype or _scores_dtype(harm.meta)
     model, _ = load_model(cfg.model, dtype=dtype, device=cfg.device)
+    check_not_quantized(model, "prune")
     for s in (harm, benign):
         if s is not None:
             check_scores_match(model, s)
@@ -126,6 +127,7 @@ def prune_loaded(cfg: PruneConfig, model, harm: Scores, benign: Scores | None, m
     The scores are checked against ``model`` first; ``model`` is restored to its original weights on
     return. ``extra`` is merged into ``prune_config.json`` (e.g. a before/after table).
     """
+    check_not_quantized(model, "prune")
     for s in (harm, benign):
         if s is not None:
             check_scores_match(model, s)
@@ -160,6 +162,7 @@ def apply_mask_stage(cfg: ApplyMaskConfig) -> Path:
     mask = load_mask(cfg.mask)
     mask_path = Path(cfg.mask) / "mask.safetensors" if Path(cfg.mask).is_dir() else Path(cfg.mask)
     model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    check_not_quantized(model, "prune")
     source_hash = model_hash(model)
     apply_mask(model, mask, "zero")  # checks keys, shapes and ties first
     source_cfg = mask_path.parent / CONFIG_FILE
