@@ -224,3 +224,16 @@ def test_eval_harm_quantized_on_cpu_fails_before_loading(tiny_ckpt, tmp_path):
         eval_harm(HarmConfig(out=str(out), model=tiny_ckpt, judge="fake", load_in_8bit=True, limit=1),
                   GenConfig(max_new_tokens=2))
     assert not out.exists()
+
+
+def test_generate_takes_the_eval_loading_options(tiny_ckpt, tmp_path):
+    from harmprune.evals.generation import GenConfig
+    from harmprune.evals.selfgen import GenerateConfig, generate_set
+
+    out = tmp_path / "gen.jsonl"
+    with pytest.raises(HarmpruneError, match="--load-in-4bit needs a CUDA GPU"):
+        generate_set(GenerateConfig(out=str(out), model=tiny_ckpt, judge="fake", load_in_4bit=True, limit=1),
+                     GenConfig(max_new_tokens=2))
+    assert not out.exists()
+    with pytest.raises(HarmpruneError, match="not a PEFT adapter"):
+        GenerateConfig(out=str(out), adapter=str(tmp_path))

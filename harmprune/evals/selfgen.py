@@ -15,6 +15,7 @@ renamed, so an interrupted run leaves neither half written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -26,11 +27,10 @@ from pathlib import Path
 from ..core import manifest
 from ..core.data import DataSpec
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL
 from ..core.settings import check, opt, to_dict
 from .generation import GenConfig
-from .harm import (generate_samples, judge_options, judge_samples, judge_specs, load_eval_model,
-                   load_judges, load_prompts)
+from .harm import (EvalBase, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
+                   load_eval_model, load_judges, load_prompts)
 
 KEEP = ("harmful", "all")
 HARM_THRESHOLD = 0.5
@@ -85,11 +85,10 @@ def write_dataset(out: str | Path, rows: list[dict], meta: dict) -> Path:
 
 
 @dataclass
-class GenerateConfig:
-    """Settings of ``harmprune generate`` (generation settings: GenConfig)."""
+class GenerateConfig(EvalBase):
+    """Settings of ``harmprune generate`` (model loading: EvalBase; generation settings: GenConfig)."""
 
     out: str = opt(help="output JSONL file (a .meta.json is written beside it)")
-    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
     prompts: str = opt("harmful", help="harmful prompts: file, hf:<name>[:<split>] or built-in (default: harmful = train split)")
     judge: str = opt("classifier", help="judge(s), comma-separated; a reply is kept when every judge calls it harmful")
     judge_url: str | None = opt(None, help="endpoint of an openai: judge")
@@ -100,13 +99,9 @@ class GenerateConfig:
     prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
     response_field: str | None = opt(None, help="field holding the reference response (default: auto-detect)")
     category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
-    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
-    device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
-    device_map: str | None = opt(None, help="accelerate device map (e.g. auto); overrides --device")
-    overwrite: bool = opt(False, help="replace an existing output file")
 
     def __post_init__(self):
-        check(bool(self.out), "--out is required")
+        super().__post_init__()
         check(self.keep in KEEP, f"--keep must be one of {', '.join(KEEP)}")
         check(self.limit >= 0, "--limit must be 0 (all) or positive")
         judge_specs(self.judge)
@@ -126,8 +121,9 @@ def generate_set(cfg: GenerateConfig, gen: GenConfig) -> Path:
         raise HarmpruneError(f"{out} is a directory; --out names a .jsonl file")
     judges = load_judges(cfg.judge, **judge_options(cfg))
     records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
+    gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))  # record the backend used
     manifest.banner("generate", {**to_dict(cfg), **to_dict(gen)})
-    model, tok, minfo = load_eval_model(cfg)
+    model, tok, minfo = load_eval_model(cfg, gen.backend)
     samples = generate_samples(model, tok, records, gen)
     judge_samples(samples, judges)
     names = [j.name for j in judges]
