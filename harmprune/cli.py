@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "harmprune.finetune.cli",
     "harmprune.ablation.cli",
     "harmprune.evals.em_experiment",
+    "harmprune.plan",
 )
 
 
