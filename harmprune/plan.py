@@ -237,7 +237,8 @@ def score_file_bytes(s: ModelShape, score_dtype: str) -> int:
 
 def estimate_prune(s: ModelShape, cfg: PlanConfig) -> StageEstimate:
     parts = _common(s, cfg)
-    parts["scores"] = 2 * score_file_bytes(s, cfg.score_dtype)  # harm + benign, read whole
+    # harm + benign files are read one matrix at a time (attribution.artifact.LazyTensors)
+    parts["scores"] = 2 * s.largest * _nbytes(cfg.score_dtype)
     parts["masks"] = 3 * s.scored  # bool: Top_q(harm), Top_p(benign), the difference
     parts["scratch"] = 3 * 4 * s.largest  # float32 importance + top-k temporaries of one matrix
     return StageEstimate("prune", parts, {"forward": 0, "backward": 0})
