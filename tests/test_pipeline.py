@@ -110,6 +110,10 @@ def test_recommend_picks_most_specific_within_benign_bound():
     assert recommend(rows, 0.001) is None  # even the mildest point raises benign NLL by 0.5%
     # a point whose benign NLL fell is maximally specific
     assert recommend(rows + [_row(3e-5, 0.01, "harm-specific", 0.01, -0.01)], 0.05)["q"] == 3e-5
+    # an effect floor drops specific-but-negligible points (a ratio of two tiny rises is noise)
+    tiny = _row(1e-5, 0.01, "harm-specific", 0.002, 0.0001)  # specificity 20
+    assert recommend(rows + [tiny], 0.05)["q"] == 1e-5
+    assert recommend(rows + [tiny], 0.05, min_d_harmful=0.01)["q"] == 1e-3
 
 
 def test_sweep_grid_controls_and_recommendation(tiny_ckpt, data, tmp_path):
@@ -128,7 +132,7 @@ def test_sweep_grid_controls_and_recommendation(tiny_ckpt, data, tmp_path):
         for p in (0.0, 0.05):
             n = {int(by[(q, p, v)]["pruned"]) for v in ("harm-specific", "random", "magnitude")}
             assert len(n) == 1  # controls have the harm-specific set's size
-    assert result["recommended"] == recommend(result["rows"], 0.05)
+    assert result["recommended"] == recommend(result["rows"], 0.05, 0.01)
     table = (out / "sweep.md").read_text().splitlines()
     assert len(table) == 2 + 2 * 2  # header, rule, one line per (p, q)
     r = by[(0.05, 0.05, "harm-specific")]

@@ -19,7 +19,8 @@ from .apply import masked
 from .checkpoint import load_scores
 from .select import SCOPES, select_prune_set
 
-# Chosen from `make sweep` on the embedded model (README, "Choosing q and p").
+# The point `make sweep` recommends on the embedded model (README, "Choosing q and p"): the most
+# harm-specific with benign NLL rise <= 5% and harmful rise > 0.01 nats/token.
 DEFAULT_Q = 1e-4
 DEFAULT_P = 1e-2
 

@@ -35,12 +35,15 @@ class SweepConfig(PruneInputs):
     controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set")
     eval_nsamples: int = opt(32, help="held-out records per set (0 = all); 32 keeps the 46-point grid near 30 min on 2 CPU cores")
     max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
+    min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed")
     out: str | None = opt(None, help="output directory (default: results/sweep-<model>)")
 
 
-def recommend(rows: list[dict], max_benign_rel: float) -> dict | None:
-    """The harm-specific point with the highest specificity among those with benign rise <= bound and Δharm > 0."""
-    ok = [r for r in rows if r["variant"] == "harm-specific" and r["d_harmful"] > 0
+def recommend(rows: list[dict], max_benign_rel: float, min_d_harmful: float = 0.0) -> dict | None:
+    """The harm-specific point with the highest specificity among those whose benign NLL rises by at
+    most ``max_benign_rel`` (relative) and whose harmful NLL rises by more than ``min_d_harmful``
+    (nats/token; a ratio of two tiny rises is noise, e.g. 3 pruned weights giving +0.0007 / +0.0002)."""
+    ok = [r for r in rows if r["variant"] == "harm-specific" and r["d_harmful"] > min_d_harmful
           and r["benign_rel"] <= max_benign_rel and r["pruned"] > 0]
     return max(ok, key=lambda r: (r["specificity"] if not math.isnan(r["specificity"]) else -1, r["d_harmful"]),
                default=None)
@@ -81,9 +84,11 @@ def plot(rows: list[dict], base: dict, path: Path, title: str) -> None:
                 if pts:
                     ax.plot(*zip(*pts), styles[variant], label=f"{variant}, p={p:g}", alpha=0.85, markersize=4)
         ax.set_xscale("log")
+        # symlog: the useful regime (rises of 0.001-0.1 nat) and destructive points (10+ nats) on one axis
+        ax.set_yscale("symlog", linthresh=1e-3)
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xlabel("fraction of matched weights pruned")
-        ax.set_ylabel(f"{label} NLL increase (nats/token)")
+        ax.set_ylabel(f"{label} NLL increase (nats/token, symlog)")
         ax.set_title(f"{label} completions (base {base[key.replace('d_', '') + '_nll']:.3f})")
     axes[1].legend(fontsize=7, ncol=1)
     fig.suptitle(title, fontsize=10)
@@ -117,7 +122,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
             r = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
         rows.append({"p": p, "q": q, "variant": variant, "pruned": stats["total_pruned"],
                      "fraction": stats["total_fraction"], **r})
-    best = recommend(rows, cfg.max_benign_rel)
+    best = recommend(rows, cfg.max_benign_rel, cfg.min_d_harmful)
     with manifest.atomic_dir(out, cfg.overwrite) as tmp:
         with open(tmp / "sweep.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -133,5 +138,6 @@ def run_sweep(cfg: SweepConfig) -> Path:
         print(f"recommended: q={best['q']:g} p={best['p']:g}: Δharmful {best['d_harmful']:+.4f}, "
               f"Δbenign {best['d_benign']:+.4f} ({best['benign_rel']:+.1%}), specificity {best['specificity']:.2f}")
     else:
-        print(f"no harm-specific point raised harmful NLL with benign NLL rising <= {cfg.max_benign_rel:.0%}")
+        print(f"no harm-specific point raised harmful NLL by more than {cfg.min_d_harmful:g} with benign NLL "
+              f"rising <= {cfg.max_benign_rel:.0%}")
     return out
