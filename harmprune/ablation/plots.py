@@ -26,15 +26,19 @@ def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def heatmap(ax, matrix, rows, cols, title: str, cmap: str = "viridis", center: float | None = None) -> None:
-    """Annotated heatmap on ``ax``; None cells are blank; a diverging map is centred on ``center``."""
+def heatmap(ax, matrix, rows, cols, title: str, cmap: str = "viridis", center: float | None = None,
+            log: bool = False) -> None:
+    """Annotated heatmap on ``ax``; None cells are blank; a diverging map is centred on ``center``;
+    ``log``: logarithmic colours (for ratios spanning decades; needs positive values)."""
     import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
 
     data = np.array([[_num(v) for v in r] for r in matrix], dtype=float)
     finite = data[np.isfinite(data)]
     norm = None
-    if center is not None and finite.size and finite.min() < center < finite.max():
+    if log and finite.size and finite.min() > 0:
+        norm = LogNorm(vmin=finite.min(), vmax=finite.max())
+    elif center is not None and finite.size and finite.min() < center < finite.max():
         norm = TwoSlopeNorm(vcenter=center, vmin=finite.min(), vmax=finite.max())
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto")
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -43,11 +47,14 @@ def heatmap(ax, matrix, rows, cols, title: str, cmap: str = "viridis", center: f
     ax.set_title(title, fontsize=9)
     size = max(5, 9 - max(len(rows), len(cols)) // 3)
     lo, hi = (finite.min(), finite.max()) if finite.size else (0, 1)
+    if isinstance(norm, LogNorm):
+        lo, hi = math.log(lo), math.log(hi)
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             v = data[i, j]
             if math.isfinite(v):
-                light = (v - lo) / (hi - lo) < 0.5 if hi > lo else True
+                x = math.log(v) if isinstance(norm, LogNorm) else v
+                light = (x - lo) / (hi - lo) < 0.5 if hi > lo else True
                 ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=size,
                         color="white" if light and cmap == "viridis" else "black")
 
@@ -57,9 +64,17 @@ def overlap_figure(m: dict, path: Path, title: str) -> None:
     ov = m["overlap"]
     n = len(ov["names"])
     fig, axes = plt.subplots(1, 2, figsize=(6 + 1.1 * n, 3 + 0.5 * n))
-    heatmap(axes[0], ov["jaccard"], ov["names"], ov["names"], "Jaccard of per-category harm sets")
-    heatmap(axes[1], ov["jaccard_ratio"], ov["names"], ov["names"], "Jaccard / random sets of the same sizes",
-            cmap="RdBu_r", center=1.0)
+    # the diagonal (a set with itself) is trivially 1 and would swamp the colour scale
+    def off_diagonal(mat):
+        return [[None if i == j else v for j, v in enumerate(row)] for i, row in enumerate(mat)]
+
+    heatmap(axes[0], off_diagonal(ov["jaccard"]), ov["names"], ov["names"],
+            "Jaccard of per-category harm sets (diagonal = 1, left blank)")
+    ratio = off_diagonal(ov["jaccard_ratio"])
+    positive = all(v is None or v > 0 for row in ratio for v in row)
+    heatmap(axes[1], ratio, ov["names"], ov["names"], "Jaccard / random sets of the same sizes"
+            + (" (log colours)" if positive else ""), cmap="viridis" if positive else "RdBu_r",
+            center=None if positive else 1.0, log=positive)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
