@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import manifest
-from ..core.data import DataSpec
 from ..core.errors import HarmpruneError
 from ..core.settings import check, opt, to_dict
 from .generation import GenConfig
-from .harm import (EvalBase, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
+from .harm import (HarmConfig, eval_backend, generate_samples, judge_options, judge_samples,
                    load_eval_model, load_judges, load_prompts)
 
 KEEP = ("harmful", "all")
@@ -85,30 +84,18 @@ def write_dataset(out: str | Path, rows: list[dict], meta: dict) -> Path:
 
 
 @dataclass
-class GenerateConfig(EvalBase):
-    """Settings of ``harmprune generate`` (model loading: EvalBase; generation settings: GenConfig)."""
+class GenerateConfig(HarmConfig):
+    """Settings of ``harmprune generate``: ``eval harm``'s, other defaults, plus ``keep``."""
 
     out: str = opt(help="output JSONL file (a .meta.json is written beside it)")
     prompts: str = opt("harmful", help="harmful prompts: file, hf:<name>[:<split>] or built-in (default: harmful = train split)")
     judge: str = opt("classifier", help="judge(s), comma-separated; a reply is kept when every judge calls it harmful")
-    judge_url: str | None = opt(None, help="endpoint of an openai: judge")
     keep: str = opt("harmful", help="harmful (only replies judged harmful) or all (every reply, with verdicts)",
                     choices=list(KEEP))
-    limit: int = opt(0, help="use at most this many prompts, spread over categories (0 = all)")
-    category: str | None = opt(None, help="keep only prompts of these categories (comma-separated)")
-    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
-    response_field: str | None = opt(None, help="field holding the reference response (default: auto-detect)")
-    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
 
     def __post_init__(self):
         super().__post_init__()
         check(self.keep in KEEP, f"--keep must be one of {', '.join(KEEP)}")
-        check(self.limit >= 0, "--limit must be 0 (all) or positive")
-        judge_specs(self.judge)
-
-    def data_spec(self) -> DataSpec:
-        return DataSpec(data=self.prompts, prompt_field=self.prompt_field, response_field=self.response_field,
-                        category_field=self.category_field, category=self.category)
 
 
 def generate_set(cfg: GenerateConfig, gen: GenConfig) -> Path:
