@@ -190,7 +190,7 @@ def cached_record_scores(model, tok, mhash: str, spec: str, records: list, metho
             write_scores(tmp, scores, meta)
     else:
         print(f"harmprune: re-using scores {d}")
-    return load_scores(d)
+    return load_scores(d, lazy=True)  # read one matrix at a time: 11 score sets need not fit in memory
 
 
 # ---------------------------------------------------------------- one model
