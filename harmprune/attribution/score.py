@@ -23,8 +23,8 @@ import torch
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, model_name, parse_dtype, resolve
-from ..core.models import check_not_quantized
+from ..core.models import (DEFAULT_MODEL, check_not_quantized, load_model, model_hash, model_name,
+                           parse_dtype)
 from ..core.settings import check, opt, to_dict
 from ..core.targets import DEFAULT_TARGETS
 from . import distributed
@@ -117,19 +117,7 @@ def _weight_shapes(model, keys) -> dict[str, list[int]]:
 
 
 def _load(cfg: ScoreConfig, device: str):
-    device_map = cfg.parsed_device_map()
-    if not cfg.offload_folder:
-        return load_model(cfg.model, cfg.dtype, device, device_map)
-    # core.models.load_model takes no offload folder: the same load with one.
-    from transformers import AutoModelForCausalLM
-
-    path, gguf = resolve(cfg.model)
-    check(gguf is None, "--offload-folder needs a checkpoint directory or Hub id, not a .gguf file")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(cfg.dtype), device_map=device_map or "auto",
-                                                 offload_folder=cfg.offload_folder)
-    model.eval()
-    model.harmprune_spec = cfg.model
-    return model, load_tokenizer(cfg.model)
+    return load_model(cfg.model, cfg.dtype, device, cfg.parsed_device_map(), offload_folder=cfg.offload_folder)
 
 
 def _model_hash(model) -> str:

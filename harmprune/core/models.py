@@ -193,9 +193,12 @@ def load_adapter(model, adapter: str):
     return peft.PeftModel.from_pretrained(model, str(Path(adapter).expanduser()), is_trainable=False).eval()
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None,
-               quantize: str | None = None, adapter: str | None = None):
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str | dict | None = None,
+               quantize: str | None = None, adapter: str | None = None, offload_folder: str | None = None):
     """Load ``(model, tokenizer)`` in eval mode. ``device_map`` (e.g. ``auto``) overrides ``device``.
+
+    ``offload_folder``: where accelerate puts weights the device map sends to ``disk`` (default
+    device map then ``auto``).
 
     ``quantize``: ``"8bit"``/``"4bit"`` loads the weights through bitsandbytes (CUDA only; for
     evaluation, never for scoring or pruning). ``adapter``: a PEFT LoRA adapter directory applied on top.
@@ -207,6 +210,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
     check_quantize(quantize, gguf, device, device_map)
     if adapter is not None:
         read_adapter_config(adapter)  # a bad directory fails before the slow load
+    if offload_folder:
+        if gguf:
+            raise HarmpruneError("--offload-folder needs a checkpoint directory or Hub id, not a .gguf file")
+        device_map = device_map or "auto"
     try:
         if gguf:
             model, _ = _load_gguf(path, gguf, td)
@@ -217,6 +224,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
                 device_map = device_map or {"": device}  # bnb weights are placed at load; .to() is refused
             if device_map:
                 kw["device_map"] = device_map
+            if offload_folder:
+                kw["offload_folder"] = offload_folder
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except OSError as e:
         raise HarmpruneError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
