@@ -273,6 +273,7 @@ class _Tracked(dict):
     def __init__(self, data):
         super().__init__()
         self._data, self._refs, self.max_alive = data, [], 0
+        self.shapes = {k: list(v.shape) for k, v in data.items()}  # as attribution.artifact.LazyTensors
 
     def __iter__(self):
         return iter(self._data)
@@ -305,6 +306,9 @@ def test_selection_streams_one_matrix_at_a_time(scope):
     got, _ = select_prune_set(th, tb, "snip", "snip-abs", 0.05, 0.1, scope)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert th.max_alive <= 1 and tb.max_alive <= 1  # at most the previous matrix, never all of them
+    # each matrix is read once per selection pass: 1 per set, 3 for global (two histograms + the cut)
+    passes = 3 if scope == "global" else 1
+    assert len(th._refs) == passes * len(harm) and len(tb._refs) == passes * len(benign)
 
 
 def test_lazy_score_files_equal_eager(tmp_path):

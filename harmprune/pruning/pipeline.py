@@ -17,7 +17,7 @@ from ..core.settings import check, opt, to_dict
 from ..evals.nll import response_nll
 from .apply import masked
 from .checkpoint import load_scores
-from .select import SCOPES, select_prune_set
+from .select import SCOPES, random_control, select_prune_set
 
 # The point `make sweep` recommends on the embedded model (README, "Choosing q and p"): the most
 # harm-specific with benign NLL rise <= 5% and harmful rise > 0.01 nats/token.
@@ -138,8 +138,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope)
-    rand, _ = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                               benign.method if benign else None, cfg.q, cfg.p, cfg.scope, "random", cfg.seed)
+    rand = random_control(mask, cfg.seed)  # what select_prune_set(..., "random") gives, without re-selecting
     rows = {"original": {**base, "pruned": 0}}
     for name, m in (("pruned", mask), ("random", rand)):
         with masked(model, m):

@@ -35,10 +35,13 @@ Masks = dict[str, torch.Tensor]
 
 
 class LazyMap(Mapping):
-    """``{key: fn(key)}`` computed on access: importances of one matrix at a time, never all at once."""
+    """``{key: fn(key)}`` computed on access: importances of one matrix at a time, never all at once.
 
-    def __init__(self, keys, fn):
-        self._keys, self._fn = list(keys), fn
+    ``numel(key)`` gives a value's size without computing it (global selection needs the total).
+    """
+
+    def __init__(self, keys, fn, numel):
+        self._keys, self._fn, self.numel = list(keys), fn, numel
         self._set = set(self._keys)
 
     def __getitem__(self, key):
@@ -54,6 +57,19 @@ class LazyMap(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _numel(scores, name: str) -> int:
+    """Size of one entry of a score mapping, without reading it where the mapping knows shapes."""
+    if isinstance(scores, LazyMap):
+        return scores.numel(name)
+    shapes = getattr(scores, "shapes", None)  # attribution.artifact.LazyTensors
+    return math.prod(shapes[name]) if shapes is not None else scores[name].numel()
+
+
+def _total(scores) -> int:
+    return sum(_numel(scores, n) for n in scores)
+
 
 SUPER_WEIGHT_WARNING = (
     "p = 0: no benign protection; signed SNIP's top entries include the model's 'super weights', "
@@ -136,8 +152,9 @@ def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, int(at_or_above[b] - hist[b])
 
 
-def _global_topk(imp: Masks, k: int) -> Masks:
-    total = sum(t.numel() for t in imp.values())
+def _global_topk(imp: Masks, frac: float) -> Masks:
+    total = _total(imp)
+    k = count_k(frac, total)
     if k <= 0 or k >= total:
         return {n: torch.full_like(t, k > 0, dtype=torch.bool) for n, t in imp.items()}
     # Radix select of the k-th largest key. Pass 1: histogram of the high 16 bits (offset to be
@@ -167,7 +184,7 @@ def _global_topk(imp: Masks, k: int) -> Masks:
 def topk_mask(imp: Masks, frac: float, scope: str) -> Masks:
     """Bool masks of the top ``frac`` of each matrix / each row / all weights (see module doc)."""
     if scope == "global":
-        return _global_topk(imp, count_k(frac, sum(t.numel() for t in imp.values())))
+        return _global_topk(imp, frac)
     if scope == "matrix":
         return {n: _topk_rows(t.reshape(1, -1), count_k(frac, t.numel())).reshape(t.shape) for n, t in imp.items()}
     if scope == "row":
@@ -208,7 +225,7 @@ def harm_specific(harm_imp: Masks, benign_imp: Masks | None, q: float, p: float,
         missing = [n for n in harm_imp if n not in benign_imp]
         if missing:
             raise ValueError(f"benign importances lack {len(missing)} keys, e.g. {missing[0]}")
-        benign_top = topk_mask(LazyMap(harm_imp, benign_imp.__getitem__), p, scope)
+        benign_top = topk_mask(LazyMap(harm_imp, benign_imp.__getitem__, lambda n: _numel(harm_imp, n)), p, scope)
         mask = {n: harm_top[n] & ~benign_top[n] for n in harm_top}
         unprotected = empty_keys(benign_top)
         if unprotected:
@@ -325,13 +342,14 @@ def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_har
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     # lazy: each matrix's importance is computed when selection reaches it, so peak memory is the
     # masks plus one matrix, not two float copies of every score (scores may be LazyTensors too)
-    harm_imp = LazyMap(harm_scores, lambda n: importance(harm_scores[n], method_harm))
+    harm_imp = LazyMap(harm_scores, lambda n: importance(harm_scores[n], method_harm),
+                       lambda n: _numel(harm_scores, n))
     benign_imp = None
     if p > 0:
         if benign_scores is None or method_benign is None:
             raise ValueError("p > 0 needs benign scores and their method")
         benign_imp = LazyMap([n for n in harm_scores if n in benign_scores],
-                             lambda n: importance(benign_scores[n], method_benign))
+                             lambda n: importance(benign_scores[n], method_benign), lambda n: _numel(benign_scores, n))
     sel = harm_specific(harm_imp, benign_imp, q, p, scope)
     mask = control_mask(control, sel.mask, seed, weights, sel.benign_top)
     stats = mask_stats(mask)
