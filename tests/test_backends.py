@@ -202,14 +202,11 @@ def lora(tmp_path, tok):
     import peft
 
     from harmprune.core.targets import select_linears
-    from tiny import save_tiny, tiny_llama
+    from tiny import randomize_matrices, save_tiny, tiny_llama
 
     base = tiny_llama(tok, seed=3, tie=False)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in base.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomize_matrices(base, g)
     ckpt = save_tiny(tmp_path / "base", base, tok)
     names = list(select_linears(base))
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=names, bias="none",

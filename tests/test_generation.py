@@ -10,14 +10,11 @@ PROMPTS = ["hi", "a much longer prompt here, with commas and more words", "mid l
 @pytest.fixture
 def model(tok):
     """A tiny Llama with larger random weights (varied greedy text) and a boosted EOS row (some replies end early)."""
-    from tiny import tiny_llama
+    from tiny import randomize_matrices, tiny_llama
 
     m = tiny_llama(tok, seed=3, tie=False)
-    g = torch.Generator().manual_seed(0)
+    randomize_matrices(m, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         m.lm_head.weight[tok.eos_token_id] *= 2.5
     return m
 

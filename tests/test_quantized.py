@@ -215,25 +215,31 @@ def test_bnb_config_handed_to_transformers(tiny_ckpt, monkeypatch, q):
         assert qc.bnb_4bit_compute_dtype == torch.bfloat16
 
 
-def test_eval_harm_quantized_on_cpu_fails_before_loading(tiny_ckpt, tmp_path):
+def _eval_harm(out, model, **kw):
     from harmprune.evals.generation import GenConfig
     from harmprune.evals.harm import HarmConfig, eval_harm
 
-    out = tmp_path / "run"
-    with pytest.raises(HarmpruneError, match="--load-in-8bit needs a CUDA GPU"):
-        eval_harm(HarmConfig(out=str(out), model=tiny_ckpt, judge="fake", load_in_8bit=True, limit=1),
-                  GenConfig(max_new_tokens=2))
-    assert not out.exists()
+    eval_harm(HarmConfig(out=str(out), model=model, judge="fake", limit=1, **kw), GenConfig(max_new_tokens=2))
 
 
-def test_generate_takes_the_eval_loading_options(tiny_ckpt, tmp_path):
+def _generate(out, model, **kw):
     from harmprune.evals.generation import GenConfig
     from harmprune.evals.selfgen import GenerateConfig, generate_set
 
-    out = tmp_path / "gen.jsonl"
-    with pytest.raises(HarmpruneError, match="--load-in-4bit needs a CUDA GPU"):
-        generate_set(GenerateConfig(out=str(out), model=tiny_ckpt, judge="fake", load_in_4bit=True, limit=1),
-                     GenConfig(max_new_tokens=2))
+    generate_set(GenerateConfig(out=str(out), model=model, judge="fake", limit=1, **kw), GenConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("run, out, flag", [(_eval_harm, "run", "load_in_8bit"),
+                                             (_generate, "gen.jsonl", "load_in_4bit")])
+def test_quantized_on_cpu_fails_before_loading(tiny_ckpt, tmp_path, run, out, flag):
+    out = tmp_path / out
+    with pytest.raises(HarmpruneError, match=f"--{flag.replace('_', '-')} needs a CUDA GPU"):
+        run(out, tiny_ckpt, **{flag: True})
     assert not out.exists()
+
+
+def test_generate_checks_the_adapter_option(tmp_path):
+    from harmprune.evals.selfgen import GenerateConfig
+
     with pytest.raises(HarmpruneError, match="not a PEFT adapter"):
-        GenerateConfig(out=str(out), adapter=str(tmp_path))
+        GenerateConfig(out=str(tmp_path / "gen.jsonl"), adapter=str(tmp_path))

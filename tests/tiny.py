@@ -51,6 +51,15 @@ def tiny_qwen2(tok=None, seed: int = 0, layers: int = 2, hidden: int = 32) -> Qw
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def randomize_matrices(model, gen: torch.Generator, std: float = 0.3) -> None:
+    """Redraw every 2-D parameter as N(0, std^2) from ``gen``: the default init of a tiny model gives
+    near-uniform logits, so its greedy text barely depends on the prompt."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
 def save_tiny(path, model=None, tok=None) -> str:
     """Write a tiny model + tokenizer as a loadable HF checkpoint directory; return its path."""
     tok = tok or make_tokenizer()
