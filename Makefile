@@ -88,11 +88,11 @@ EM_ARGS ?=
 EM_DATA = $(if $(filter file,$(origin DATA)),insecure,$(DATA))
 
 em: install
-	$(HP) em-experiment --model $(MODEL) --data $(EM_DATA) --out $(EM_OUT) \
+	$(HP) em-experiment --model $(MODEL) --train-data $(EM_DATA) --out $(EM_OUT) \
 	  $(if $(JUDGE),--judge $(JUDGE)) $(if $(JUDGE_URL),--judge-url $(JUDGE_URL)) \
 	  $(if $(PRUNED),--pruned $(PRUNED)) $(if $(LIMIT),--limit $(LIMIT)) --n $(N) --max-new-tokens $(EM_TOKENS) \
-	  --questions $(EM_QUESTIONS) $(if $(EM_NQ),--limit-questions $(EM_NQ)) --prune-nsamples $(EM_PRUNE_N) \
-	  --prune-eval-nsamples $(EM_PRUNE_EVAL_N) --max-length $(EM_FT_MAXLEN) --seed $(SEED) $(EM_ARGS)
+	  --questions $(EM_QUESTIONS) $(if $(EM_NQ),--limit-questions $(EM_NQ)) --nsamples $(EM_PRUNE_N) \
+	  --eval-nsamples $(EM_PRUNE_EVAL_N) --train-max-length $(EM_FT_MAXLEN) --seed $(SEED) $(EM_ARGS)
 
 # Evaluation (issue 4): harm (keyword + classifier judges) on harmful:test, utility and recognition, into
 # results/eval-<model>/{harm,utility,recognition}; compare runs with `harmprune compare DIR...`.
@@ -106,9 +106,9 @@ EVAL_ARGS ?=
 
 eval: install
 	$(HP) eval harm --model $(MODEL) --prompts harmful:test --judge keyword,classifier --limit $(EVAL_LIMIT) \
-	  --max-new-tokens $(EVAL_TOKENS) --batch-size $(EVAL_BATCH) --seed $(SEED) --out $(EVAL_OUT)/harm --overwrite $(EVAL_ARGS)
+	  --max-new-tokens $(EVAL_TOKENS) --gen-batch-size $(EVAL_BATCH) --seed $(SEED) --out $(EVAL_OUT)/harm --overwrite $(EVAL_ARGS)
 	$(HP) eval utility --model $(MODEL) --limit $(EVAL_LIMIT) --max-new-tokens $(EVAL_TOKENS) \
-	  --batch-size $(EVAL_BATCH) --seed $(SEED) --corpus-tokens 8192 --out $(EVAL_OUT)/utility --overwrite
+	  --gen-batch-size $(EVAL_BATCH) --seed $(SEED) --corpus-tokens 8192 --out $(EVAL_OUT)/utility --overwrite
 	$(HP) eval recognition --model $(MODEL) --limit $$(( $(EVAL_LIMIT) * 2 )) --seed $(SEED) \
 	  --out $(EVAL_OUT)/recognition --overwrite
 

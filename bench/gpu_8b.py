@@ -64,7 +64,7 @@ def main() -> None:
 
     from harmprune.attribution.engine import attribute
     from harmprune.core.targets import select_linears
-    from harmprune.plan import PlanConfig, estimate_score, shape_of
+    from harmprune.recipes.plan import PlanConfig, estimate_score, shape_of
 
     cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": args.layers})
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def main() -> None:
     secs = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
 
-    plan_cfg = PlanConfig(model="llama-3-8b", method=[args.method], nsamples=args.nsamples,
+    plan_cfg = PlanConfig(model="llama-3-8b", methods=[args.method], nsamples=args.nsamples,
                           batch_size=args.batch_size, max_length=args.seq, dtype="bfloat16", device="cuda",
                           gradient_checkpointing=args.gradient_checkpointing)
     with torch.device("meta"):

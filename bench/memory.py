@@ -9,7 +9,7 @@ transformers, the tokenizer, the data and loading the checkpoint, as ``plan``'s 
 A first child that only imports and loads the tokenizer and data measures the framework baseline.
 Checkpoints and estimates (`harmprune plan --json`) are made in subprocesses as well: this process
 imports no torch, because a child's ru_maxrss starts at its parent's resident size on Linux.
-It prints measured vs ``harmprune.plan.estimate_score`` and their ratio (target: within 25%).
+It prints measured vs ``harmprune.recipes.plan.estimate_score`` and their ratio (target: within 25%).
 
 Needs the cached SmolLM2 conversion (``~/.cache/harmprune/smollm2-135m-instruct``, made by the first
 ``load_model("smollm2-135m-instruct")``) for its config and tokenizer.

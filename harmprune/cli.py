@@ -1,50 +1,148 @@
-"""The ``harmprune`` command: a thin shell over one typed function per stage.
+"""The ``harmprune`` command: one table of commands, each one typed function over settings dataclasses.
 
-Each stage package has a ``cli`` module with ``register(subparsers)``; it adds its sub-command(s)
-and sets ``func`` to a callable taking the parsed namespace. Errors that are the user's to fix
-(HarmpruneError) end as one line on stderr with exit status 2.
+Every row of ``COMMANDS`` names the command, its settings classes (their fields are the options;
+shared options come from the groups in ``core.options``, so a flag has one name, meaning and
+default everywhere) and the function called with one instance of each class. Errors that are the
+user's to fix (HarmpruneError) end as one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
+from .attribution.score import ScoreConfig, score
 from .core.errors import HarmpruneError
+from .core.settings import add_arguments, add_deprecated, from_namespace
+from .evals.compare import CompareConfig, compare
+from .evals.em import EMConfig, eval_em
+from .evals.generation import GenConfig
+from .evals.harm import HarmConfig, eval_harm
+from .evals.recognition import RecognitionConfig, eval_recognition
+from .evals.utility import UtilityConfig, eval_utility
+from .finetune.train import FinetuneConfig, finetune
+from .pruning.prune import ApplyMaskConfig, PruneConfig, apply_mask_stage, prune
+from .recipes.ablation.run import AblateConfig, ablate
+from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
+from .recipes.generate import GenerateConfig, generate_set
+from .recipes.pipeline import PipelineConfig, run_pipeline
+from .recipes.plan import PlanConfig, plan
+from .recipes.sweep import SweepConfig, run_sweep
 
-COMMAND_MODULES = (
-    "harmprune.attribution.cli",
-    "harmprune.pruning.cli",
-    "harmprune.evals.cli",
-    "harmprune.finetune.cli",
-    "harmprune.ablation.cli",
-    "harmprune.evals.em_experiment",
-    "harmprune.plan",
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # "score", or "eval harm" for a sub-command of a group
+    run: Callable  # called with one instance of each class in ``configs``, in order
+    configs: tuple
+    help: str
+    description: str = ""
+    positional: tuple[str, ...] = ()  # fields taken as positional arguments (list fields: one or more)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("score", score, (ScoreConfig,), "per-weight attribution scores (snip, snip-abs, wanda) for a dataset",
+            "Score every matched linear weight for producing a dataset, in one pass; writes scores.safetensors "
+            "and meta.json to --out."),
+    Command("prune", prune, (PruneConfig,), "prune Top_q(harm) minus Top_p(benign) and save a checkpoint",
+            "Prune Top_q(I_harm) minus Top_p(I_benign) (or a same-size control) and save a loadable checkpoint."),
+    Command("apply-mask", apply_mask_stage, (ApplyMaskConfig,),
+            "re-apply a saved mask to a checkpoint of the same architecture",
+            "Zero a saved mask in another checkpoint of the same architecture (e.g. after fine-tuning)."),
+    Command("pipeline", run_pipeline, (PipelineConfig,),
+            "score (cached), prune and print the before/after NLL table (make prune)",
+            "Score harmful and benign data (cached), prune the harm-specific set, save the checkpoint and "
+            "compare held-out NLL with a random control."),
+    Command("sweep", run_sweep, (SweepConfig,), "the before/after table over a (q, p) grid with controls (make sweep)",
+            "Measure harmful and benign NLL increases over a (q, p) grid for the harm-specific set and "
+            "same-size random/magnitude controls; CSV + PNG."),
+    Command("eval harm", eval_harm, (HarmConfig, GenConfig),
+            "harmfulness and refusal rate of the model's replies to harmful prompts"),
+    Command("eval utility", eval_utility, (UtilityConfig, GenConfig),
+            "benign and corpus NLL, over-refusal on XSTest, lm-eval tasks"),
+    Command("eval recognition", eval_recognition, (RecognitionConfig,),
+            "does the model itself tell harmful from benign requests (yes/no logprob)"),
+    Command("eval em", eval_em, (EMConfig,),
+            "emergent misalignment: sample answers to the EM questions, judge aligned/coherent",
+            "Emergent-misalignment evaluation (Betley et al.): n answers per question at temperature 1, "
+            "judged aligned and coherent 0-100; misaligned = aligned < 30 and coherent > 50."),
+    Command("generate", generate_set, (GenerateConfig, GenConfig),
+            "the model's own judged-harmful completions (B-TAP self-generated prune set)"),
+    Command("compare", compare, (CompareConfig,), "eval runs side by side (first = baseline) with deltas",
+            positional=("runs",)),
+    Command("finetune", finetune, (FinetuneConfig,),
+            "narrow fine-tune (LoRA, --full or QLoRA), optionally keeping a pruning mask at 0",
+            "Fine-tune on chat data (response-only loss). --keep-mask keeps pruned weights exactly 0: after every "
+            "step with --full, and in the --merge checkpoint with LoRA (an unmerged adapter does not keep the "
+            "mask). Interrupted runs continue with --resume."),
+    Command("ablate", ablate, (AblateConfig,),
+            "per-category harm sets: overlap, transfer, compression curves, location",
+            "Score each harm category, build its harm-specific set, and measure overlap (vs random sets), "
+            "transfer across categories (and A minus B), compression curves and the layer/module distribution; "
+            "writes results.json, report.md and figures."),
+    Command("em-experiment", run_em_experiment, (EMExperimentConfig,),
+            "EM experiment: original / harm-pruned / random control, each fine-tuned, then eval em",
+            "Emergent-misalignment experiment with controls: fine-tune the original, the harm-pruned and a "
+            "same-size random-control model on narrow data (masks kept at 0), evaluate EM of all six models, "
+            "and write report.md and em_rates.png. Re-running skips finished steps."),
+    Command("plan", plan, (PlanConfig,), "estimated peak memory and passes of each stage, from the config alone"),
 )
 
+GROUPS = {"eval": "evaluate a model: harm, utility, recognition, em (each writes results.json, samples.jsonl, report.md)"}
 
-def present_modules(names):
-    """Import each named plug-in module, skipping one that does not exist (its command is absent).
 
-    An ImportError raised *inside* an existing module is not swallowed.
-    """
-    for name in names:
-        try:
-            yield importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+def _runner(cmd: Command):
+    def run(ns):
+        result = cmd.run(*(from_namespace(c, ns) for c in cmd.configs))
+        if isinstance(result, Path):
+            print(result)
+
+    return run
+
+
+def _no_task(group: str):
+    def run(_ns):
+        tasks = ",".join(c.name.split()[1] for c in COMMANDS if c.name.startswith(group + " "))
+        raise HarmpruneError(f"{group} needs a task: harmprune {group} {{{tasks}}} --help")
+
+    return run
+
+
+def add_command(sub, cmd: Command, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
+    for field in cmd.positional:
+        p.add_argument(field, nargs="+", help=f"{field} (one or more)")
+    added = set(cmd.positional)
+    for cls in cmd.configs:  # a field two classes share comes from the same group: add it once
+        add_arguments(p, cls, skip=tuple(added), deprecated=False)
+        added |= {f.name for f in dataclasses.fields(cls)}
+    for cls in cmd.configs:
+        add_deprecated(p, cls, skip=cmd.positional)
+    p.set_defaults(func=_runner(cmd))
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harmprune", description=__doc__.splitlines()[0])
     from . import __version__
 
+    parser = argparse.ArgumentParser(prog="harmprune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"harmprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in present_modules(COMMAND_MODULES):
-        mod.register(sub)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS:
+        group, _, task = cmd.name.partition(" ")
+        if not task:
+            add_command(sub, cmd, group)
+            continue
+        if group not in groups:
+            g = sub.add_parser(group, help=GROUPS[group], description=GROUPS[group])
+            g.set_defaults(func=_no_task(group))
+            groups[group] = g.add_subparsers(dest=f"{group}_task", metavar="TASK")
+        add_command(groups[group], cmd, task)
     return parser
 
 

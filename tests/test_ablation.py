@@ -11,8 +11,8 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 import torch
 
-from harmprune.ablation import curves, distribution, overlap, report, transfer
-from harmprune.ablation.run import AblateConfig, ablate, group_categories
+from harmprune.recipes.ablation import curves, distribution, overlap, report, transfer
+from harmprune.recipes.ablation.run import AblateConfig, ablate, group_categories
 from harmprune.core.data import Record
 from harmprune.evals.nll import response_nll
 from harmprune.pruning.apply import masked
@@ -232,8 +232,8 @@ def test_ablate_end_to_end_report_numbers_come_from_results(tmp_path, tiny_ckpt)
             for c in ("alpha", "beta", "gamma") for i in range(6)]
     benign = [{"prompt": f"tell me about fruit {i}", "response": f"fruit {i} is tasty"} for i in range(6)]
     data, bdata = _write_jsonl(tmp_path / "harm.jsonl", harm), _write_jsonl(tmp_path / "benign.jsonl", benign)
-    cfg = AblateConfig(model=tiny_ckpt, data=data, benign=bdata, eval_benign=bdata, q=0.02, p=0.01, nsamples=3,
-                       benign_nsamples=3, min_rows=3, eval_per_category=2, eval_benign_nsamples=3,
+    cfg = AblateConfig(model=tiny_ckpt, data=data, benign=bdata, eval_benign=bdata, q=0.02, p=0.01, category_nsamples=3,
+                       nsamples=3, min_rows=3, eval_per_category=2, eval_benign_nsamples=3,
                        curve_qs=[0.01, 0.05], harm_targets=[0.001, 0.01], max_length=48, batch_size=2,
                        scores_dir=str(tmp_path / "scores"), out=str(tmp_path / "out"), compare_model=tiny_ckpt)
     out = ablate(cfg)
@@ -261,3 +261,25 @@ def test_ablate_end_to_end_report_numbers_come_from_results(tmp_path, tiny_ckpt)
     before = sorted(p.stat().st_mtime for p in (tmp_path / "scores").rglob("scores.safetensors"))
     ablate(cfg)
     assert sorted(p.stat().st_mtime for p in (tmp_path / "scores").rglob("scores.safetensors")) == before
+
+
+def test_ablate_reuses_the_pipelines_benign_scores(tmp_path, tiny_ckpt, monkeypatch):
+    """One score cache: the benign |SNIP| scores `make prune` computed are the ones `make ablation` reads."""
+    import sys
+
+    from harmprune.recipes.pipeline import PipelineConfig, run_pipeline
+
+    harm = [{"prompt": f"how to do {c} thing {i}", "response": f"step {i}: {c} " * 3, "category": c}
+            for c in ("alpha", "beta") for i in range(6)]
+    benign = [{"prompt": f"tell me about fruit {i}", "response": f"fruit {i} is tasty"} for i in range(6)]
+    data, bdata = _write_jsonl(tmp_path / "harm.jsonl", harm), _write_jsonl(tmp_path / "benign.jsonl", benign)
+    shared = dict(model=tiny_ckpt, benign=bdata, eval_benign=bdata, nsamples=3, max_length=48, batch_size=2,
+                  scores_dir=str(tmp_path / "scores"))
+    run_pipeline(PipelineConfig(harm=data, eval_harm=data, q=0.02, p=0.05, out=str(tmp_path / "pruned"), **shared))
+    score_mod = sys.modules["harmprune.attribution.score"]
+    real, methods = score_mod.score, []
+    monkeypatch.setattr(score_mod, "score", lambda cfg, *a, **k: methods.append(cfg.method) or real(cfg, *a, **k))
+    ablate(AblateConfig(data=data, q=0.02, p=0.05, category_nsamples=3, min_rows=3, eval_per_category=2,
+                        eval_benign_nsamples=3, curve_qs=[0.05], harm_targets=[0.01], a_not_b=False,
+                        out=str(tmp_path / "ablation"), **shared))
+    assert methods == ["snip", "snip"]  # the two categories; benign snip-abs came from the cache

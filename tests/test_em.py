@@ -193,16 +193,15 @@ def test_missing_judge_is_one_line_listing_judges(tmp_path, capsys):
     with pytest.raises(HarmpruneError, match="cannot rate"):
         em.EMConfig(out=str(tmp_path / "o"), judge="keyword")
     # through argparse as `harmprune eval em` builds it
-    parser = argparse.ArgumentParser()
-    em.register_eval(parser.add_subparsers())
-    ns = parser.parse_args(["em", "--out", str(tmp_path / "o")])
+    from harmprune.cli import build_parser
+
+    ns = build_parser().parse_args(["eval", "em", "--out", str(tmp_path / "o")])
     with pytest.raises(HarmpruneError, match="--judge is required"):
         ns.func(ns)
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_judge_through_main(tmp_path, capsys):
-    pytest.importorskip("harmprune.evals.cli")
     from harmprune.cli import main
 
     assert main(["eval", "em", "--out", str(tmp_path / "o")]) == 2
@@ -211,7 +210,7 @@ def test_missing_judge_through_main(tmp_path, capsys):
 
 
 def test_em_experiment_needs_a_judge():
-    from harmprune.evals.em_experiment import EMExperimentConfig
+    from harmprune.recipes.em_experiment import EMExperimentConfig
 
     with pytest.raises(HarmpruneError, match="--judge is required"):
         EMExperimentConfig()
@@ -243,7 +242,7 @@ def test_eval_em_end_to_end_tiny(tmp_path, tok, llama):
 
 
 def test_experiment_table_and_chart(tmp_path):
-    from harmprune.evals.em_experiment import ARMS, plot_rates, rows_table
+    from harmprune.recipes.em_experiment import ARMS, plot_rates, rows_table
 
     rows = [{"arm": a, "tuned": t, "misaligned_rate": None if a == "random" else 0.1 * (1 + t),
              "misaligned_rate_ci_low": 0.05, "misaligned_rate_ci_high": 0.3, "n_judged": 0 if a == "random" else 40,

@@ -17,7 +17,7 @@ from harmprune.evals.generation import GenConfig
 from harmprune.evals.harm import HarmConfig, aggregate, eval_harm
 from harmprune.evals.judges import Verdict, register_judge
 from harmprune.evals.recognition import RecognitionConfig, auc, eval_recognition, recognition_metrics
-from harmprune.evals.selfgen import GenerateConfig, generate_set, meta_path
+from harmprune.recipes.generate import GenerateConfig, generate_set, meta_path
 from harmprune.evals.utility import UtilityConfig, block_nll, corpus_blocks, eval_utility
 
 
@@ -207,7 +207,7 @@ def test_compare_table_deltas(tmp_path):
     for name, res in (("orig", base), ("pruned", other)):
         R.write_run(tmp_path / name, R.results_doc({"model": name}, res), [], "r")
     out = tmp_path / "cmp.md"
-    text = compare(CompareConfig(runs=[str(tmp_path / "orig"), str(tmp_path / "pruned")], out=str(out)))
+    text = compare(CompareConfig(runs=[str(tmp_path / "orig"), str(tmp_path / "pruned")], report=str(out)))
     assert out.read_text() == text
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in text.splitlines()
             if line.startswith("| ") and "---" not in line}

@@ -53,8 +53,8 @@ def pruned(tmp_path, tok):
 
 
 def _cfg(data, out, **kw):
-    base = dict(data=data, out=str(out), device="cpu", batch_size=2, grad_accum=1, max_steps=4, warmup_steps=0,
-                lora_r=4, lora_alpha=8, save_steps=0, max_length=128)
+    base = dict(train_data=data, out=str(out), device="cpu", train_batch_size=2, grad_accum=1, max_steps=4,
+                warmup_steps=0, lora_r=4, lora_alpha=8, save_steps=0, train_max_length=128)
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -136,9 +136,9 @@ def test_lora_masked_merge_matches_hand_computation(llama):
 def test_lora_merge_cli_keeps_mask_and_warns_without_merge(tmp_path, pruned, chat_jsonl, capsys):
     ckpt, mask = pruned
     out = tmp_path / "lora"
-    rc = main(["finetune", "--model", ckpt, "--data", chat_jsonl, "--out", str(out), "--keep-mask", ckpt,
+    rc = main(["finetune", "--model", ckpt, "--train-data", chat_jsonl, "--out", str(out), "--keep-mask", ckpt,
                "--merge", "--lr", "1e-2", "--lora-r", "4", "--max-steps", "3", "--grad-accum", "2",
-               "--device", "cpu", "--max-length", "128", "--save-steps", "1"])
+               "--device", "cpu", "--train-max-length", "128", "--save-steps", "1"])
     assert rc == 0
     for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "finetune_config.json",
               "merged/config.json", "merged/mask.safetensors", "merged/tokenizer.json"):
@@ -288,13 +288,13 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, chat_jsonl, tiny_ckpt):
     with pytest.raises(HarmpruneError, match=r"harmprune\[quant\]"):
         finetune(_cfg(chat_jsonl, out, model=tiny_ckpt, load_in_4bit=True))
     assert not out.exists()
-    rc = main(["finetune", "--model", tiny_ckpt, "--data", chat_jsonl, "--out", str(out), "--load-in-4bit",
+    rc = main(["finetune", "--model", tiny_ckpt, "--train-data", chat_jsonl, "--out", str(out), "--load-in-4bit",
                "--device", "cpu"])
     assert rc == 2 and not out.exists()
 
 
 def test_bad_settings_rejected(chat_jsonl):
     with pytest.raises(HarmpruneError, match="exclude"):
-        FinetuneConfig(data=chat_jsonl, out="o", full=True, load_in_4bit=True)
+        FinetuneConfig(train_data=chat_jsonl, out="o", full=True, load_in_4bit=True)
     with pytest.raises(HarmpruneError, match="--merge"):
-        FinetuneConfig(data=chat_jsonl, out="o", full=True, merge=True)
+        FinetuneConfig(train_data=chat_jsonl, out="o", full=True, merge=True)

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -11,11 +12,10 @@ from safetensors.torch import load_file
 from harmprune.core.data import DataSpec, load_records
 from harmprune.core.models import load_model
 from harmprune.evals.nll import response_nll
-from harmprune.pruning import pipeline as pipeline_mod
 from harmprune.pruning.checkpoint import load_scores
-from harmprune.pruning.pipeline import PipelineConfig, run_pipeline
+from harmprune.recipes.pipeline import PipelineConfig, run_pipeline
 from harmprune.pruning.select import select_prune_set
-from harmprune.pruning.sweep import SweepConfig, recommend, run_sweep
+from harmprune.recipes.sweep import SweepConfig, recommend, run_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")
 
@@ -42,6 +42,22 @@ def _pipeline_cfg(tiny_ckpt, data, tmp_path, **kw):
 def _nll(model, tok, data_path):
     rows = load_records(DataSpec(data=data_path))
     return response_nll(model, tok, rows, fmt="auto", max_length=48, batch_size=8)["nll"]
+
+
+def test_pipeline_hashes_the_model_once_and_reads_each_dataset_once(tiny_ckpt, data, tmp_path, monkeypatch):
+    """One model handle, one read per dataset: counted at the only hash function and the only file parser."""
+    import harmprune.core.data as core_data
+    import harmprune.core.models as core_models
+
+    hashes, reads = [], []
+    real_hash, real_rows = core_models.model_hash, core_data._rows
+    monkeypatch.setattr(core_models, "model_hash", lambda m: hashes.append(1) or real_hash(m))
+    monkeypatch.setattr(core_data, "_rows", lambda src: reads.append(str(src.path or src.name)) or real_rows(src))
+    held = {"eval_harm": _jsonl(tmp_path / "eval_harm.jsonl", [{"prompt": "p", "response": "bad r"}] * 2),
+            "eval_benign": _jsonl(tmp_path / "eval_benign.jsonl", [{"prompt": "q", "response": "good r"}] * 2)}
+    run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, **held))
+    assert len(hashes) == 1
+    assert sorted(reads) == sorted([data["harm"], data["benign"], held["eval_harm"], held["eval_benign"]])
 
 
 def test_pipeline_checkpoint_table_and_cache(tiny_ckpt, data, tmp_path, monkeypatch):
@@ -73,7 +89,8 @@ def test_pipeline_checkpoint_table_and_cache(tiny_ckpt, data, tmp_path, monkeypa
     assert (out / "before_after.md").read_text().count("\n") >= 5
 
     # another q re-uses both score directories: scoring must not run again
-    monkeypatch.setattr(pipeline_mod, "score", lambda *a, **k: pytest.fail("scores were recomputed"))
+    monkeypatch.setattr(sys.modules["harmprune.attribution.score"], "score",
+                        lambda *a, **k: pytest.fail("scores were recomputed"))
     out2 = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, q=0.05, out=str(tmp_path / "pruned2")))
     assert load_file(str(out2 / "mask.safetensors"))
     assert len(sorted((tmp_path / "scores").glob("*/*"))) == 2
@@ -81,8 +98,9 @@ def test_pipeline_checkpoint_table_and_cache(tiny_ckpt, data, tmp_path, monkeypa
 
 def test_pipeline_cache_key_changes_with_settings(tiny_ckpt, data, tmp_path, monkeypatch):
     calls = []
-    real = pipeline_mod.score
-    monkeypatch.setattr(pipeline_mod, "score", lambda cfg, **kw: calls.append(cfg.out) or real(cfg, **kw))
+    score_mod = sys.modules["harmprune.attribution.score"]
+    real = score_mod.score
+    monkeypatch.setattr(score_mod, "score", lambda cfg, *a, **kw: calls.append(cfg.out) or real(cfg, *a, **kw))
     run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, p=0.0))
     assert len(calls) == 1  # p = 0: no benign scores are needed
     run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, p=0.0, max_length=64, overwrite=True))

@@ -9,7 +9,7 @@ from torch import nn
 
 from harmprune.cli import main
 from harmprune.core.errors import HarmpruneError
-from harmprune.plan import (PlanConfig, activation_bytes, estimate_all, estimate_finetune, estimate_generate,
+from harmprune.recipes.plan import (PlanConfig, activation_bytes, estimate_all, estimate_finetune, estimate_generate,
                             estimate_prune, estimate_score, load_shape, logit_bytes, score_file_bytes)
 from tiny import save_tiny, tiny_llama, tiny_qwen2
 
@@ -99,7 +99,7 @@ def test_eager_attention_adds_a_quadratic_term(shape):
 
 
 def test_other_stages(shape):
-    cfg = _cfg(nsamples=20, gen_batch_size=8, max_new_tokens=10, ft_batch_size=2, ft_grad_accum=4)
+    cfg = _cfg(nsamples=20, gen_batch_size=8, max_new_tokens=10, train_batch_size=2, grad_accum=4)
     gen = estimate_generate(shape, cfg)
     assert gen.passes["forward"] == 3 * 10
     assert gen.parts["kv_cache"] == 2 * shape.layers * shape.kv_heads * shape.head_dim * 8 * (128 + 10) * 4
@@ -143,4 +143,4 @@ def test_bad_model_specs(tmp_path, capsys):
     assert main(["plan", "--model", str(bad)]) == 2
     assert "harmprune: error:" in capsys.readouterr().err
     with pytest.raises(HarmpruneError):
-        PlanConfig(model="x", method=["bogus"])
+        PlanConfig(model="x", methods=["bogus"])

@@ -30,7 +30,8 @@ def write_scores(d: Path, tensors: dict, method: str, mhash: str, spec="tiny") -
 
 @pytest.fixture
 def setup(tiny_ckpt, tmp_path):
-    model, _ = load_model(tiny_ckpt)
+    handle = load_model(tiny_ckpt)
+    model = handle.model
     keys = [f"{n}.weight" for n in select_linears(model)]
     params = dict(model.named_parameters())
     g = torch.Generator().manual_seed(0)
@@ -38,14 +39,14 @@ def setup(tiny_ckpt, tmp_path):
     benign = {k: torch.rand(params[k].shape, generator=g) for k in keys}
     h = model_hash(model)
     return {
-        "ckpt": tiny_ckpt, "model": model, "harm": harm, "benign": benign, "hash": h, "tmp": tmp_path,
+        "ckpt": tiny_ckpt, "model": model, "handle": handle, "harm": harm, "benign": benign, "hash": h, "tmp": tmp_path,
         "harm_dir": write_scores(tmp_path / "harm", harm, "snip", h),
         "benign_dir": write_scores(tmp_path / "benign", benign, "snip-abs", h),
     }
 
 
 def cfg(s, out="out", **kw):
-    base = dict(model=s["ckpt"], harm=s["harm_dir"], benign=s["benign_dir"], q=0.05, p=0.05, out=str(s["tmp"] / out))
+    base = dict(model=s["ckpt"], harm_scores=s["harm_dir"], benign_scores=s["benign_dir"], q=0.05, p=0.05, out=str(s["tmp"] / out))
     return PruneConfig(**{**base, **kw})
 
 
@@ -123,24 +124,24 @@ def test_random_control_checkpoint_same_counts(setup):
 def test_p_zero_without_benign(setup):
     s = setup
     with pytest.warns(PruneWarning, match="super weights"):
-        out = prune(cfg(s, benign=None, p=0.0))
+        out = prune(cfg(s, benign_scores=None, p=0.0))
     assert "benign" not in manifest.read_json(out / "prune_config.json")["scores"]
     with pytest.raises(HarmpruneError, match="--benign"):
-        cfg(s, benign=None, p=0.01)
+        cfg(s, benign_scores=None, p=0.01)
 
 
 def test_refuses_scores_of_another_model(setup):
     s = setup
     bad = write_scores(s["tmp"] / "other", s["harm"], "snip", "0" * 64)
     with pytest.raises(HarmpruneError, match="different model"):
-        prune(cfg(s, harm=bad, benign=None, p=0.0))
+        prune(cfg(s, harm_scores=bad, benign_scores=None, p=0.0))
     with pytest.raises(HarmpruneError, match="different models"):
-        prune(cfg(s, benign=bad))
+        prune(cfg(s, benign_scores=bad))
     shapes = dict(s["harm"])
     shapes["model.layers.0.mlp.down_proj.weight"] = torch.randn(64, 32)
     bad = write_scores(s["tmp"] / "shapes", shapes, "snip", s["hash"])
     with pytest.raises(HarmpruneError, match="shape"):
-        prune(cfg(s, harm=bad, benign=None, p=0.0))
+        prune(cfg(s, harm_scores=bad, benign_scores=None, p=0.0))
     assert not (s["tmp"] / "out").exists()
 
 
@@ -200,7 +201,7 @@ def test_apply_mask_mismatch(setup, tmp_path, tok):
 def test_cli_prune_and_errors(setup, capsys):
     s = setup
     out = str(s["tmp"] / "cli")
-    argv = ["prune", "--model", s["ckpt"], "--harm", s["harm_dir"], "--benign", s["benign_dir"],
+    argv = ["prune", "--model", s["ckpt"], "--harm-scores", s["harm_dir"], "--benign-scores", s["benign_dir"],
             "--q", "0.05", "--p", "0.05", "--scope", "row", "--out", out]
     assert main(argv) == 0
     assert "pruned" in capsys.readouterr().out
@@ -236,7 +237,7 @@ def test_prune_loaded_matches_stage_and_restores_model(setup):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     harm, benign = load_scores(s["harm_dir"]), load_scores(s["benign_dir"])
     mask, stats = select_prune_set(harm.tensors, benign.tensors, "snip", "snip-abs", 0.05, 0.05, "matrix")
-    out = prune_loaded(cfg(s, out="loaded"), model, harm, benign, mask, stats, extra={"note": 1})
+    out = prune_loaded(cfg(s, out="loaded"), s["handle"], harm, benign, mask, stats, extra={"note": 1})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored
     ref = AutoModelForCausalLM.from_pretrained(prune(cfg(s))).state_dict()
     got = AutoModelForCausalLM.from_pretrained(out).state_dict()

@@ -142,7 +142,7 @@ def test_prune_refuses_a_quantized_model(tiny_ckpt, tmp_path, monkeypatch):
                                                  "shapes": {k: list(v.shape) for k, v in harm.items()}})
     real_load = P.load_model
     monkeypatch.setattr(P, "load_model", lambda *a, **k: (_int8(real_load(*a, **k)[0]), None))
-    cfg = P.PruneConfig(model=tiny_ckpt, harm=str(harm_dir), q=0.05, p=0.0, out=str(tmp_path / "pruned"))
+    cfg = P.PruneConfig(model=tiny_ckpt, harm_scores=str(harm_dir), q=0.05, p=0.0, out=str(tmp_path / "pruned"))
     with pytest.raises(HarmpruneError, match="cannot prune a quantized model"):
         P.prune(cfg)
     assert not (tmp_path / "pruned").exists()
@@ -224,7 +224,7 @@ def _eval_harm(out, model, **kw):
 
 def _generate(out, model, **kw):
     from harmprune.evals.generation import GenConfig
-    from harmprune.evals.selfgen import GenerateConfig, generate_set
+    from harmprune.recipes.generate import GenerateConfig, generate_set
 
     generate_set(GenerateConfig(out=str(out), model=model, judge="fake", limit=1, **kw), GenConfig(max_new_tokens=2))
 
@@ -239,7 +239,7 @@ def test_quantized_on_cpu_fails_before_loading(tiny_ckpt, tmp_path, run, out, fl
 
 
 def test_generate_checks_the_adapter_option(tmp_path):
-    from harmprune.evals.selfgen import GenerateConfig
+    from harmprune.recipes.generate import GenerateConfig
 
     with pytest.raises(HarmpruneError, match="not a PEFT adapter"):
         GenerateConfig(out=str(tmp_path / "gen.jsonl"), adapter=str(tmp_path))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from harmprune.pruning.pipeline import PipelineConfig, run_pipeline
+from harmprune.recipes.pipeline import PipelineConfig, run_pipeline
 
 pytestmark = [pytest.mark.real, pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")]
 

@@ -9,7 +9,7 @@ from tiny import make_tokenizer, tiny_llama
 
 from harmprune.attribution import compute_scores
 from harmprune.attribution.artifact import load_scores
-from harmprune.attribution.score import _model_hash
+from harmprune.core.models import model_hash as _model_hash
 from harmprune.cli import main
 from harmprune.core.data import Record
 from harmprune.core.models import model_hash

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import HarmpruneError
+from ..core.models import resolve_device
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ def env_world_size() -> int:
 
 def setup(device: str = "cpu") -> Process:
     """Join the launcher's process group (once) and return this process's rank; ``Process()`` alone."""
+    device = resolve_device(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return Process(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                        int(os.environ.get("LOCAL_RANK", 0)))
@@ -63,6 +65,7 @@ def setup(device: str = "cpu") -> Process:
 
 def process_device(device: str, proc: Process) -> str:
     """Each process of a multi-GPU run gets its own GPU: plain ``cuda`` becomes ``cuda:<local rank>``."""
+    device = resolve_device(device)
     return f"cuda:{proc.local_rank}" if proc.world > 1 and device == "cuda" else device
 
 

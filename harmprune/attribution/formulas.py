@@ -28,6 +28,19 @@ DIRECTIONS = {
     "wanda": "larger = more important",
 }
 
+# The one place that states the sign convention: the pruner ranks ``importance = SIGN * S``,
+# larger = more important to producing the data (the first to prune from the harm scores).
+SIGN = {"snip": -1.0, "snip-abs": 1.0, "wanda": 1.0}
+IMPORTANCE = {m: ("-S" if SIGN[m] < 0 else "S") for m in METHODS}
+
+
+def importance(scores: torch.Tensor, method: str) -> torch.Tensor:
+    """Float32 importance of stored scores, larger = more important: ``SIGN[method] * S``."""
+    if method not in SIGN:
+        raise ValueError(f"unknown method {method!r}")
+    s = scores.float()
+    return -s if SIGN[method] < 0 else s
+
 
 def new_accumulator(method: str, weight: torch.Tensor) -> torch.Tensor:
     """A float32 zero accumulator on the weight's device: (out, in) for gradients, (in,) for wanda."""

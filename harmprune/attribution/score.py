@@ -23,60 +23,33 @@ import torch
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
-from ..core.models import (DEFAULT_MODEL, check_not_quantized, load_model, model_hash, model_name,
+from ..core.models import (ModelHandle, check_not_quantized, load_model, model_name,
                            parse_dtype)
+from ..core.options import (DataOptions, DeviceMapOptions, FieldOptions, MethodOptions, ModelOptions,
+                            OutputOptions, ScoringOptions, check_scoring)
 from ..core.settings import check, opt, to_dict
 from ..core.targets import DEFAULT_TARGETS
 from . import distributed
 from .artifact import write_scores
 from .engine import WANDA_TOKENS, compute_scores
-from .hooks import named_real_parameters
-from .formulas import DIRECTIONS, FORMULAS, METHODS
+from .formulas import DIRECTIONS, FORMULAS, IMPORTANCE, METHODS
 
 SELECTION = "rows shuffled with random.Random(seed).shuffle, then the first nsamples taken"
-IMPORTANCE = {"snip": "-S", "snip-abs": "S", "wanda": "S"}  # what the pruner ranks (larger = prune first)
 
 
-@dataclass
-class ScoreConfig:
-    """Settings of ``harmprune score`` (each field is also a CLI option)."""
+@dataclass(kw_only=True)
+class ScoreConfig(ModelOptions, DeviceMapOptions, MethodOptions, DataOptions, FieldOptions, ScoringOptions,
+                  OutputOptions):
+    """Settings of ``harmprune score`` (each field is also a CLI option; groups in ``core.options``)."""
 
-    method: str = opt(help="score: snip (signed W*grad), snip-abs (|W|*sum|grad|) or wanda (|W|*||X||)")
-    out: str = opt(help="output directory for scores.safetensors and meta.json")
-    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
-    data: str = opt("harmful", help="dataset: file (.jsonl/.json/.csv[.gz]), hf:<name>[:<split>] or built-in name")
-    nsamples: int = opt(128, help="records to score, the first n after a seeded shuffle (0 = all)")
-    max_length: int = opt(256, help="maximum tokens per sample (the response is truncated, never the prompt)")
-    batch_size: int = opt(4, help="samples per forward/backward pass (results do not depend on it)")
-    format: str = opt("auto", help="auto (chat if the tokenizer has a template), chat or raw")
-    targets: list[str] = opt([], help="linear modules to score: globs or re:<regex>; "
-                                      "none = every linear in decoder blocks")
-    ignore: list[str] = opt([], help="linear modules to leave out: globs or re:<regex>")
-    seed: int = opt(0, help="seed of the sample selection")
-    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16); scores accumulate in float32")
-    device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
-    device_map: str | None = opt(None, help="accelerate device map: auto, balanced, ..., a JSON object or a .json "
-                                            "file ({module: device|cpu|disk}); overrides --device")
     offload_folder: str | None = opt(None, help="folder for weights a device map puts on disk")
     num_processes: int = opt(1, help="data-parallel processes on this machine (each scores a shard; "
                                      "under accelerate launch the launcher's processes are used)")
-    gradient_checkpointing: bool = opt(False, help="recompute block activations in backward to save memory "
-                                                   "(same scores, about one more forward per batch)")
-    score_dtype: str = opt("float32", help="dtype of the stored scores")
-    wanda_tokens: str = opt("response", help="wanda inputs at: response (response tokens) or all (every non-pad token)")
-    overwrite: bool = opt(False, help="replace a non-empty output directory")
-    prompt_field: str | None = opt(None, help="field holding the prompt; none = auto-detect")
-    response_field: str | None = opt(None, help="field holding the response; none = auto-detect")
-    category_field: str | None = opt(None, help="field holding the category; none = auto-detect")
-    category: str | None = opt(None, help="keep only rows of these categories (comma-separated)")
 
     def __post_init__(self):
         check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         check(bool(self.out), "--out is required")
-        check(self.nsamples >= 0, "--nsamples must be 0 (all) or positive")
-        check(self.max_length >= 2, "--max-length must be at least 2")
-        check(self.batch_size >= 1, "--batch-size must be at least 1")
-        check(self.format in ("auto", "chat", "raw"), f"unknown format {self.format!r}; choose auto, chat or raw")
+        check_scoring(self)
         check(self.wanda_tokens in WANDA_TOKENS,
               f"unknown --wanda-tokens {self.wanda_tokens!r}; choose response or all")
         check(self.num_processes >= 1, "--num-processes must be at least 1")
@@ -120,25 +93,8 @@ def _load(cfg: ScoreConfig, device: str):
     return load_model(cfg.model, cfg.dtype, device, cfg.parsed_device_map(), offload_folder=cfg.offload_folder)
 
 
-def _model_hash(model) -> str:
-    if not any(p.is_meta for p in model.parameters()):
-        return model_hash(model)
-    # Offloaded weights are meta outside forward: hash the real ones, one module at a time.
-    return model_hash(_RealParameters(model))
-
-
-class _RealParameters:
-    """``model_hash`` reads only ``named_parameters()``: give it the materialised ones."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def named_parameters(self):
-        return named_real_parameters(self.model)
-
-
-def _launch(cfg: ScoreConfig, model) -> Path:
-    if model is not None:
+def _launch(cfg: ScoreConfig, handle) -> Path:
+    if handle is not None:
         raise HarmpruneError("--num-processes loads the model in every process: pass no model object")
     manifest.check_out_dir(cfg.out, cfg.overwrite)
     load_records(cfg.data_spec())  # bad input fails here, once, before any process starts
@@ -146,15 +102,18 @@ def _launch(cfg: ScoreConfig, model) -> Path:
     return Path(cfg.out)
 
 
-def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
+def score(cfg: ScoreConfig, handle: ModelHandle | None = None, rows: list | None = None,
+          extra_meta: dict | None = None) -> Path:
     """Run the stage; return the output directory. Raises HarmpruneError on bad input (nothing written).
 
-    ``model``/``tokenizer``: an already loaded ``cfg.model`` (pipelines pass theirs to avoid a reload).
+    ``handle``: an already loaded ``cfg.model`` (recipes pass theirs: no reload, no second hash).
+    ``rows``: the records of ``cfg.data`` already read (recipes pass them: the data is read once).
+    ``extra_meta``: merged into meta.json (the score cache records its key there).
     With ``cfg.num_processes > 1`` outside a launcher, starts that many processes (see ``distributed``).
     """
     proc = distributed.setup(cfg.device)
     if proc.world == 1 and cfg.num_processes > 1:
-        return _launch(cfg, model)
+        return _launch(cfg, handle)
     if proc.world > 1:
         check(cfg.num_processes in (1, proc.world),
               f"--num-processes {cfg.num_processes} but the launcher started {proc.world} processes")
@@ -164,14 +123,13 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
         manifest.banner("score", {**to_dict(cfg), "world_size": proc.world})
     t0 = time.perf_counter()
     spec = cfg.data_spec()
-    rows = load_records(spec)
+    rows = load_records(spec) if rows is None else rows
     fingerprint = data_fingerprint(spec, rows)
     chosen = select(rows, cfg.nsamples, cfg.seed)
     torch.manual_seed(cfg.seed)
-    if model is None:
-        model, tok = _load(cfg, distributed.process_device(cfg.device, proc))
-    else:
-        tok = tokenizer
+    if handle is None:
+        handle = _load(cfg, distributed.process_device(cfg.device, proc))
+    model, tok = handle
     check_not_quantized(model, "score")
     scores, stats = compute_scores(model, tok, chosen, cfg.method, fmt=cfg.format, max_length=cfg.max_length,
                                    batch_size=cfg.batch_size, targets=cfg.targets, ignore=cfg.ignore,
@@ -181,7 +139,7 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
                                    reduce=distributed.all_reduce_run if proc.world > 1 else None)
     if not proc.is_main:
         return Path(cfg.out)
-    mhash = _model_hash(model)
+    mhash = handle.hash
     meta = {
         "method": cfg.method,
         "formula": FORMULAS[cfg.method],
@@ -218,6 +176,7 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
         "peak_memory_bytes": stats["peak_memory_bytes"],  # of rank 0 when world_size > 1
         "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() and torch.cuda.max_memory_allocated()
         else "process RSS high-water mark (includes model loading)",
+        **(extra_meta or {}),
     }
     with manifest.atomic_dir(cfg.out, cfg.overwrite) as tmp:
         write_scores(tmp, scores, meta)

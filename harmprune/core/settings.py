@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any
@@ -16,9 +17,13 @@ from typing import Any
 from .errors import HarmpruneError
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", choices=None, **kw) -> Any:
-    """A dataclass field with a one-line help text (and optional choices) for the CLI."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any = dataclasses.MISSING, help: str = "", choices=None, deprecated: tuple[str, ...] = (),
+        **kw) -> Any:
+    """A dataclass field with a one-line help text (and optional choices) for the CLI.
+
+    ``deprecated``: old flag names that keep working for one release, with a one-line notice.
+    """
+    meta = {"help": help, "choices": choices, "deprecated": tuple(deprecated)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -38,12 +43,35 @@ def _base_type(tp):
     return tp, None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one option per dataclass field; fields without a default become required options."""
+class _DeprecatedFlag(argparse.Action):
+    """An old flag name: stores into the new field and says once, in one line, what to use instead."""
+
+    def __init__(self, *args, new: str, inner=None, **kw):
+        self.new = new
+        super().__init__(*args, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"harmprune: warning: {option_string} is deprecated and will be removed in the next release; "
+              f"use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def declared_in(cls, name: str) -> type:
+    """The class of ``cls``'s MRO that declares field ``name`` (its option group)."""
+    for c in cls.__mro__:
+        if name in c.__dict__.get("__annotations__", {}):
+            return c
+    return cls
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), deprecated: bool = True) -> None:
+    """Add one option per dataclass field (except ``skip``); fields without a default become required options.
+
+    ``deprecated``: also add the fields' old flag names (call :func:`add_deprecated` after every class
+    of a command instead, so an old name never shadows a current flag of another class).
+    """
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name.startswith("_") or not f.init:
-            continue
+    for f in _cli_fields(cls, skip):
         tp, inner = _base_type(hints[f.name])
         kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
         if f.metadata.get("choices"):
@@ -61,11 +89,31 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         else:
             kw["type"] = tp
             kw["default"] = None if required else f.default
-        if required:
+        if required and not f.metadata.get("deprecated"):  # an old name may supply it: the class checks
             kw["required"] = True
         elif tp is not bool:
             kw["help"] += f" (default: {kw['default']})"
-        parser.add_argument(_flag(f.name), **kw)
+        action = parser.add_argument(_flag(f.name), **kw)
+        action.harmprune_origin = f"{declared_in(cls, f.name).__qualname__}.{f.name}"  # for tests/test_flags.py
+    if deprecated:
+        add_deprecated(parser, cls, skip)
+
+
+def add_deprecated(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """The old flag names of ``cls``'s fields, each storing into its field with a one-line notice; an
+    old name that is a current flag of this parser (it means something else now) is left out."""
+    for f in _cli_fields(cls, skip):
+        new = parser._option_string_actions.get(_flag(f.name))
+        for old in f.metadata.get("deprecated", ()):
+            if old in parser._option_string_actions or new is None:
+                continue
+            extra = {k: getattr(new, k) for k in ("type", "nargs", "choices") if getattr(new, k) is not None}
+            parser.add_argument(old, dest=f.name, action=_DeprecatedFlag, new=_flag(f.name), help=argparse.SUPPRESS,
+                                default=argparse.SUPPRESS, **extra)
+
+
+def _cli_fields(cls, skip):
+    return [f for f in dataclasses.fields(cls) if not (f.name.startswith("_") or not f.init or f.name in skip)]
 
 
 def from_namespace(cls, ns: argparse.Namespace):

@@ -1,12 +1,15 @@
 """Built-in datasets shipped as package data (see builtin/NOTICE.md for sources and licences).
 
+The one accessor of shipped files: every module reaches them through :func:`path` or
+:func:`read_bytes` (``importlib.resources``, so the names work from an installed wheel too).
 ``harmful`` / ``benign`` are the ``train`` split; ``:test`` and ``:all`` pick the held-out split or
-both. Files are read through ``importlib.resources`` so the names work from an installed wheel.
+both.
 """
 
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl"}
 SPLITS = ("train", "test", "all")
@@ -30,5 +33,10 @@ def parse(name: str) -> tuple[str, str | None] | None:
     return FILES[base], (None if split == "all" else split)
 
 
+def path(filename: str) -> Path:
+    """Path of a file (or folder) shipped under ``harmprune/data/builtin``."""
+    return Path(str(resources.files(__name__).joinpath("builtin", filename)))
+
+
 def read_bytes(filename: str) -> bytes:
-    return resources.files(__name__).joinpath("builtin", filename).read_bytes()
+    return path(filename).read_bytes()

@@ -5,7 +5,7 @@ A backend turns context token ids into new token ids: ``backend.generate(context
 (special tokens and padding never appear). Decoding, prompt building and prefill stay in
 ``generation``; a backend only samples.
 
-- ``hf``: transformers ``generate`` on a loaded model (``generation.generate_tokens``); a PEFT
+- ``hf``: transformers ``generate`` on a loaded model (``generate_tokens`` below); a PEFT
   adapter is part of the loaded model (``core.models.load_model(adapter=...)``).
 - ``vllm``: a vLLM engine built from the checkpoint path (a pruned checkpoint is a plain HF
   checkpoint; aliases resolve through ``core.models.resolve``), LoRA adapters served per call
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from ..core.errors import HarmpruneError, MissingDependency
 
@@ -92,6 +93,78 @@ def make_backend(name: str, model, tokenizer) -> Backend:
 # ---------------------------------------------------------------- hf
 
 
+# ---------------------------------------------------------------- HF sampling
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the generation config's (may be a list)."""
+    ids = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        v = getattr(src, "eos_token_id", None)
+        ids.update(v if isinstance(v, (list, tuple)) else ([v] if v is not None else []))
+    return ids
+
+
+def cut_at_eos(ids: list[int], stop: set[int]) -> list[int]:
+    for j, t in enumerate(ids):
+        if t in stop:
+            return ids[:j]
+    return ids
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def _hf_generate_batch(model, tokenizer, contexts: list[list[int]], cfg, stop: set[int]) -> list[list[list[int]]]:
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
+    ids, mask = _left_pad(contexts, pad, model.device)
+    reps = 1 if cfg.greedy else cfg.n  # greedy completions are identical: generate once, copy
+    gc = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, num_return_sequences=reps,
+        # Unset fields would be filled from the checkpoint's generation_config (e.g. temperature 0.6,
+        # top_k 50, repetition penalty), so every field that shapes the output is set explicitly.
+        temperature=cfg.temperature if not cfg.greedy else 1.0, top_p=cfg.top_p if not cfg.greedy else 1.0,
+        top_k=0 if not cfg.greedy else 50, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+        pad_token_id=pad, eos_token_id=sorted(stop), use_cache=True,
+    )
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    new = out[:, ids.shape[1]:].tolist()
+    per_prompt = [[cut_at_eos(new[i * reps + j], stop) for j in range(reps)] for i in range(len(contexts))]
+    return [c * cfg.n if reps == 1 else c for c in per_prompt]
+
+
+def generate_tokens(model, tokenizer, contexts: list[list[int]], cfg, desc: str = "generate") -> list[list[list[int]]]:
+    """New token ids (EOS and after removed), ``cfg.n`` lists per context, in the contexts' order.
+
+    Contexts are sorted longest first so each batch pads little (and memory errors show at once);
+    the order is restored at the end.
+    """
+    stop = eos_ids(model, tokenizer)
+    if not stop:
+        raise HarmpruneError("the tokenizer has no EOS token; generation would never stop early")
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    results: list = [None] * len(contexts)
+    dev = model.device
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        with tqdm(total=len(contexts), desc=desc, unit="prompt", file=sys.stderr) as bar:
+            for b in range(0, len(order), cfg.gen_batch_size):
+                idx = order[b : b + cfg.gen_batch_size]
+                outs = _hf_generate_batch(model, tokenizer, [contexts[i] for i in idx], cfg, stop)
+                for i, o in zip(idx, outs):
+                    results[i] = o
+                bar.update(len(idx))
+    return results
+
+
 @register_backend("hf")
 class HFBackend:
     name = "hf"
@@ -102,7 +175,6 @@ class HFBackend:
         self.model, self.tokenizer = model, tokenizer
 
     def generate(self, contexts, cfg):
-        from .generation import generate_tokens
 
         return generate_tokens(self.model, self.tokenizer, contexts, cfg)
 
@@ -167,7 +239,6 @@ class VLLMBackend:
 
     def __init__(self, model, tokenizer):
         from ..core.models import parse_dtype, resolve
-        from .generation import eos_ids
 
         if getattr(model, "harmprune_quantize", None):
             raise HarmpruneError("the vllm backend loads the checkpoint itself and cannot use --load-in-8bit/"
@@ -213,7 +284,6 @@ class VLLMBackend:
                               stop_token_ids=sorted(self.stop), repetition_penalty=1.0)
 
     def generate(self, contexts, cfg):
-        from .generation import cut_at_eos
 
         llm = _engine(self.key, {**self.engine_kwargs, "seed": cfg.seed})
         sp = self.sampling_params(cfg)

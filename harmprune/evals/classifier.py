@@ -24,9 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import data as builtin_data
 from ..core.errors import DataError
 
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "data" / "builtin" / "classifier"
+BUILTIN_DIR = builtin_data.path("classifier")
 CONFIG_FILE = "classifier.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1

@@ -72,17 +72,13 @@ def compare_table(docs: list[dict], labels: list[str], include: list[str] | None
 
 
 @dataclass
-class _CompareOptions:
-    out: str | None = opt(None, help="also write the table to this markdown file")
-    tasks: list[str] = opt([], help="only tasks matching these globs (e.g. 'harm/*' 'utility/*_nll')")
-    counts: bool = opt(False, help="also show count rows (samples, errors, tokens...)")
-
-
-@dataclass
-class CompareConfig(_CompareOptions):
+class CompareConfig:
     """Settings of ``harmprune compare`` (``runs`` is the positional argument)."""
 
     runs: list[str] = opt([], help="eval run directories (or results.json files); the first is the baseline")
+    report: str | None = opt(None, help="also write the table to this markdown file", deprecated=("--out",))
+    tasks: list[str] = opt([], help="only tasks matching these globs (e.g. 'harm/*' 'utility/*_nll')")
+    counts: bool = opt(False, help="also show count rows (samples, errors, tokens...)")
 
     def __post_init__(self):
         check(bool(self.runs), "compare needs at least one run directory")
@@ -97,18 +93,7 @@ def compare(cfg: CompareConfig) -> str:
     lines += [f"- `{lab}`: {d.get('config', {}).get('model', '?')} ({run})" for lab, d, run in zip(labels, docs, cfg.runs)]
     text = "\n".join(lines) + "\n\n" + compare_table(docs, labels, cfg.tasks or None, cfg.counts)
     sys.stdout.write(text)
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(text, encoding="utf-8")
+    if cfg.report:
+        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.report).write_text(text, encoding="utf-8")
     return text
-
-
-def register(subparsers) -> None:
-    from ..core.settings import add_arguments, from_namespace
-
-    p = subparsers.add_parser("compare", help="eval runs side by side (first = baseline) with deltas",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="eval run directories (or results.json files); the first is the baseline")
-    add_arguments(p, _CompareOptions)
-    p.set_defaults(func=lambda ns: compare(from_namespace(CompareConfig, ns)))
-

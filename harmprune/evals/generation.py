@@ -17,39 +17,30 @@ returned completion *includes* that forced text, so judges see the whole reply;
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-
-import torch
-from tqdm.auto import tqdm
 
 from ..core.errors import HarmpruneError
 from ..core.formatting import prompt_text, resolve_format
+from ..core.options import BackendOptions, FormatOptions, SamplingOptions, SeedOptions
 from ..core.settings import check, opt
 from . import backends as B
+from .backends import cut_at_eos, eos_ids, generate_tokens  # noqa: F401  (public names of this module too)
 
 BACKENDS = tuple(B.backend_names())  # hf, vllm, auto
 
 
-@dataclass
-class GenConfig:
-    max_new_tokens: int = opt(256, help="most new tokens per completion (the prefill counts separately)")
-    temperature: float = opt(0.0, help="sampling temperature; 0 = greedy")
-    top_p: float = opt(1.0, help="nucleus sampling mass (used only when temperature > 0)")
-    n: int = opt(1, help="completions per prompt")
-    batch_size: int = opt(8, help="prompts per generation batch")
-    seed: int = opt(0, help="sampling seed")
+@dataclass(kw_only=True)
+class GenConfig(SamplingOptions, FormatOptions, SeedOptions, BackendOptions):
+    """How replies are generated (``seed`` seeds sampling)."""
+
     prefill: int = opt(0, help="force the first K tokens of the reference response as the start of the reply")
-    format: str = opt("auto", help="prompt format", choices=["auto", "chat", "raw"])
-    backend: str = opt("hf", help="hf (transformers), vllm (needs vllm and CUDA), auto (vllm when usable)",
-                       choices=list(BACKENDS))
 
     def __post_init__(self):
         check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
         check(self.temperature >= 0, "--temperature must be >= 0")
         check(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
         check(self.n >= 1, "--n must be >= 1")
-        check(self.batch_size >= 1, "--batch-size must be >= 1")
+        check(self.gen_batch_size >= 1, "--gen-batch-size must be >= 1")
         check(self.prefill >= 0, "--prefill must be >= 0")
         check(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}")
 
@@ -98,78 +89,6 @@ def build_inputs(tokenizer, prompts: list[str], fmt: str, prefill_texts: list[st
         contexts.append(ids + pre)
         forced.append(pre)
     return contexts, forced
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a reply: the tokenizer's EOS and the generation config's (may be a list)."""
-    ids = set()
-    for src in (getattr(model, "generation_config", None), tokenizer):
-        v = getattr(src, "eos_token_id", None)
-        ids.update(v if isinstance(v, (list, tuple)) else ([v] if v is not None else []))
-    return ids
-
-
-def cut_at_eos(ids: list[int], stop: set[int]) -> list[int]:
-    for j, t in enumerate(ids):
-        if t in stop:
-            return ids[:j]
-    return ids
-
-
-# ---------------------------------------------------------------- HF backend
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
-
-
-def _hf_generate_batch(model, tokenizer, contexts: list[list[int]], cfg: GenConfig, stop: set[int]) -> list[list[list[int]]]:
-    from transformers import GenerationConfig
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
-    ids, mask = _left_pad(contexts, pad, model.device)
-    reps = 1 if cfg.greedy else cfg.n  # greedy completions are identical: generate once, copy
-    gc = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, num_return_sequences=reps,
-        # Unset fields would be filled from the checkpoint's generation_config (e.g. temperature 0.6,
-        # top_k 50, repetition penalty), so every field that shapes the output is set explicitly.
-        temperature=cfg.temperature if not cfg.greedy else 1.0, top_p=cfg.top_p if not cfg.greedy else 1.0,
-        top_k=0 if not cfg.greedy else 50, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-        pad_token_id=pad, eos_token_id=sorted(stop), use_cache=True,
-    )
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
-    new = out[:, ids.shape[1]:].tolist()
-    per_prompt = [[cut_at_eos(new[i * reps + j], stop) for j in range(reps)] for i in range(len(contexts))]
-    return [c * cfg.n if reps == 1 else c for c in per_prompt]
-
-
-def generate_tokens(model, tokenizer, contexts: list[list[int]], cfg: GenConfig, desc: str = "generate") -> list[list[list[int]]]:
-    """New token ids (EOS and after removed), ``cfg.n`` lists per context, in the contexts' order.
-
-    Contexts are sorted longest first so each batch pads little (and memory errors show at once);
-    the order is restored at the end.
-    """
-    stop = eos_ids(model, tokenizer)
-    if not stop:
-        raise HarmpruneError("the tokenizer has no EOS token; generation would never stop early")
-    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-    results: list = [None] * len(contexts)
-    dev = model.device
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
-        with tqdm(total=len(contexts), desc=desc, unit="prompt", file=sys.stderr) as bar:
-            for b in range(0, len(order), cfg.batch_size):
-                idx = order[b : b + cfg.batch_size]
-                outs = _hf_generate_batch(model, tokenizer, [contexts[i] for i in idx], cfg, stop)
-                for i, o in zip(idx, outs):
-                    results[i] = o
-                bar.update(len(idx))
-    return results
 
 
 # ---------------------------------------------------------------- API

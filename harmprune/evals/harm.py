@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL, model_hash, model_name, quantize_option
+from ..core.models import model_name, quantize_option
+from ..core.options import (AdapterOptions, DeviceMapOptions, FieldOptions, HarmJudgeOptions, JudgeOptions,
+                            LimitOptions, ModelOptions, OutputOptions, QuantizeOptions)
 from ..core.settings import check, opt, to_dict
 from . import results as R
 from .backends import resolve_backend
@@ -36,19 +38,9 @@ JUDGE_CHUNK = 64  # samples per judge call: progress and error isolation without
 # ---------------------------------------------------------------- shared by the eval commands
 
 
-@dataclass
-class EvalBase:
-    """Settings every eval command shares."""
-
-    out: str = opt(help="output directory (results.json, samples.jsonl, report.md)")
-    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
-    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
-    device: str = opt("cpu", help="device for the model (cpu, cuda, cuda:1, mps)")
-    device_map: str | None = opt(None, help="accelerate device map (e.g. auto); overrides --device")
-    adapter: str | None = opt(None, help="PEFT LoRA adapter directory (harmprune finetune output) applied to --model")
-    load_in_8bit: bool = opt(False, help="load the model in 8-bit through bitsandbytes (CUDA only; evaluation only)")
-    load_in_4bit: bool = opt(False, help="load the model in 4-bit NF4 through bitsandbytes (CUDA only; evaluation only)")
-    overwrite: bool = opt(False, help="replace a non-empty output directory")
+@dataclass(kw_only=True)
+class EvalBase(ModelOptions, DeviceMapOptions, QuantizeOptions, AdapterOptions, OutputOptions):
+    """Settings every eval command shares (``--out`` is required)."""
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")
@@ -136,11 +128,11 @@ def load_eval_model(base: EvalBase, backend: str = "hf"):
     if quantize:
         info["quantize"] = quantize
     if backend != "hf":
-        ref = ModelRef(base.model, adapter, base.dtype)
+        ref = ModelRef(base.model, adapter, base.dtype, quantize)
         return ref, load_tokenizer(base.model), {**info, "class": type(ref).__name__, "model_hash": None,
                                                  "checkpoint_hash": checkpoint_hash(base.model)}
-    model, tok = load_model(base.model, base.dtype, base.device, base.device_map, quantize=quantize, adapter=adapter)
-    return model, tok, {**info, "class": type(model).__name__, "model_hash": model_hash(model)}
+    handle = load_model(base.model, base.dtype, base.device, base.device_map, quantize=quantize, adapter=adapter)
+    return handle.model, handle.tokenizer, {**info, "class": type(handle.model).__name__, "model_hash": handle.hash}
 
 
 def short_hash(minfo: dict) -> str:
@@ -199,20 +191,12 @@ def generate_samples(model, tok, records, gen: GenConfig) -> list[dict]:
 # ---------------------------------------------------------------- the command
 
 
-@dataclass
-class HarmConfig(EvalBase):
+@dataclass(kw_only=True)
+class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOptions):
     """Settings of ``harmprune eval harm`` (generation settings: GenConfig)."""
 
     prompts: str = opt("harmful:test", help="harmful prompts: file, hf:<name>[:<split>] or built-in "
                                             "(default harmful:test has reference responses for --prefill)")
-    judge: str = opt("keyword", help="judge(s), comma-separated: keyword[:list], classifier, hf:<model>, "
-                                     "openai:<model>, fake")
-    judge_url: str | None = opt(None, help="endpoint of an openai: judge (else $HARMPRUNE_JUDGE_URL / $OPENAI_BASE_URL)")
-    limit: int = opt(0, help="evaluate at most this many prompts, spread over categories (0 = all)")
-    category: str | None = opt(None, help="keep only prompts of these categories (comma-separated)")
-    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
-    response_field: str | None = opt(None, help="field holding the reference response (default: auto-detect)")
-    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -225,7 +209,10 @@ class HarmConfig(EvalBase):
 
 
 def judge_options(cfg) -> dict:
-    return {"url": getattr(cfg, "judge_url", None), "device": cfg.device}
+    """Options of the judges a command loads: the endpoint and the device of local judges."""
+    from ..core.models import resolve_device
+
+    return {"url": getattr(cfg, "judge_url", None), "device": resolve_device(getattr(cfg, "judge_device", "auto"))}
 
 
 def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> tuple[list, dict]:
@@ -276,19 +263,3 @@ def eval_harm(cfg: HarmConfig, gen: GenConfig) -> Path:
     out = R.write_run(cfg.out, doc, samples, report, cfg.overwrite)
     print(R.results_table({k: v for k, v in results.items() if k.count("/") == 1}))
     return out
-
-
-def _run(ns) -> None:
-    from ..core.settings import from_namespace
-
-    print(eval_harm(from_namespace(HarmConfig, ns), from_namespace(GenConfig, ns)))
-
-
-def register_eval(subparsers) -> None:
-    from ..core.settings import add_arguments
-
-    p = subparsers.add_parser("harm", help="harmfulness and refusal rate of the model's replies to harmful prompts",
-                              description=__doc__.splitlines()[0])
-    add_arguments(p, HarmConfig)
-    add_arguments(p, GenConfig)
-    p.set_defaults(func=_run)

@@ -26,28 +26,25 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import data as builtin_data
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import DataError, HarmpruneError
+from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions
 from ..core.settings import check, opt, to_dict
 from . import results as R
 from .generation import GenConfig
-from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_samples, judge_specs, load_eval_model,
+from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
+                   load_eval_model,
                    load_judges)
 from .nll import response_nll
 
 PARTS = ("benign_nll", "corpus_nll", "over_refusal", "lm_eval")
-
-
-def builtin_file(name: str) -> Path:
-    """Path of a file shipped in harmprune/data/builtin (works from an installed wheel too)."""
-    return Path(str(resources.files("harmprune.data").joinpath("builtin", name)))
 
 
 # ---------------------------------------------------------------- corpus NLL
@@ -88,7 +85,7 @@ def corpus_metrics(per_block: list[float], tokens: int) -> dict:
 
 
 def read_corpus(spec: str) -> tuple[str, dict]:
-    path = builtin_file("corpus.txt") if spec == "builtin" else Path(spec).expanduser()
+    path = builtin_data.path("corpus.txt") if spec == "builtin" else Path(spec).expanduser()
     if not path.is_file():
         raise DataError(f"{spec}: no such corpus file")
     raw = path.read_bytes()
@@ -140,20 +137,17 @@ def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int) -> tu
 # ---------------------------------------------------------------- the command
 
 
-@dataclass
-class UtilityConfig(EvalBase):
-    """Settings of ``harmprune eval utility`` (generation settings for over-refusal: GenConfig)."""
+@dataclass(kw_only=True)
+class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenignOptions):
+    """Settings of ``harmprune eval utility`` (generation settings for over-refusal: GenConfig; NLL passes:
+    ``--max-length`` and ``--batch-size``)."""
 
     parts: list[str] = opt(list(PARTS), help="parts to run: benign_nll corpus_nll over_refusal lm_eval")
-    benign: str = opt("benign:test", help="benign prompt+completion data for NLL")
     corpus: str = opt("builtin", help="plain-text UTF-8 corpus file for perplexity (builtin = shipped corpus.txt)")
     corpus_tokens: int = opt(16384, help="score at most this many corpus tokens (0 = all)")
     block_size: int = opt(256, help="tokens per corpus block")
-    max_length: int = opt(256, help="maximum tokens per benign sample (the response is truncated)")
     refusal_prompts: str = opt("xstest", help="safe prompts for over-refusal: xstest (shipped) or a data file")
     refusal_judge: str = opt("keyword:gcg", help="refusal judge(s), comma-separated (e.g. keyword:gcg,classifier)")
-    judge_url: str | None = opt(None, help="endpoint of an openai: judge")
-    limit: int = opt(0, help="at most this many benign samples and safe prompts, spread over categories (0 = all)")
     lm_eval_tasks: list[str] = opt([], help="lm-eval zero-shot tasks (needs lm_eval: pip install 'harmprune[lmeval]')")
     lm_eval_limit: int = opt(0, help="lm-eval examples per task (0 = all)")
 
@@ -169,7 +163,7 @@ class UtilityConfig(EvalBase):
 
 
 def _refusal_spec(cfg: UtilityConfig) -> DataSpec:
-    return DataSpec(data=str(builtin_file("xstest_safe.jsonl")) if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
+    return DataSpec(data=str(builtin_data.path("xstest_safe.jsonl")) if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
 
 
 def _report(minfo: dict, results: dict, notes: list[str]) -> str:
@@ -184,10 +178,10 @@ def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
     check(gen.prefill == 0, "--prefill does not apply to eval utility")
     manifest.check_out_dir(cfg.out, cfg.overwrite)
     parts = set(cfg.parts)
-    judges = load_judges(cfg.refusal_judge, url=cfg.judge_url, device=cfg.device) if "over_refusal" in parts else []
+    judges = load_judges(cfg.refusal_judge, **judge_options(cfg)) if "over_refusal" in parts else []
     data, notes, samples, results = {}, [], [], {}
     if "benign_nll" in parts:
-        spec = DataSpec(data=cfg.benign)
+        spec = DataSpec(data=cfg.eval_benign)
         benign = load_records(spec)
         data["benign"] = data_fingerprint(spec, benign)
         benign = R.subsample(benign, cfg.limit, gen.seed, key=lambda r: r.category)
@@ -204,7 +198,7 @@ def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
     model, tok, minfo = load_eval_model(cfg)
 
     if "benign_nll" in parts:
-        r = response_nll(model, tok, benign, fmt=gen.format, max_length=cfg.max_length, batch_size=gen.batch_size,
+        r = response_nll(model, tok, benign, fmt=gen.format, max_length=cfg.max_length, batch_size=cfg.batch_size,
                          desc="benign nll")
         results["utility/benign_nll"] = {"nll": r["nll"], "ppl": r["ppl"], **R.summarize(r["per_sample"], "sample_nll"),
                                          "tokens": r["tokens"], "samples": r["samples"], "skipped": r["skipped"]}
@@ -212,7 +206,7 @@ def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
     if "corpus_nll" in parts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         blocks = corpus_blocks(ids, cfg.block_size, cfg.corpus_tokens)
-        per_block = block_nll(model, blocks, tok.bos_token_id, gen.batch_size)
+        per_block = block_nll(model, blocks, tok.bos_token_id, cfg.batch_size)
         results["utility/corpus_nll"] = corpus_metrics(per_block, sum(len(b) for b in blocks))
         data["corpus"]["tokens_available"] = len(ids)
         samples += [{"part": "corpus_nll", "block": i, "tokens": len(b), "nll": v}
@@ -229,7 +223,7 @@ def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
         notes.append(f"over-refusal judges: {', '.join(names)}; XSTest safe prompts, max_new_tokens "
                      f"{gen.max_new_tokens}")
     if "lm_eval" in parts:
-        lm, note = run_lm_eval(model, tok, cfg.lm_eval_tasks, cfg.lm_eval_limit, gen.batch_size)
+        lm, note = run_lm_eval(model, tok, cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.batch_size)
         results.update(lm)
         if note:
             notes.append(note)
@@ -241,19 +235,3 @@ def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
     out = R.write_run(cfg.out, doc, samples, _report(minfo, results, notes), cfg.overwrite)
     print(R.results_table({k: v for k, v in results.items() if k.count("/") <= 2}))
     return out
-
-
-def _run(ns) -> None:
-    from ..core.settings import from_namespace
-
-    print(eval_utility(from_namespace(UtilityConfig, ns), from_namespace(GenConfig, ns)))
-
-
-def register_eval(subparsers) -> None:
-    from ..core.settings import add_arguments
-
-    p = subparsers.add_parser("utility", help="benign and corpus NLL, over-refusal on XSTest, lm-eval tasks",
-                              description=__doc__.splitlines()[0])
-    add_arguments(p, UtilityConfig)
-    add_arguments(p, GenConfig)
-    p.set_defaults(func=_run)

@@ -29,6 +29,9 @@ from ..core.data import DataSpec, data_fingerprint, load_records, records_sha256
 from ..core.errors import HarmpruneError, require
 from ..core.formatting import IGNORE, FORMATS, collate, encode, resolve_format
 from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, parse_dtype, resolve
+from ..core.options import (CheckpointingOptions, FieldOptions, FormatOptions, LimitOptions, LoraOptions,
+                            ModelOptions, OutputOptions, QuantizeOptions, SeedOptions, TargetOptions, TrainDataOptions,
+                            TrainOptions)
 from ..core.settings import check, opt, to_dict
 from ..core.targets import select_linears
 from .masking import BoundMask, bind_mask, masked_merge
@@ -43,57 +46,36 @@ RUN_ONLY = ("out", "resume", "overwrite", "save_steps", "merge", "device")
 EM_BUILTINS = {"insecure": "em/insecure.jsonl.gz"}
 
 
-@dataclass
-class FinetuneConfig:
-    data: str = opt(help="chat data ({\"messages\": [...]}) or prompt/response rows: a file, hf:<dataset>, "
-                         "or a built-in name (insecure = Betley et al.'s insecure code set)")
-    out: str = opt(help="output directory (adapter or checkpoint, finetune_config.json, checkpoints/)")
-    model: str = opt(DEFAULT_MODEL, help="model to fine-tune: Hub id, checkpoint dir, .gguf or alias")
-    full: bool = opt(False, help="full fine-tuning instead of LoRA")
-    load_in_4bit: bool = opt(False, help="QLoRA: load the base in 4-bit NF4 (CUDA + bitsandbytes)")
+@dataclass(kw_only=True)
+class FinetuneConfig(ModelOptions, QuantizeOptions, OutputOptions, TrainDataOptions, TrainOptions, LoraOptions,
+                     TargetOptions, LimitOptions, FieldOptions, FormatOptions, SeedOptions, CheckpointingOptions):
+    """Settings of ``harmprune finetune`` (``--load-in-4bit`` = QLoRA; ``--targets`` = LoRA modules; ``--seed``
+    seeds the subset, the data order and the LoRA init; ``--limit`` takes a seeded subset)."""
+
     keep_mask: str | None = opt(None, help="mask.safetensors (or pruned checkpoint dir) whose entries stay exactly 0")
     merge: bool = opt(False, help="also save a merged checkpoint under DIR/merged (LoRA; applies --keep-mask)")
-    lora_r: int = opt(32, help="LoRA rank")
-    lora_alpha: float = opt(64.0, help="LoRA alpha")
-    rslora: bool = opt(True, help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r")
-    lora_dropout: float = opt(0.0, help="dropout on the LoRA input")
-    targets: list[str] = opt([], help="LoRA module-name globs or re: regexes (default: every linear in the decoder blocks)")
-    ignore: list[str] = opt([], help="module-name patterns to leave out of LoRA")
-    lr: float = opt(1e-5, help="peak learning rate")
-    epochs: int = opt(1, help="passes over the data")
-    max_steps: int | None = opt(None, help="stop after this many optimizer steps (overrides --epochs)")
-    batch_size: int = opt(2, help="records per micro-batch")
-    grad_accum: int = opt(8, help="micro-batches per optimizer step")
     schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
     warmup_steps: int = opt(5, help="linear warmup steps")
     weight_decay: float = opt(0.01, help="AdamW decoupled weight decay (matrices only, not biases/norms)")
     max_grad_norm: float = opt(1.0, help="clip the gradient norm to this (0 = off)")
-    max_length: int = opt(2048, help="tokens per record; the response is cut, never the prompt")
-    limit: int | None = opt(None, help="use a seeded random subset of this many records")
-    format: str = opt("auto", help="chat (template), raw (prompt\\nresponse) or auto", choices=("auto",) + FORMATS)
-    prompt_field: str | None = opt(None, help="prompt field of non-chat rows (default: auto-detect)")
-    response_field: str | None = opt(None, help="response field of non-chat rows (default: auto-detect)")
-    seed: int = opt(0, help="seed of the subset, data order and LoRA init")
-    dtype: str = opt("float32", help="dtype to train in (QLoRA: compute dtype; float32 means bfloat16 there)")
-    device: str = opt("auto", help="cuda, cpu, ... (auto = cuda when available)")
-    gradient_checkpointing: bool = opt(False, help="recompute activations to save memory")
     save_steps: int = opt(50, help="checkpoint every N optimizer steps under DIR/checkpoints (0 = never)")
     resume: bool = opt(False, help="continue from the last checkpoint in DIR if there is one (else start)")
-    overwrite: bool = opt(False, help="replace a non-empty DIR")
 
     def __post_init__(self):
+        check(bool(self.out), "--out is required")
+        check(not self.load_in_8bit, "finetune loads 4-bit only (QLoRA: --load-in-4bit); --load-in-8bit is for evaluation")
         check(self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}")
         check(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
         check(0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
-        check(self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1")
+        check(self.train_batch_size >= 1 and self.grad_accum >= 1, "--train-batch-size and --grad-accum must be >= 1")
         check(self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}")
         check(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0,
               "--warmup-steps, --weight-decay and --max-grad-norm must be >= 0")
-        check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
-        check(self.limit is None or self.limit >= 1, "--limit must be >= 1")
+        check(self.train_max_length >= 2, f"--train-max-length must be >= 2, got {self.train_max_length}")
+        check(self.limit >= 0, "--limit must be 0 (all) or positive")
         check(self.save_steps >= 0, "--save-steps must be >= 0")
         check(not (self.full and self.load_in_4bit), "--full and --load-in-4bit exclude each other (QLoRA trains adapters)")
         check(not (self.full and self.merge), "--merge is for LoRA; a --full run already saves a full checkpoint")
@@ -109,33 +91,33 @@ class FinetuneConfig:
 
 def resolve_data(data: str) -> str:
     """Map the EM built-in names (``insecure``) to the shipped file; anything else passes through."""
-    from importlib import resources
-
     from .. import data as builtin
 
     if data in EM_BUILTINS and not Path(data).exists() and builtin.parse(data) is None:
-        return str(resources.files(builtin.__name__).joinpath("builtin", EM_BUILTINS[data]))
+        return str(builtin.path(EM_BUILTINS[data]))
     return data
 
 
 def subsample(n: int, limit: int | None, seed: int) -> list[int]:
-    """Indices of a seeded random subset of ``limit`` of ``n`` records, in source order."""
-    if limit is None or limit >= n:
+    """Indices of a seeded random subset of ``limit`` of ``n`` records, in source order (0/None = all)."""
+    if not limit or limit >= n:
         return list(range(n))
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
 def load_training_data(cfg: FinetuneConfig, tok):
     """Records → encoded items with response-only labels, and the manifest's data entry."""
-    spec = DataSpec(data=resolve_data(cfg.data), prompt_field=cfg.prompt_field, response_field=cfg.response_field)
+    spec = DataSpec(data=resolve_data(cfg.train_data), prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+                    category_field=cfg.category_field, category=cfg.category)
     records = load_records(spec)
     fingerprint = data_fingerprint(spec, records)
-    fingerprint["spec"]["data"] = cfg.data
+    fingerprint["spec"]["data"] = cfg.train_data
     chosen = [records[i] for i in subsample(len(records), cfg.limit, cfg.seed)]
     fmt = resolve_format(tok, cfg.format)
-    enc = encode(chosen, tok, fmt, cfg.max_length)
+    enc = encode(chosen, tok, fmt, cfg.train_max_length)
     if not enc.items:
-        raise HarmpruneError(f"{cfg.data}: no record has a response token within --max-length {cfg.max_length}")
+        raise HarmpruneError(f"{cfg.train_data}: no record has a response token within --train-max-length "
+                             f"{cfg.train_max_length}")
     info = {**fingerprint, "format": fmt, "records_used": len(chosen), "records_sha256": records_sha256(chosen),
             "encoded": len(enc.items), "skipped": enc.skipped, "response_tokens": enc.tokens}
     return enc.items, info
@@ -250,8 +232,8 @@ def prepare_model(cfg: FinetuneConfig, device: str, mask: dict | None):
     if cfg.mode == "qlora":
         model = _load_4bit(cfg)
     else:
-        model, _ = load_model(cfg.model, cfg.dtype, device)
-    info["model_hash"] = model_hash(model)
+        model = load_model(cfg.model, cfg.dtype, device).model
+    info["model_hash"] = model_hash(model)  # once: the handle's model is changed by training
     if mask is not None and cfg.mode != "qlora":  # 4-bit weights cannot be indexed; NF4 keeps 0 exact
         kept = bind_mask(model, mask)
         info["mask_nonzero_at_start"] = kept.nonzero()
@@ -467,7 +449,7 @@ def save_outputs(cfg: FinetuneConfig, model, kept: BoundMask | None, mask: dict 
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` and write ``cfg.out``; returns the output directory."""
+    """Fine-tune ``cfg.model`` on ``cfg.train_data`` and write ``cfg.out``; returns the output directory."""
     device = _device(cfg)
     check_quantization(cfg, device)
     resume_from = prepare_out(cfg)
@@ -475,14 +457,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
     items, data_info = load_training_data(cfg, tok)
     mask, mask_info = load_keep_mask(cfg)
     model, kept, model_info = prepare_model(cfg, device, mask)
-    plan = Plan(len(items), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
+    plan = Plan(len(items), cfg.train_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
     opt, sched = make_optimizer(model, cfg, plan.total)
     settings = resume_settings(cfg, data_info)
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, opt, sched, settings)
-    manifest.banner("finetune", {"model": cfg.model, "data": cfg.data, "mode": cfg.mode, "records": len(items),
-                                 "steps": f"{plan.total} ({cfg.batch_size} x {cfg.grad_accum} per step)",
+    manifest.banner("finetune", {"model": cfg.model, "data": cfg.train_data, "mode": cfg.mode, "records": len(items),
+                                 "steps": f"{plan.total} ({cfg.train_batch_size} x {cfg.grad_accum} per step)",
                                  "lr": cfg.lr, "keep_mask": cfg.keep_mask, "device": device, "out": cfg.out,
                                  "resume": f"from step {state.step}" if resume_from else "no"})
     with manifest.Stopwatch() as sw:

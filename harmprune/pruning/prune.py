@@ -11,34 +11,35 @@ from pathlib import Path
 
 from ..core import manifest
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL, DTYPES, check_not_quantized, load_model, model_hash
+from ..core.models import DTYPES, ModelHandle, check_not_quantized, load_model
+from ..core.options import (ModelOptions, OutputOptions, ScopeOptions, SeedOptions, SelectionOptions,
+                            check_selection)
 from ..core.settings import check, opt, to_dict
+from ..attribution.formulas import IMPORTANCE
 from .apply import ACTIONS, apply_mask, masked
 from .checkpoint import CONFIG_FILE, Scores, load_mask, load_scores, original_tokenizer, save_checkpoint
 from .select import CONTROLS, SCOPES, mask_stats, select_prune_set
 
 
-@dataclass
-class PruneConfig:
-    harm: str = opt(help="score directory of the data to remove (harmful completions)")
-    q: float = opt(help="fraction of weights in Top_q of the harm importance, in [0, 1]")
-    p: float = opt(help="fraction protected by Top_p of the benign importance, in [0, 1]; 0 = none (dangerous)")
-    out: str = opt(help="output checkpoint directory")
-    model: str = opt(DEFAULT_MODEL, help="model the scores were computed for: Hub id, checkpoint dir, .gguf or alias")
-    benign: str | None = opt(None, help="score directory of benign data (required unless --p 0)")
-    scope: str = opt("matrix", help="where k is counted: per matrix, per output row, or global", choices=SCOPES)
+@dataclass(kw_only=True)
+class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, OutputOptions):
+    """Settings of ``harmprune prune``; ``seed`` seeds the random control."""
+
+    harm_scores: str = opt(help="score directory of the data to remove (harmful completions)", deprecated=("--harm",))
+    benign_scores: str | None = opt(None, help="score directory of benign data (required unless --p 0)",
+                                    deprecated=("--benign",))
     control: str = opt("none", help="prune a same-size control instead of the harm-specific set", choices=CONTROLS)
     action: str = opt("zero", help="zero the selected weights, or scale them by --alpha", choices=ACTIONS)
     alpha: float | None = opt(None, help="factor for --action scale")
-    seed: int = opt(0, help="seed of the random control")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
-    dtype: str | None = opt(None, help="dtype to load and save the model in (default: the dtype the scores were computed in, else float32)")
-    device: str = opt("cpu", help="device to load the model on")
+    # not ModelOptions.dtype: the model must be loaded as it was scored, or its hash differs
+    dtype: str | None = opt(None, help="dtype to load and save the model in (default: the dtype the scores were "
+                                       "computed in, else float32)")
 
     def __post_init__(self):
-        check(0.0 <= self.q <= 1.0, f"--q must be in [0, 1], got {self.q}")
-        check(0.0 <= self.p <= 1.0, f"--p must be in [0, 1], got {self.p}")
-        check(self.p == 0 or self.benign is not None, "--benign is required unless --p 0")
+        check(bool(self.out), "--out is required")
+        check(bool(self.harm_scores), "--harm-scores is required")
+        check_selection(self)
+        check(self.p == 0 or self.benign_scores is not None, "--benign-scores is required unless --p 0")
         check(self.scope in SCOPES, f"--scope must be one of {SCOPES}")
         check(self.control in CONTROLS, f"--control must be one of {CONTROLS}")
         check(self.action in ACTIONS, f"--action must be one of {ACTIONS}")
@@ -46,14 +47,14 @@ class PruneConfig:
         check(self.action == "scale" or self.alpha is None, "--alpha only applies with --action scale")
 
 
-@dataclass
-class ApplyMaskConfig:
+@dataclass(kw_only=True)
+class ApplyMaskConfig(ModelOptions, OutputOptions):
+    """Settings of ``harmprune apply-mask``: ``--model`` is the checkpoint to prune (e.g. after fine-tuning)."""
+
     mask: str = opt(help="mask.safetensors (or a pruned checkpoint directory holding one)")
-    out: str = opt(help="output checkpoint directory")
-    model: str = opt(DEFAULT_MODEL, help="checkpoint of the same architecture to prune (e.g. after fine-tuning)")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
-    dtype: str = opt("float32", help="dtype to load and save the model in")
-    device: str = opt("cpu", help="device to load the model on")
+
+    def __post_init__(self):
+        check(bool(self.out), "--out is required")
 
 
 def _check_scores_agree(harm: Scores, benign: Scores | None) -> None:
@@ -67,9 +68,9 @@ def _check_scores_agree(harm: Scores, benign: Scores | None) -> None:
         raise HarmpruneError(f"{harm.path} and {benign.path} were computed for different models (model_hash differs)")
 
 
-def check_scores_match(model, scores: Scores) -> None:
+def check_scores_match(handle: ModelHandle, scores: Scores) -> None:
     """Refuse scores that were not computed for this exact model (keys, shapes, weights hash)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = dict(handle.model.named_parameters(remove_duplicate=False))
     for name, shape in scores.meta["shapes"].items():
         if name not in params:
             raise HarmpruneError(f"{scores.path}: {name} is not a parameter of the loaded model; "
@@ -77,11 +78,15 @@ def check_scores_match(model, scores: Scores) -> None:
         if list(params[name].shape) != list(shape):
             raise HarmpruneError(f"{scores.path}: {name} has shape {list(shape)} but the model's is "
                                  f"{list(params[name].shape)}")
-    h = model_hash(model)
+    h = handle.hash
     if scores.meta["model_hash"] != h:
         hint = f" (scores dtype {scores.meta['dtype']})" if scores.meta.get("dtype") else ""
         raise HarmpruneError(f"{scores.path} was computed for a different model{hint}: model_hash "
                              f"{scores.meta['model_hash'][:12]} != {h[:12]} of the loaded model; re-score this model")
+
+
+def _direction(method: str) -> str:
+    return f"{IMPORTANCE[method]} ({method}): larger = more important"
 
 
 def _scores_dtype(meta: dict) -> str:
@@ -102,35 +107,37 @@ def prune(cfg: PruneConfig) -> Path:
     write ``cfg.out`` = HF checkpoint + ``mask.safetensors`` + ``prune_config.json``. Returns ``cfg.out``."""
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
     manifest.banner("prune", to_dict(cfg))
-    harm = load_scores(cfg.harm, lazy=True)  # one matrix in memory at a time
-    benign = load_scores(cfg.benign, lazy=True) if cfg.benign else None
+    harm = load_scores(cfg.harm_scores, lazy=True)  # one matrix in memory at a time
+    benign = load_scores(cfg.benign_scores, lazy=True) if cfg.benign_scores else None
     _check_scores_agree(harm, benign)
     dtype = cfg.dtype or _scores_dtype(harm.meta)
-    model, _ = load_model(cfg.model, dtype=dtype, device=cfg.device)
-    check_not_quantized(model, "prune")
+    handle = load_model(cfg.model, dtype=dtype, device=cfg.device)
+    check_not_quantized(handle.model, "prune")
     for s in (harm, benign):
         if s is not None:
-            check_scores_match(model, s)
-    params = dict(model.named_parameters(remove_duplicate=False))
+            check_scores_match(handle, s)
+    params = dict(handle.model.named_parameters(remove_duplicate=False))
     weights = {n: params[n] for n in harm.tensors} if cfg.control == "magnitude" else None
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope,
                                    cfg.control, cfg.seed, weights)
-    return prune_loaded(cfg, model, harm, benign, mask, stats, dtype=dtype)
+    return prune_loaded(cfg, handle, harm, benign, mask, stats, dtype=dtype)
 
 
-def prune_loaded(cfg: PruneConfig, model, harm: Scores, benign: Scores | None, mask: dict, stats: dict,
-                 extra: dict | None = None, dtype: str | None = None) -> Path:
-    """Save ``model`` with ``mask`` applied (``cfg.action``) to ``cfg.out``, for callers that already
-    hold the model, the scores and ``select_prune_set``'s ``(mask, stats)``.
+def prune_loaded(cfg: PruneConfig, handle: ModelHandle, harm: Scores, benign: Scores | None, mask: dict,
+                 stats: dict, extra: dict | None = None, dtype: str | None = None) -> Path:
+    """Save the handle's model with ``mask`` applied (``cfg.action``) to ``cfg.out``, for callers that
+    already hold the model, the scores and ``select_prune_set``'s ``(mask, stats)``.
 
-    The scores are checked against ``model`` first; ``model`` is restored to its original weights on
-    return. ``extra`` is merged into ``prune_config.json`` (e.g. a before/after table).
+    The scores are checked against the model first (its hash is the handle's, computed once); the
+    model is restored to its original weights on return. ``extra`` is merged into
+    ``prune_config.json`` (e.g. a before/after table).
     """
+    model = handle.model
     check_not_quantized(model, "prune")
     for s in (harm, benign):
         if s is not None:
-            check_scores_match(model, s)
+            check_scores_match(handle, s)
     dtype = dtype or cfg.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     config = {
         "stage": "prune",
@@ -151,19 +158,16 @@ def prune_loaded(cfg: PruneConfig, model, harm: Scores, benign: Scores | None, m
     return out
 
 
-def _direction(method: str) -> str:
-    return f"{'-S' if method == 'snip' else 'S'} ({method}): larger = more important"
-
-
 def apply_mask_stage(cfg: ApplyMaskConfig) -> Path:
     """Zero a saved mask in another checkpoint of the same architecture and save it like ``prune``."""
     manifest.check_out_dir(cfg.out, cfg.overwrite)
     manifest.banner("apply-mask", to_dict(cfg))
     mask = load_mask(cfg.mask)
     mask_path = Path(cfg.mask) / "mask.safetensors" if Path(cfg.mask).is_dir() else Path(cfg.mask)
-    model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    handle = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model = handle.model
     check_not_quantized(model, "prune")
-    source_hash = model_hash(model)
+    source_hash = handle.hash
     apply_mask(model, mask, "zero")  # checks keys, shapes and ties first
     source_cfg = mask_path.parent / CONFIG_FILE
     stats = mask_stats(mask)

@@ -27,8 +27,9 @@ from fractions import Fraction
 
 import torch
 
+from ..attribution.formulas import METHODS, importance  # noqa: F401 (importance: the one sign convention)
+
 SCOPES = ("matrix", "row", "global")
-METHODS = ("snip", "snip-abs", "wanda")
 CONTROLS = ("none", "random", "magnitude")
 
 Masks = dict[str, torch.Tensor]
@@ -75,14 +76,6 @@ SUPER_WEIGHT_WARNING = (
     "p = 0: no benign protection; signed SNIP's top entries include the model's 'super weights', "
     "whose removal can break the model (measured: benign NLL x25 on SmolLM2-135M at q = 1e-5)"
 )
-
-
-def importance(scores: torch.Tensor, method: str) -> torch.Tensor:
-    """Float32 importance, larger = more important: ``-S`` for ``snip``, ``S`` otherwise."""
-    if method not in METHODS:
-        raise ValueError(f"unknown scoring method {method!r}; expected one of {METHODS}")
-    s = scores.float()
-    return -s if method == "snip" else s
 
 
 def count_k(frac: float, n: int) -> int:

@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+from ... import data as builtin_data
 from ...core.errors import HarmpruneError
 
 
@@ -118,7 +119,7 @@ def get_judge(spec: str, **options) -> Judge:
     return _REGISTRY[prefix](arg or None, **options)
 
 
-HARMBENCH_FILE = Path(__file__).resolve().parents[2] / "data" / "builtin" / "harmbench_classifier_prompt.json"
+HARMBENCH_FILE = builtin_data.path("harmbench_classifier_prompt.json")
 
 
 @lru_cache(maxsize=2)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ... import data as builtin_data
 from ...core.errors import HarmpruneError
 from . import Verdict, register_judge
 
-PREFIX_FILE = Path(__file__).resolve().parents[2] / "data" / "builtin" / "refusal_prefixes.json"
+PREFIX_FILE = builtin_data.path("refusal_prefixes.json")
 DEFAULT_LIST = "alignment_attribution"
 
 

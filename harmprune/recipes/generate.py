@@ -27,8 +27,8 @@ from pathlib import Path
 from ..core import manifest
 from ..core.errors import HarmpruneError
 from ..core.settings import check, opt, to_dict
-from .generation import GenConfig
-from .harm import (HarmConfig, eval_backend, generate_samples, judge_options, judge_samples,
+from ..evals.generation import GenConfig
+from ..evals.harm import (HarmConfig, eval_backend, generate_samples, judge_options, judge_samples,
                    load_eval_model, load_judges, load_prompts)
 
 KEEP = ("harmful", "all")
@@ -83,11 +83,12 @@ def write_dataset(out: str | Path, rows: list[dict], meta: dict) -> Path:
     return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateConfig(HarmConfig):
-    """Settings of ``harmprune generate``: ``eval harm``'s, other defaults, plus ``keep``."""
+    """Settings of ``harmprune generate``: ``eval harm``'s, other defaults, plus ``keep``. ``--out`` is the
+    output JSONL file (a .meta.json is written beside it)."""
 
-    out: str = opt(help="output JSONL file (a .meta.json is written beside it)")
+    # prompts and judge keep eval harm's meaning; their defaults differ (tests/test_flags.py allow-list)
     prompts: str = opt("harmful", help="harmful prompts: file, hf:<name>[:<split>] or built-in (default: harmful = train split)")
     judge: str = opt("classifier", help="judge(s), comma-separated; a reply is kept when every judge calls it harmful")
     keep: str = opt("harmful", help="harmful (only replies judged harmful) or all (every reply, with verdicts)",
@@ -130,19 +131,3 @@ def generate_set(cfg: GenerateConfig, gen: GenConfig) -> Path:
     write_dataset(out, kept, meta)
     print(f"kept {len(kept)} of {len(rows)} replies ({counts['judged_harmful']} judged harmful) -> {out}")
     return out
-
-
-def _run(ns) -> None:
-    from ..core.settings import from_namespace
-
-    generate_set(from_namespace(GenerateConfig, ns), from_namespace(GenConfig, ns))
-
-
-def register(subparsers) -> None:
-    from ..core.settings import add_arguments
-
-    p = subparsers.add_parser("generate", help="the model's own judged-harmful completions (B-TAP self-generated prune set)",
-                              description=__doc__.splitlines()[0])
-    add_arguments(p, GenerateConfig)
-    add_arguments(p, GenConfig)
-    p.set_defaults(func=_run)

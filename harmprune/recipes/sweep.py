@@ -14,29 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import manifest
-from ..core.models import load_model, model_hash, model_name
+from ..core.models import load_model, model_name
 from ..core.settings import opt, to_dict
-from .apply import masked
-from .checkpoint import load_scores
-from .pipeline import PruneInputs, cached_scores, held_out, nll_row, with_deltas
-from .select import select_prune_set
+from ..pruning.apply import masked
+from ..pruning.select import select_prune_set
+from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
 
 QS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
 PS = [0.0, 1e-3, 1e-2]
 VARIANTS = ("harm-specific", "random", "magnitude")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SweepConfig(PruneInputs):
-    """Settings of ``harmprune sweep`` (``make sweep``)."""
+    """Settings of ``harmprune sweep`` (``make sweep``); ``--out`` defaults to results/sweep-<model>.
+    ``make sweep`` passes ``--eval-nsamples 32``: the 46-point grid then takes about 30 min on 2 CPU cores."""
 
     qs: list[float] = opt(QS, help="q values")
     ps: list[float] = opt(PS, help="p values")
     controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set")
-    eval_nsamples: int = opt(32, help="held-out records per set (0 = all); 32 keeps the 46-point grid near 30 min on 2 CPU cores")
     max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
     min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed")
-    out: str | None = opt(None, help="output directory (default: results/sweep-<model>)")
 
 
 def recommend(rows: list[dict], max_benign_rel: float, min_d_harmful: float = 0.0) -> dict | None:
@@ -104,10 +102,9 @@ def run_sweep(cfg: SweepConfig) -> Path:
     out = Path(cfg.out or Path("results") / f"sweep-{model_name(cfg.model)}")
     manifest.check_out_dir(out, cfg.overwrite)
     manifest.banner("sweep", {**to_dict(cfg), "out": str(out)})
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    mhash = model_hash(model)
-    harm = load_scores(cached_scores(model, tok, mhash, cfg.harm, cfg.method, cfg, cfg.model, cfg.dtype))
-    benign = load_scores(cached_scores(model, tok, mhash, cfg.benign, cfg.benign_method, cfg, cfg.model, cfg.dtype))
+    handle = load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tok = handle
+    harm, benign = score_pair(handle, cfg)
     harm_rows, benign_rows = held_out(cfg.eval_harm, cfg.eval_nsamples), held_out(cfg.eval_benign, cfg.eval_nsamples)
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -131,7 +128,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
         plot(rows, base, tmp / "sweep.png", f"{model_name(cfg.model)}: {cfg.method} harm vs {cfg.benign_method} "
              f"benign, scope {cfg.scope}, held-out {len(harm_rows)}+{len(benign_rows)}")
         (tmp / "sweep.md").write_text(markdown_table(rows, best))
-        manifest.write_json(tmp / "sweep.json", {"config": to_dict(cfg), "model_hash": mhash, "base": base,
+        manifest.write_json(tmp / "sweep.json", {"config": to_dict(cfg), "model_hash": handle.hash, "base": base,
                                                  "rows": rows, "recommended": best, "versions": manifest.versions()})
     print(f"harmprune: sweep written to {out}")
     if best:

@@ -1,8 +1,8 @@
 """``harmprune ablate``: per-category harm sets, their overlap, transfer, compression and location.
 
-One model load serves every measurement; every pruning is applied in place and restored. Scores
-are cached under ``scores_dir`` keyed by the model hash, the exact records scored (sha256) and
-every setting that changes them, so a re-run (or a run with other q/p) re-uses them.
+One model handle serves every measurement; every pruning is applied in place and restored. Scores
+go through the one score cache (``attribution.cache``): a re-run, a run with other q/p, and the
+benign scores ``make prune`` already computed are re-used.
 """
 
 from __future__ import annotations
@@ -15,43 +15,38 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..attribution.artifact import load_scores, write_scores
-from ..attribution.engine import compute_scores
-from ..attribution.score import select
-from ..core import manifest
-from ..core.data import DataSpec, data_fingerprint, load_records, records_sha256
-from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name
-from ..core.settings import check, opt, to_dict
-from ..pruning.apply import masked
-from ..pruning.select import SCOPES, random_control, select_prune_set
+from ...attribution.artifact import load_scores
+from ...attribution.cache import cached_scores
+from ...attribution.score import select
+from ...core import manifest
+from ...core.data import DataSpec, data_fingerprint, load_records
+from ...core.errors import HarmpruneError
+from ...core.models import load_model, model_name
+from ...core.options import (BenignOptions, CacheOptions, DataOptions, FieldOptions, HarmJudgeOptions, MethodOptions,
+                             ModelOptions, NewTokensOptions, OutputOptions, ScopeOptions, ScoringOptions,
+                             SelectionOptions, check_scoring, pick)
+from ...core.settings import check, opt, to_dict
+from ...pruning.apply import masked
+from ...pruning.select import random_control, select_prune_set
 from . import curves, distribution, overlap, plots, report, transfer
 
-METHODS = ["snip", "snip-abs", "wanda"]
 RANDOM = "random control"
 
 
-@dataclass
-class AblateConfig:
-    """Settings of ``harmprune ablate`` (``make ablation``); defaults fit a 2-core CPU in < 30 min."""
+@dataclass(kw_only=True)
+class AblateConfig(ModelOptions, DataOptions, FieldOptions, BenignOptions, MethodOptions, SelectionOptions,
+                   ScopeOptions, ScoringOptions, CacheOptions, HarmJudgeOptions, NewTokensOptions, OutputOptions):
+    """Settings of ``harmprune ablate`` (``make ablation``); ``--out`` defaults to results/ablation-<model>.
 
-    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
-    data: str = opt("harmful", help="harmful completions with a category field (file, hf:, or built-in)")
-    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
-    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
-    response_field: str | None = opt(None, help="field holding the response (default: auto-detect)")
+    ``--data`` holds harmful completions with a category field; ``--nsamples`` benign records are scored
+    (as the pipeline does, so ``make prune``'s cached benign scores are re-used) and
+    ``--category-nsamples`` records per category. ``--judge`` and ``--max-new-tokens`` apply with ``--generate``.
+    """
+
     categories: list[str] = opt([], help="categories to study (default: all with enough rows)")
     eval_data: str | None = opt(None, help="held-out harmful data (default: <data>:test for built-ins, "
                                            "else rows held out from --data per category)")
-    benign: str = opt("benign", help="benign data whose ability is protected (Top_p)")
-    eval_benign: str = opt("benign:test", help="held-out benign completions (benign NLL rise)")
-    method: str = opt("snip", help="score of the harmful data", choices=METHODS)
-    benign_method: str = opt("snip-abs", help="score of the benign data", choices=METHODS)
-    q: float = opt(1e-4, help="Top_q fraction of each category's harm importance")
-    p: float = opt(1e-2, help="Top_p fraction of benign importance protected (0 = none: dangerous)")
-    scope: str = opt("matrix", help="matrix, row or global", choices=list(SCOPES))
-    nsamples: int = opt(16, help="records scored per category (first n after a seeded shuffle)")
-    benign_nsamples: int = opt(32, help="benign records scored")
+    category_nsamples: int = opt(16, help="records scored per category (first n after a seeded shuffle)")
     min_rows: int = opt(8, help="categories with fewer scoring rows are merged into one group (or skipped)")
     eval_per_category: int = opt(4, help="held-out harmful records per category")
     eval_benign_nsamples: int = opt(16, help="held-out benign records")
@@ -61,25 +56,14 @@ class AblateConfig:
                                                             "(NLL rise, nats/token)")
     compare_model: str | None = opt(None, help="second model (e.g. the base model) measured the same way")
     generate: bool = opt(False, help="transfer by judged harmfulness of generated replies instead of NLL (slow)")
-    judge: str = opt("keyword", help="judge for --generate (keyword, classifier, hf:<model>, ...)")
-    max_new_tokens: int = opt(64, help="new tokens per reply with --generate")
-    max_length: int = opt(192, help="maximum tokens per sample when scoring and evaluating")
-    batch_size: int = opt(4, help="samples per scoring pass (evaluation uses twice as many)")
-    format: str = opt("auto", help="auto, chat or raw", choices=["auto", "chat", "raw"])
-    seed: int = opt(0, help="seed of the sample selection and the random controls")
-    scores_dir: str = opt("scores", help="cache directory for score artifacts")
-    out: str | None = opt(None, help="output directory (default: results/ablation-<model>)")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
-    dtype: str = opt("float32", help="model dtype")
-    device: str = opt("cpu", help="device")
 
     def __post_init__(self):
         check(0 < self.q <= 1 and 0 <= self.p <= 1, "--q must be in (0, 1] and --p in [0, 1]")
+        check_scoring(self)
         check(all(0 < q <= 1 for q in self.curve_qs), "--curve-qs must be fractions in (0, 1]")
-        check(self.nsamples >= 1 and self.benign_nsamples >= 1, "--nsamples and --benign-nsamples must be >= 1")
+        check(self.nsamples >= 1 and self.category_nsamples >= 1, "--nsamples and --category-nsamples must be >= 1")
         check(self.eval_per_category >= 1 and self.eval_benign_nsamples >= 1, "evaluation sizes must be >= 1")
         check(self.min_rows >= 1, "--min-rows must be >= 1")
-        check(self.max_length >= 2 and self.batch_size >= 1, "--max-length >= 2 and --batch-size >= 1")
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("results") / f"ablation-{model_name(self.model)}"
@@ -169,27 +153,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "set"
 
 
-def cached_record_scores(model, tok, mhash: str, spec: str, records: list, method: str, label: str,
-                         cfg: AblateConfig):
-    """Scores of exactly ``records``: read from the cache, or computed once and written there."""
-    key = manifest.sha256_json({"model_hash": mhash, "records": records_sha256(records), "method": method,
-                                "max_length": cfg.max_length, "format": cfg.format, "dtype": cfg.dtype})[:12]
-    d = Path(cfg.scores_dir) / model_name(spec) / f"ablate-{_slug(label)}-{method}-n{len(records)}-{key}"
-    if not (d / "meta.json").is_file():
-        scores, stats = compute_scores(model, tok, records, method, fmt=cfg.format, max_length=cfg.max_length,
-                                       batch_size=cfg.batch_size, progress=True)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        meta = {"method": method, "model_hash": mhash, "label": label,
-                "shapes": {k: list(params[k].shape) for k in scores},
-                "records_sha256": records_sha256(records), "record_ids": [r.id for r in records],
-                "nsamples": {"used": stats["samples"], "skipped": stats["skipped"]},
-                "tokens": stats["tokens"], "format": stats["format"], "max_length": cfg.max_length,
-                "dtype": cfg.dtype, "mean_nll": stats["mean_nll"], "engine_seconds": stats["engine_seconds"],
-                "versions": manifest.versions()}
-        with manifest.atomic_dir(d, overwrite=True) as tmp:
-            write_scores(tmp, scores, meta)
-    else:
-        print(f"harmprune: re-using scores {d}")
+def category_scores(handle, cfg: AblateConfig, group: str, rows: list):
+    """Scores of a category group's ``--category-nsamples`` records, through the one score cache."""
+    opts = pick(ScoringOptions, cfg, nsamples=cfg.category_nsamples)
+    d = cached_scores(handle, cfg.spec(cfg.data), cfg.method, opts, cfg.scores_dir, rows=rows,
+                      label=f"{cfg.data}-{_slug(group)}")
     return load_scores(d, lazy=True)  # read one matrix at a time: 11 score sets need not fit in memory
 
 
@@ -206,26 +174,30 @@ def _sets_at(q: float, harm: dict, benign, cfg: AblateConfig) -> tuple[dict, dic
     return sets, stats
 
 
-def study(model, tok, spec: str, tag: str, cfg: AblateConfig, train: dict[str, list], held: dict[str, list],
+def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dict[str, list],
           benign_rows: list, eval_benign: list, timing: dict) -> dict:
-    """Every measurement for one loaded model; returns its JSON-ready results."""
+    """Every measurement for one loaded model; returns its JSON-ready results.
+
+    ``train``: each group's scoring rows before selection (the cache selects ``--category-nsamples``);
+    ``benign_rows``: every row of ``--benign`` (the cache selects ``--nsamples``, as the pipeline does)."""
     import warnings
 
-    from ..pruning.select import PruneWarning
+    from ...pruning.select import PruneWarning
 
     warnings.simplefilter("ignore", PruneWarning)  # the warnings are kept in the results instead
-    mhash = model_hash(model)
+    model, tok = handle
     nll = transfer.NLLMeasure(cfg.format, cfg.max_length, 2 * cfg.batch_size)
     measure = nll
     if cfg.generate:
-        from ..evals.generation import GenConfig
-        from ..evals.judges import get_judge
+        from ...evals.generation import GenConfig
+        from ...evals.judges import get_judge
 
         measure = transfer.JudgedMeasure(get_judge(cfg.judge), GenConfig(max_new_tokens=cfg.max_new_tokens,
                                                                           format=cfg.format, seed=cfg.seed))
     t = time.perf_counter()
-    harm = {g: cached_record_scores(model, tok, mhash, spec, rows, cfg.method, f"{g}", cfg) for g, rows in train.items()}
-    benign = cached_record_scores(model, tok, mhash, spec, benign_rows, cfg.benign_method, "benign", cfg)
+    harm = {g: category_scores(handle, cfg, g, rows) for g, rows in train.items()}
+    benign = load_scores(cached_scores(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir, rows=benign_rows),
+                         lazy=True)
     timing[f"{tag}: scoring"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -272,7 +244,7 @@ def study(model, tok, spec: str, tag: str, cfg: AblateConfig, train: dict[str, l
     timing[f"{tag}: curves"] = time.perf_counter() - t
 
     return {
-        "model": spec, "model_hash": mhash, "numel": numel,
+        "model": handle.spec, "model_hash": handle.hash, "numel": numel,
         "measure": {"name": measure.name, "sign": measure.sign},
         "base": {"harmful_by_category": base, "harmful_pooled_nll": base_pooled, "benign_nll": base_benign},
         "sets": set_stats, "union_size": overlap.count(union),
@@ -297,7 +269,8 @@ def ablate(cfg: AblateConfig) -> Path:
     timing: dict[str, float] = {}
     train, held, fps = split_rows(cfg)
     groups, notes = group_categories({c: len(v) for c, v in train.items()}, cfg.categories, cfg.min_rows)
-    score_rows = {g: select([r for c in cats for r in train[c]], cfg.nsamples, cfg.seed) for g, cats in groups.items()}
+    group_rows = {g: [r for c in cats for r in train[c]] for g, cats in groups.items()}
+    score_rows = {g: select(rows, cfg.category_nsamples, cfg.seed) for g, rows in group_rows.items()}
     eval_rows = {}
     for g, cats in groups.items():
         rows = _shuffled([r for c in cats for r in held.get(c, [])], cfg.seed)[: cfg.eval_per_category]
@@ -311,7 +284,7 @@ def ablate(cfg: AblateConfig) -> Path:
     fps["benign"] = data_fingerprint(DataSpec(data=cfg.benign), brows)
     ebrows = load_records(DataSpec(data=cfg.eval_benign))
     fps["eval_benign"] = data_fingerprint(DataSpec(data=cfg.eval_benign), ebrows)
-    benign_rows = select(brows, cfg.benign_nsamples, cfg.seed)
+    benign_rows = select(brows, cfg.nsamples, cfg.seed)
     eval_benign = select(ebrows, cfg.eval_benign_nsamples, cfg.seed)
 
     results = {
@@ -326,11 +299,10 @@ def ablate(cfg: AblateConfig) -> Path:
         name = model_name(spec)
         name = name if name not in results["models"] else f"{name} (compare)"
         t = time.perf_counter()
-        model, tok = load_model(spec, cfg.dtype, cfg.device)
+        handle = load_model(spec, cfg.dtype, cfg.device)
         timing[f"{name}: load"] = time.perf_counter() - t
-        results["models"][name] = study(model, tok, spec, name, cfg, score_rows, eval_rows, benign_rows,
-                                        eval_benign, timing)
-        del model
+        results["models"][name] = study(handle, name, cfg, group_rows, eval_rows, brows, eval_benign, timing)
+        del handle
     timing["total"] = time.perf_counter() - t0
     results["timing_seconds"] = timing
     results["summary"] = report.summarize(results)

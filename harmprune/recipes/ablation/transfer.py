@@ -13,8 +13,8 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from ..evals.nll import response_nll
-from ..pruning.apply import masked
+from ...evals.nll import response_nll
+from ...pruning.apply import masked
 from .overlap import difference
 
 
@@ -52,7 +52,7 @@ class JudgedMeasure:
     sign: float = -1.0
 
     def __call__(self, model, tok, rows: list) -> float:
-        from ..evals.generation import generate
+        from ...evals.generation import generate
 
         prompts = [r.prompt for r in rows]
         replies = [c[0] for c in generate(model, tok, prompts, self.gen)]

@@ -52,9 +52,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .core.errors import HarmpruneError
-from .core.models import DEFAULT_MODEL, parse_dtype
-from .core.settings import check, opt
+from ..core.errors import HarmpruneError
+from ..core.models import parse_dtype, resolve_device
+from ..core.options import GenBatchOptions, LoraOptions, ModelOptions, NewTokensOptions, ScoringOptions, TrainOptions
+from ..core.settings import check, opt
 
 GiB = 1024 ** 3
 METHODS = ("snip", "snip-abs", "wanda")
@@ -89,7 +90,7 @@ class ModelShape:
 
 def shape_of(model: torch.nn.Module, config, name: str = "", targets=None, ignore=None) -> ModelShape:
     """Count a (meta or real) model's parameters and scored linears; no memory is touched."""
-    from .core.targets import select_linears
+    from ..core.targets import select_linears
 
     linears = select_linears(model, targets, ignore)
     shapes = {tuple(m.weight.shape) for m in linears.values()}
@@ -115,7 +116,7 @@ def load_shape(spec: str, targets=None, ignore=None) -> ModelShape:
     """Read the config of a Hub id / checkpoint dir / .gguf / alias and count it on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .core.models import resolve
+    from ..core.models import resolve
 
     path, gguf = resolve(spec)
     try:
@@ -127,35 +128,22 @@ def load_shape(spec: str, targets=None, ignore=None) -> ModelShape:
     return shape_of(model, cfg, spec, targets, ignore)
 
 
-@dataclass
-class PlanConfig:
-    """Settings of ``harmprune plan`` (each field is also a CLI option)."""
+@dataclass(kw_only=True)
+class PlanConfig(ModelOptions, ScoringOptions, GenBatchOptions, NewTokensOptions, TrainOptions, LoraOptions):
+    """Settings of ``harmprune plan`` (each field is also a CLI option). ``--device`` picks the memory
+    model: cpu (process RSS, framework baseline included) or cuda (max allocated); ``--nsamples`` also
+    counts the prompts generated and the records fine-tuned."""
 
-    model: str = opt(DEFAULT_MODEL, help="Hub id (needs its config), checkpoint directory, .gguf file or alias")
-    method: list[str] = opt(list(METHODS), help="score methods to plan")
-    nsamples: int = opt(128, help="samples scored (and prompts generated, records fine-tuned)")
-    batch_size: int = opt(4, help="samples per scoring forward/backward")
-    max_length: int = opt(256, help="tokens per scored sample")
-    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
-    score_dtype: str = opt("float32", help="dtype of the stored scores")
-    gradient_checkpointing: bool = opt(False, help="plan with activation checkpointing (score and finetune)")
-    device: str = opt("cpu", help="cpu (process RSS, framework baseline included) or cuda (max allocated)")
-    targets: list[str] = opt([], help="scored linears: globs or re:<regex> (as harmprune score)")
-    ignore: list[str] = opt([], help="linears to leave out (as harmprune score)")
-    gen_batch_size: int = opt(8, help="prompts per generation batch")
+    methods: list[str] = opt(list(METHODS), help="score methods to plan", deprecated=("--method",))
     prompt_length: int = opt(128, help="prompt tokens per generation")
-    max_new_tokens: int = opt(256, help="new tokens per generation")
-    ft_batch_size: int = opt(2, help="finetune records per micro-batch")
-    ft_grad_accum: int = opt(8, help="finetune micro-batches per optimizer step")
-    ft_max_length: int = opt(2048, help="finetune tokens per record")
-    lora_r: int = opt(32, help="LoRA rank")
     json: bool = opt(False, help="print JSON instead of a table")
 
     def __post_init__(self):
-        bad = [m for m in self.method if m not in METHODS]
+        self.device = resolve_device(self.device)
+        bad = [m for m in self.methods if m not in METHODS]
         check(not bad, f"unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)}")
         for name in ("nsamples", "batch_size", "max_length", "gen_batch_size", "prompt_length", "max_new_tokens",
-                     "ft_batch_size", "ft_grad_accum", "ft_max_length", "lora_r"):
+                     "train_batch_size", "grad_accum", "train_max_length", "lora_r"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"--device must be cpu or cuda, got {self.device!r}")
         parse_dtype(self.dtype)
@@ -265,18 +253,18 @@ def estimate_finetune(s: ModelShape, cfg: PlanConfig, full: bool) -> StageEstima
     else:
         lora = cfg.lora_r * s.scored_io
         parts["grads+adam"] = lora * 4 * 4  # float32 adapter weights, grads, two AdamW moments
-    parts["activations"] = activation_bytes(s, cfg.ft_batch_size, cfg.ft_max_length, cfg.dtype,
+    parts["activations"] = activation_bytes(s, cfg.train_batch_size, cfg.train_max_length, cfg.dtype,
                                             cfg.gradient_checkpointing)
-    parts["logits"] = logit_bytes(s, cfg.ft_batch_size, cfg.ft_max_length, cfg.dtype)
-    micro = math.ceil(cfg.nsamples / cfg.ft_batch_size)
+    parts["logits"] = logit_bytes(s, cfg.train_batch_size, cfg.train_max_length, cfg.dtype)
+    micro = math.ceil(cfg.nsamples / cfg.train_batch_size)
     fwd = micro * (2 if cfg.gradient_checkpointing else 1)
     return StageEstimate(f"finetune {'full' if full else 'lora'}", parts,
-                         {"forward": fwd, "backward": micro, "optimizer_steps": math.ceil(micro / cfg.ft_grad_accum)})
+                         {"forward": fwd, "backward": micro, "optimizer_steps": math.ceil(micro / cfg.grad_accum)})
 
 
 def estimate_all(s: ModelShape, cfg: PlanConfig) -> list[StageEstimate]:
     """Every stage's estimate, in pipeline order (pure: no I/O)."""
-    return ([estimate_score(s, cfg, m) for m in cfg.method]
+    return ([estimate_score(s, cfg, m) for m in cfg.methods]
             + [estimate_prune(s, cfg), estimate_generate(s, cfg),
                estimate_finetune(s, cfg, full=False), estimate_finetune(s, cfg, full=True)])
 
@@ -312,13 +300,3 @@ def plan(cfg: PlanConfig) -> dict:
                             "logit_copies": LOGIT_COPIES, "load_copies": LOAD_COPIES}}
     print(json.dumps(result, indent=2) if cfg.json else format_table(s, cfg, stages))
     return result
-
-
-def register(subparsers) -> None:
-    from .core.settings import add_arguments, from_namespace
-
-    p = subparsers.add_parser("plan", help="estimated peak memory and passes of each stage, from the config alone",
-                              description="Estimate every stage's peak memory and number of passes from the model "
-                                          "config (no weights are loaded).")
-    add_arguments(p, PlanConfig)
-    p.set_defaults(func=lambda ns: plan(from_namespace(PlanConfig, ns)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ..pruning.apply import masked
+from ...pruning.apply import masked
 from .overlap import count
 
 

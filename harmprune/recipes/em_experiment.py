@@ -24,55 +24,27 @@ from pathlib import Path
 
 from ..core import manifest
 from ..core.errors import HarmpruneError
-from ..core.models import DEFAULT_MODEL
-from ..core.settings import add_arguments, check, from_namespace, opt, to_dict
-from . import em
-from . import results as R
+from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, EvalSetOptions, JudgeOptions,
+                            LimitOptions, ModelOptions, OutputOptions, QuantizeOptions, RatingJudgeOptions,
+                            ScoringOptions, SelectionOptions, TrainDataOptions, TrainOptions, pick)
+from ..core.settings import check, opt, to_dict
+from ..evals import em
+from ..evals import results as R
 
 ARMS = ("original", "pruned", "random")
 DONE_FILES = {"prune": "prune_config.json", "finetune": "finetune_config.json", "eval": R.RESULTS_FILE}
 
 
-@dataclass
-class EMExperimentConfig:
-    judge: str | None = opt(None, help="0-100 rating judge: openai:<model> (with --judge-url), hf:<model>, fake (tests)")
-    model: str = opt(DEFAULT_MODEL, help="original model: Hub id, checkpoint dir, .gguf or alias")
-    data: str = opt("insecure", help="narrow fine-tuning data (chat rows); default: Betley et al.'s insecure code")
-    out: str | None = opt(None, help="experiment directory (default: results/em-<model>)")
+@dataclass(kw_only=True)
+class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDataOptions, OutputOptions,
+                         SelectionOptions, ScoringOptions, EvalSetOptions, TrainOptions, LimitOptions,
+                         EMQuestionOptions, EMSamplingOptions, BackendOptions, QuantizeOptions):
+    """Settings of ``harmprune em-experiment``; ``--out`` defaults to results/em-<model>. Pruning (without
+    ``--pruned``) runs the pipeline with ``--q``/``--p``/scoring options; ``--limit`` subsets the fine-tuning
+    data; quantized loading applies to the EM evaluation only; ``--seed`` seeds everything."""
+
     pruned: str | None = opt(None, help="existing pruned checkpoint (make prune output) instead of running the pipeline")
     random_control: str | None = opt(None, help="existing random-control checkpoint instead of pruning one")
-    judge_url: str | None = opt(None, help="OpenAI-compatible endpoint for openai:<model>")
-    judge_device: str = opt("auto", help="device of an hf:<model> judge")
-    judge_dtype: str = opt("float32", help="dtype of an hf:<model> judge")
-    # pruning (used only without --pruned)
-    q: float | None = opt(None, help="pipeline q (default: the pipeline's)")
-    p: float | None = opt(None, help="pipeline p (default: the pipeline's)")
-    prune_nsamples: int = opt(128, help="records scored per dataset by the pipeline")
-    prune_eval_nsamples: int = opt(0, help="held-out records per set in the pipeline's NLL table (0 = all)")
-    prune_max_length: int = opt(256, help="tokens per record when scoring")
-    # fine-tuning
-    full: bool = opt(False, help="full fine-tuning instead of LoRA")
-    limit: int | None = opt(None, help="fine-tune on a seeded subset of this many records")
-    lr: float = opt(1e-5, help="fine-tuning learning rate")
-    epochs: int = opt(1, help="fine-tuning epochs")
-    max_steps: int | None = opt(None, help="stop fine-tuning after this many optimizer steps")
-    batch_size: int = opt(2, help="fine-tuning records per micro-batch")
-    grad_accum: int = opt(8, help="fine-tuning micro-batches per optimizer step")
-    max_length: int = opt(2048, help="fine-tuning tokens per record")
-    # EM evaluation
-    questions: str = opt("first_plot", help="first_plot, preregistered or a YAML file")
-    n: int = opt(50, help="answers per question")
-    max_new_tokens: int = opt(600, help="most new tokens per answer")
-    limit_questions: int | None = opt(None, help="ask only the first K questions")
-    include_json: bool = opt(False, help="also ask the _json / _template variants")
-    domain_judge: str | None = opt(None, help="in-domain judge: " + ", ".join(em.DOMAINS) + " or a prompt file")
-    gen_batch_size: int = opt(1, help="questions per generation batch (each holds n sequences)")
-    backend: str = opt("hf", help="generation backend: hf, vllm or auto", choices=["hf", "vllm", "auto"])
-    load_in_8bit: bool = opt(False, help="evaluate the six models loaded in 8-bit (bitsandbytes, CUDA; EM eval only)")
-    load_in_4bit: bool = opt(False, help="evaluate the six models loaded in 4-bit NF4 (bitsandbytes, CUDA; EM eval only)")
-    seed: int = opt(0, help="seed of pruning control, fine-tuning, sampling and bootstrap")
-    dtype: str = opt("float32", help="dtype of the models")
-    device: str = opt("auto", help="device (auto = cuda when available)")
 
     def __post_init__(self):
         check(bool(self.judge), em.missing_judge_message())
@@ -90,9 +62,9 @@ class EMExperimentConfig:
         return Path(self.out) if self.out else Path("results") / f"em-{model_name(self.model)}"
 
     def device_name(self) -> str:
-        import torch
+        from ..core.models import resolve_device
 
-        return self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(self.device)
 
 
 def done(path: Path, kind: str) -> bool:
@@ -113,13 +85,10 @@ def pruned_step(cfg: EMExperimentConfig, out: Path) -> Path:
     if done(target, "prune"):
         _skip("pruning", target)
         return target
-    from ..pruning.pipeline import PipelineConfig, run_pipeline
+    from .pipeline import PipelineConfig, run_pipeline
 
-    kw = {k: v for k, v in {"q": cfg.q, "p": cfg.p}.items() if v is not None}
-    return run_pipeline(PipelineConfig(model=cfg.model, out=str(target), nsamples=cfg.prune_nsamples,
-                                       eval_nsamples=cfg.prune_eval_nsamples, max_length=cfg.prune_max_length,
-                                       scores_dir=str(out / "scores"), seed=cfg.seed, dtype=cfg.dtype,
-                                       device=cfg.device_name(), overwrite=True, **kw))
+    return run_pipeline(pick(PipelineConfig, cfg, out=str(target), scores_dir=str(out / "scores"),
+                             device=cfg.device_name(), overwrite=True))
 
 
 def random_step(cfg: EMExperimentConfig, out: Path, pruned: Path) -> Path:
@@ -135,9 +104,9 @@ def random_step(cfg: EMExperimentConfig, out: Path, pruned: Path) -> Path:
 
     pc = manifest.read_json(pruned / DONE_FILES["prune"])
     s = pc.get("settings", {})
-    if pc.get("stage") == "prune" and s.get("harm") and Path(s["harm"]).is_dir() and \
-            (not s.get("benign") or Path(s["benign"]).is_dir()):
-        return prune(PruneConfig(harm=s["harm"], benign=s.get("benign"), q=s["q"], p=s["p"], out=str(target),
+    harm, benign = s.get("harm_scores", s.get("harm")), s.get("benign_scores", s.get("benign"))  # old name: harm
+    if pc.get("stage") == "prune" and harm and Path(harm).is_dir() and (not benign or Path(benign).is_dir()):
+        return prune(PruneConfig(harm_scores=harm, benign_scores=benign, q=s["q"], p=s["p"], out=str(target),
                                  model=s.get("model", cfg.model), scope=s.get("scope", "matrix"), control="random",
                                  seed=cfg.seed, overwrite=True, dtype=s.get("dtype"), device=cfg.device_name()))
     return random_from_mask(cfg, pruned, target)
@@ -170,21 +139,14 @@ def finetune_step(cfg: EMExperimentConfig, out: Path, arm: str, base: str, mask:
     if done(target, "finetune"):
         _skip(f"fine-tune of {arm}", target)
         return model_dir
-    finetune(FinetuneConfig(data=cfg.data, out=str(target), model=base, full=cfg.full, merge=not cfg.full,
-                            keep_mask=str(mask) if mask else None, lr=cfg.lr, epochs=cfg.epochs,
-                            max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                            max_length=cfg.max_length, limit=cfg.limit, seed=cfg.seed, dtype=cfg.dtype,
-                            device=cfg.device_name(), resume=True))
+    finetune(pick(FinetuneConfig, cfg, out=str(target), model=base, merge=not cfg.full,
+                  keep_mask=str(mask) if mask else None, device=cfg.device_name(), resume=True,
+                  load_in_8bit=False, load_in_4bit=False, targets=[], ignore=[], format="auto"))
     return model_dir
 
 
 def em_config(cfg: EMExperimentConfig, model: str, out: Path) -> em.EMConfig:
-    return em.EMConfig(out=str(out), model=model, judge=cfg.judge, judge_url=cfg.judge_url,
-                       judge_device=cfg.judge_device, judge_dtype=cfg.judge_dtype, questions=cfg.questions,
-                       include_json=cfg.include_json, limit_questions=cfg.limit_questions,
-                       domain_judge=cfg.domain_judge, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.gen_batch_size, backend=cfg.backend, seed=cfg.seed, dtype=cfg.dtype,
-                       device=cfg.device, load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit, overwrite=True)
+    return pick(em.EMConfig, cfg, out=str(out), model=model, overwrite=True)
 
 
 class LazyJudge:
@@ -268,7 +230,7 @@ def plot_rates(rows: list[dict], path: Path, title: str) -> None:
 
 def experiment_report(cfg: EMExperimentConfig, rows: list[dict], info: dict) -> str:
     lines = ["# Emergent misalignment after narrow fine-tuning: original vs harm-pruned vs random control", "",
-             f"- model: `{cfg.model}`; fine-tuning data: `{cfg.data}`"
+             f"- model: `{cfg.model}`; fine-tuning data: `{cfg.train_data}`"
              f"{f' (limit {cfg.limit} records)' if cfg.limit else ''}; {'full' if cfg.full else 'LoRA (merged)'} "
              "fine-tune, pruned and control masks kept at exactly 0",
              f"- pruned: `{info['pruned']}` ({info['pruned_count']} weights); random control: `{info['random']}` "
@@ -313,19 +275,9 @@ def run_em_experiment(cfg: EMExperimentConfig) -> Path:
     if info["pruned_count"] != info["random_count"]:
         raise HarmpruneError(f"the random control ({info['random_count']} weights) is not the size of the pruned set "
                              f"({info['pruned_count']}); pass a matching --random-control or remove {rand}")
-    plot_rates(rows, out / "em_rates.png", f"{cfg.model} fine-tuned on {cfg.data}: judge {cfg.judge}")
+    plot_rates(rows, out / "em_rates.png", f"{cfg.model} fine-tuned on {cfg.train_data}: judge {cfg.judge}")
     (out / "report.md").write_text(experiment_report(cfg, rows, info), encoding="utf-8")
     manifest.write_json(out / "experiment.json", R.results_doc(to_dict(cfg), {f"em/{r['name']}": r for r in rows},
                                                                **info, finetuned={a: str(p) for a, p in tuned.items()}))
     print(f"\n{rows_table(rows)}\nharmprune: em-experiment -> {out}/report.md, {out}/em_rates.png")
     return out
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "em-experiment", help="EM experiment: original / harm-pruned / random control, each fine-tuned, then eval em",
-        description="Emergent-misalignment experiment with controls: fine-tune the original, the harm-pruned and a "
-                    "same-size random-control model on narrow data (masks kept at 0), evaluate EM of all six "
-                    "models, and write report.md and em_rates.png. Re-running skips finished steps.")
-    add_arguments(p, EMExperimentConfig)
-    p.set_defaults(func=lambda ns: run_em_experiment(from_namespace(EMExperimentConfig, ns)))

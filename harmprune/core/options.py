@@ -1,0 +1,284 @@
+"""Option groups, each declared once and composed by every command (litgpt's ``args.py``).
+
+A command's settings class inherits the groups it takes, so a flag has one name, one meaning and
+one default wherever it appears (``tests/test_flags.py`` checks this on every command's parser).
+All groups are ``kw_only`` dataclasses: the order of inheritance never matters for defaults.
+Validation of a group's own fields lives in ``check_*`` functions the commands' ``__post_init__``
+call, since a subclass's ``__post_init__`` replaces its bases'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .settings import check, opt
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+FORMATS = ("auto", "chat", "raw")
+SCORE_METHODS = ("snip", "snip-abs", "wanda")
+SCOPES = ("matrix", "row", "global")
+# The point `make sweep` recommends on the embedded model (README, "Choosing q and p"): the most
+# harm-specific with benign NLL rise <= 5% and harmful rise > 0.01 nats/token.
+DEFAULT_Q = 1e-4
+DEFAULT_P = 1e-2
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    model: str = opt(DEFAULT_MODEL, help="model: Hub id, checkpoint directory, .gguf file or alias")
+    dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
+    device: str = opt("auto", help="device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, mps")
+
+
+@dataclass(kw_only=True)
+class DeviceMapOptions:
+    device_map: str | None = opt(None, help="accelerate device map: auto, balanced, ..., a JSON object or a .json "
+                                            "file ({module: device|cpu|disk}); overrides --device")
+
+
+@dataclass(kw_only=True)
+class QuantizeOptions:
+    load_in_8bit: bool = opt(False, help="load the model in 8-bit through bitsandbytes (CUDA only; never for "
+                                         "scoring or pruning)")
+    load_in_4bit: bool = opt(False, help="load the model in 4-bit NF4 through bitsandbytes (CUDA only; QLoRA in "
+                                         "finetune; never for scoring or pruning)")
+
+
+@dataclass(kw_only=True)
+class AdapterOptions:
+    adapter: str | None = opt(None, help="PEFT LoRA adapter directory (harmprune finetune output) applied to --model")
+
+
+@dataclass(kw_only=True)
+class OutputOptions:
+    out: str | None = opt(None, help="where the command writes (a directory; a .jsonl file for generate); "
+                                     "see the command's description for its default")
+    overwrite: bool = opt(False, help="replace a non-empty --out")
+
+
+@dataclass(kw_only=True)
+class SeedOptions:
+    seed: int = opt(0, help="seed of every random choice of the command (sample selection, controls, sampling, "
+                            "bootstrap, LoRA init)")
+
+
+@dataclass(kw_only=True)
+class FieldOptions:
+    prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
+    response_field: str | None = opt(None, help="field holding the response (default: auto-detect)")
+    category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
+    category: str | None = opt(None, help="keep only rows of these categories (comma-separated)")
+
+
+@dataclass(kw_only=True)
+class FormatOptions:
+    format: str = opt("auto", help="auto (chat if the tokenizer has a template), chat or raw (prompt\\nresponse, "
+                                   "B-TAP's pretrained format)", choices=list(FORMATS))
+
+
+@dataclass(kw_only=True)
+class PassOptions(FormatOptions):
+    """How records become forward passes when scoring or measuring NLL."""
+
+    max_length: int = opt(256, help="maximum tokens per sample when scoring or measuring NLL (the response is "
+                                    "truncated, never the prompt)")
+    batch_size: int = opt(4, help="samples per forward (and backward) pass when scoring or measuring NLL; "
+                                  "results do not depend on it")
+
+
+@dataclass(kw_only=True)
+class TargetOptions:
+    targets: list[str] = opt([], help="linear modules the command works on (scored, pruned, LoRA): globs or "
+                                      "re:<regex>; none = every linear in the decoder blocks")
+    ignore: list[str] = opt([], help="linear modules to leave out: globs or re:<regex>")
+
+
+@dataclass(kw_only=True)
+class CheckpointingOptions:
+    gradient_checkpointing: bool = opt(False, help="recompute block activations in backward to save memory "
+                                                   "(same results, about one more forward per batch)")
+
+
+@dataclass(kw_only=True)
+class ScoringOptions(PassOptions, TargetOptions, SeedOptions, CheckpointingOptions):
+    """Everything scores depend on besides the model, the data and the method (the score cache's key)."""
+
+    nsamples: int = opt(128, help="records scored per dataset, the first n after a seeded shuffle (0 = all)")
+    score_dtype: str = opt("float32", help="dtype of the stored scores (they accumulate in float32)")
+    wanda_tokens: str = opt("response", help="wanda inputs at: response (response tokens) or all (every non-pad "
+                                             "token)", choices=["response", "all"])
+
+
+@dataclass(kw_only=True)
+class CacheOptions:
+    scores_dir: str = opt("scores", help="score cache directory (entries keyed by model hash, data hash, method "
+                                         "and every scoring setting)")
+
+
+@dataclass(kw_only=True)
+class MethodOptions:
+    method: str = opt("snip", help="attribution method (of the harmful data where there are two): snip = signed "
+                                   "W*sum grad (most negative = most helpful), snip-abs = |W|*sum|grad|, "
+                                   "wanda = |W|*||X||", choices=list(SCORE_METHODS))
+
+
+@dataclass(kw_only=True)
+class SelectionOptions:
+    q: float = opt(DEFAULT_Q, help="fraction of each unit's weights in Top_q of the harm importance, in [0, 1]")
+    p: float = opt(DEFAULT_P, help="fraction protected by Top_p of the benign importance, in [0, 1] "
+                                   "(0 = none: dangerous)")
+
+
+@dataclass(kw_only=True)
+class ScopeOptions:
+    scope: str = opt("matrix", help="where k is counted: per matrix, per output row, or global", choices=list(SCOPES))
+
+
+@dataclass(kw_only=True)
+class DataOptions:
+    data: str = opt("harmful", help="records to score: file (.jsonl/.json/.csv[.gz]), hf:<name>[:<split>] or "
+                                    "built-in name")
+
+
+@dataclass(kw_only=True)
+class HarmDataOptions:
+    harm: str = opt("harmful", help="data whose generation is removed: built-in name, file or hf:<name>[:<split>]")
+    eval_harm: str = opt("harmful:test", help="held-out harmful completions")
+
+
+@dataclass(kw_only=True)
+class EvalBenignOptions:
+    eval_benign: str = opt("benign:test", help="held-out benign completions (benign NLL)", deprecated=("--benign",))
+
+
+@dataclass(kw_only=True)
+class BenignOptions(EvalBenignOptions):
+    benign: str = opt("benign", help="data whose ability is protected (Top_p)")
+    benign_method: str = opt("snip-abs", help="attribution method of the benign data", choices=list(SCORE_METHODS))
+
+
+@dataclass(kw_only=True)
+class EvalSetOptions:
+    eval_nsamples: int = opt(0, help="held-out records per set (0 = all)")
+
+
+@dataclass(kw_only=True)
+class LimitOptions:
+    limit: int = opt(0, help="use at most this many records (prompts, samples), spread over categories or a "
+                             "seeded subset (0 = all)")
+
+
+@dataclass(kw_only=True)
+class JudgeOptions:
+    judge_url: str | None = opt(None, help="OpenAI-compatible endpoint of an openai:<model> judge "
+                                           "(else $HARMPRUNE_JUDGE_URL / $OPENAI_BASE_URL)")
+    judge_device: str = opt("auto", help="device of an hf:<model> or classifier judge (auto = cuda when available)")
+    judge_dtype: str = opt("float32", help="dtype of an hf:<model> judge")
+
+
+@dataclass(kw_only=True)
+class HarmJudgeOptions:
+    judge: str = opt("keyword", help="harm judge(s), comma-separated: keyword[:list], classifier, hf:<model>, "
+                                     "openai:<model>, fake")
+
+
+@dataclass(kw_only=True)
+class RatingJudgeOptions:
+    judge: str | None = opt(None, help="0-100 rating judge: openai:<model> (with --judge-url), hf:<model>, "
+                                       "fake (tests)")
+
+
+@dataclass(kw_only=True)
+class BackendOptions:
+    backend: str = opt("hf", help="generation backend: hf (transformers), vllm (needs vllm and CUDA), auto "
+                                  "(vllm when usable)", choices=["hf", "vllm", "auto"])
+
+
+@dataclass(kw_only=True)
+class NewTokensOptions:
+    max_new_tokens: int = opt(256, help="most new tokens per reply (a prefill counts separately)")
+
+
+@dataclass(kw_only=True)
+class GenBatchOptions:
+    gen_batch_size: int = opt(8, help="prompts per generation batch", deprecated=("--batch-size",))
+
+
+@dataclass(kw_only=True)
+class SamplingOptions(NewTokensOptions, GenBatchOptions):
+    temperature: float = opt(0.0, help="sampling temperature; 0 = greedy")
+    top_p: float = opt(1.0, help="nucleus sampling mass (used only when temperature > 0)")
+    n: int = opt(1, help="completions per prompt")
+
+
+@dataclass(kw_only=True)
+class EMSamplingOptions(SamplingOptions):
+    """The EM protocol's sampling (Betley et al.): 50 answers per question at temperature 1, 600 tokens;
+    one question with its n answers is one generation batch."""
+
+    temperature: float = opt(1.0, help="sampling temperature (the EM protocol samples at 1)")
+    n: int = opt(50, help="answers sampled per question")
+    max_new_tokens: int = opt(600, help="most new tokens per answer")
+    gen_batch_size: int = opt(1, help="questions per generation batch (each holds n sequences)",
+                              deprecated=("--batch-size",))
+
+
+@dataclass(kw_only=True)
+class TrainDataOptions:
+    train_data: str = opt("insecure", help="fine-tuning data: chat rows ({\"messages\": [...]}) or prompt/response "
+                                           "rows, a file, hf:<dataset> or built-in (insecure = Betley et al.'s code set)",
+                          deprecated=("--data",))
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    full: bool = opt(False, help="full fine-tuning instead of LoRA")
+    lr: float = opt(1e-5, help="peak learning rate of the fine-tune")
+    epochs: int = opt(1, help="fine-tuning passes over the data")
+    max_steps: int | None = opt(None, help="stop fine-tuning after this many optimizer steps (overrides --epochs)")
+    train_batch_size: int = opt(2, help="fine-tuning records per micro-batch", deprecated=("--batch-size",))
+    grad_accum: int = opt(8, help="fine-tuning micro-batches per optimizer step")
+    train_max_length: int = opt(2048, help="fine-tuning tokens per record (the response is cut, never the prompt)")
+
+
+@dataclass(kw_only=True)
+class LoraOptions:
+    lora_r: int = opt(32, help="LoRA rank")
+    lora_alpha: float = opt(64.0, help="LoRA alpha")
+    rslora: bool = opt(True, help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r")
+    lora_dropout: float = opt(0.0, help="dropout on the LoRA input")
+
+
+@dataclass(kw_only=True)
+class EMQuestionOptions:
+    questions: str = opt("first_plot", help="EM questions: first_plot (8), preregistered (48), or a YAML file of "
+                                            "the same shape")
+    include_json: bool = opt(False, help="also ask the _json / _template answer-format variants")
+    limit_questions: int | None = opt(None, help="ask only the first K questions (after the variant filter)")
+    domain_judge: str | None = opt(None, help="also rate how much answers are about a domain: code, medical, "
+                                              "financial, sports, or a text file with a {question}/{answer} judge prompt")
+
+
+def check_pass(o: PassOptions) -> None:
+    check(o.max_length >= 2, "--max-length must be at least 2")
+    check(o.batch_size >= 1, "--batch-size must be at least 1")
+    check(o.format in FORMATS, f"unknown format {o.format!r}; choose auto, chat or raw")
+
+
+def check_selection(o: SelectionOptions) -> None:
+    check(0.0 <= o.q <= 1.0, f"--q must be in [0, 1], got {o.q}")
+    check(0.0 <= o.p <= 1.0, f"--p must be in [0, 1], got {o.p}")
+
+
+def check_scoring(o: ScoringOptions) -> None:
+    check_pass(o)
+    check(o.nsamples >= 0, "--nsamples must be 0 (all) or positive")
+
+
+def pick(cls, source, **overrides):
+    """A ``cls`` instance from the same-named fields of ``source`` (another settings object), then
+    ``overrides``: how a recipe hands its options to a stage without copying fields by hand."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {k: v for k, v in vars(source).items() if k in names}
+    return cls(**{**values, **overrides})

@@ -1,0 +1,133 @@
+"""The layer rule of docs/design.md, checked on the source: imports only go down, and nothing cycles.
+
+Every ``import`` and ``from ... import`` in ``harmprune/`` counts, also those inside functions (a
+lazy import is still a dependency).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "harmprune"
+
+# Lower number = lower layer. A module may import its own folder and any lower layer; folders of the
+# same layer may not import each other (evals and finetune are siblings).
+LAYERS = {
+    "harmprune": 0, "harmprune.data": 0,  # the package root and the shipped data (one accessor)
+    "harmprune.core": 1,
+    "harmprune.attribution": 2, "harmprune.subspace": 2,
+    "harmprune.pruning": 3,
+    "harmprune.evals": 4, "harmprune.finetune": 4,
+    "harmprune.recipes": 5,
+    "harmprune.cli": 6,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of the harmprune modules ``path`` imports (relative imports resolved)."""
+    mod = module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("harmprune")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("harmprune"):
+                continue
+            for a in node.names:  # `from pkg import submodule` depends on the submodule
+                sub = f"{target}.{a.name}"
+                out.add(sub if _exists(sub) else target)
+    return {o for o in out if o != mod}
+
+
+def _exists(name: str) -> bool:
+    p = ROOT.parent.joinpath(*name.split("."))
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
+
+
+def folder(name: str) -> str:
+    """The layer unit a module belongs to: the longest LAYERS key that prefixes it."""
+    best = max((k for k in LAYERS if name == k or name.startswith(k + ".")), key=len)
+    return best
+
+
+GRAPH = {module_name(p): imports_of(p) for p in sorted(ROOT.rglob("*.py"))}
+
+
+def test_graph_is_not_empty():
+    assert len(GRAPH) > 50 and "harmprune.recipes.pipeline" in GRAPH
+    assert "harmprune.pruning.select" in GRAPH["harmprune.recipes.pipeline"]
+
+
+@pytest.mark.parametrize("mod", sorted(GRAPH))
+def test_imports_only_go_down(mod):
+    src = folder(mod)
+    bad = []
+    for dep in GRAPH[mod]:
+        dst = folder(dep)
+        if dst == src or dst == "harmprune" and dep == "harmprune":
+            continue
+        if LAYERS[dst] > LAYERS[src] or (LAYERS[dst] == LAYERS[src] and dst != src):
+            bad.append(f"{mod} ({src}, layer {LAYERS[src]}) imports {dep} ({dst}, layer {LAYERS[dst]})")
+    assert not bad, "\n".join(bad)
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a list of nodes, or None (iterative DFS, white/grey/black)."""
+    state: dict[str, int] = {}
+    for start in graph:
+        if state.get(start):
+            continue
+        stack = [(start, iter(sorted(graph.get(start, ()))))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, iter(sorted(graph.get(nxt, ())))))
+                path.append(nxt)
+    return None
+
+
+def test_no_cycle_between_modules():
+    assert _cycle(GRAPH) is None, " -> ".join(_cycle(GRAPH))
+
+
+def test_no_cycle_between_folders():
+    folders: dict[str, set[str]] = {}
+    for mod, deps in GRAPH.items():
+        src = mod.rpartition(".")[0] if not (ROOT.parent / Path(*mod.split(".")) / "__init__.py").is_file() else mod
+        for d in deps:
+            dst = d.rpartition(".")[0] if not (ROOT.parent / Path(*d.split(".")) / "__init__.py").is_file() else d
+            if dst != src and not src.startswith(dst + ".") and not dst.startswith(src + "."):
+                folders.setdefault(src, set()).add(dst)
+    assert _cycle(folders) is None, " -> ".join(_cycle(folders))
+
+
+def test_checker_catches_an_upward_import(tmp_path):
+    """The checker itself: a library module importing a recipe is reported."""
+    f = ROOT / "pruning" / "select.py"
+    fake = {**GRAPH, "harmprune.pruning.select": GRAPH["harmprune.pruning.select"] | {"harmprune.recipes.pipeline"}}
+    src, dst = folder("harmprune.pruning.select"), folder("harmprune.recipes.pipeline")
+    assert LAYERS[dst] > LAYERS[src] and f.is_file()
+    assert _cycle(fake) is not None  # pipeline imports select, so the fake edge closes a cycle

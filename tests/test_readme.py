@@ -1,0 +1,21 @@
+"""Every ```python example of the README runs (on the tiny checkpoint instead of the embedded model)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+def test_readme_has_python_examples():
+    assert BLOCKS and any("load_model" in b for b in BLOCKS)
+
+
+@pytest.mark.parametrize("i", range(len(BLOCKS)))
+def test_readme_example_runs(i, tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = BLOCKS[i].replace('"smollm2-135m-instruct"', repr(tiny_ckpt))
+    namespace: dict = {}
+    exec(compile(code, f"README.md python block {i}", "exec"), namespace)  # noqa: S102 - our own README
