@@ -136,6 +136,15 @@ def test_eval_utility_cli_lm_eval_end_to_end(tmp_path, tok, monkeypatch):
     assert res["results"][f"lm_eval/{TASK}"]["acc"] == pytest.approx(sum(hits) / 12, abs=1e-12)
 
 
+def test_without_lm_eval_the_part_is_skipped_with_a_note(tok, monkeypatch):
+    import importlib.util as iu
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    metrics, rows, note = run_lm_eval(tiny_llama(tok), tok, [TASK], limit=0, batch_size=1)
+    assert (metrics, rows) == ({}, []) and "lm_eval is not installed" in note
+
+
 @pytest.mark.real
 def test_real_embedded_model_lm_eval(monkeypatch):
     """The embedded SmolLM2-135M-Instruct, pruned in memory, through lm-eval equals the plain reference."""

@@ -187,9 +187,14 @@ def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int, seed:
         raise HarmpruneError(f"unknown lm-eval task(s) {', '.join(unknown)} (shipped: "
                              f"{', '.join(shipped_lm_eval_tasks())}; see `lm_eval ls tasks`)")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-    res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit or None, task_manager=tm,
-                          log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed)
+    try:
+        res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit or None, task_manager=tm,
+                              log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed)
+    except ConnectionError as e:  # lm-eval's own tasks fetch their data from the Hub
+        raise HarmpruneError(f"lm-eval tasks {', '.join(tasks)}: their data could not be downloaded "
+                             f"({str(e).splitlines()[0]}); offline, only the shipped tasks run: "
+                             f"{', '.join(shipped_lm_eval_tasks())}") from None
     return lm_eval_metrics(res.get("results", {})), lm_eval_samples(res.get("samples", {})), None
 
 
