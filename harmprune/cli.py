@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_preset(parser, argv, args) -> None:
+    from .recipes.presets import PRESETS, apply_preset
+
+    if args.preset not in PRESETS:
+        raise HarmpruneError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    apply_preset(parser, argv, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -153,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "preset", None):
+            _apply_preset(parser, argv, args)
         args.func(args)
     except HarmpruneError as e:
         print(f"harmprune: error: {e}", file=sys.stderr)

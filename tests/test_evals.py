@@ -186,7 +186,8 @@ def test_block_nll_matches_model_loss(llama, tok):
 def test_eval_utility_small(tiny_ckpt, tmp_path):
     out = tmp_path / "util"
     eval_utility(UtilityConfig(out=str(out), model=tiny_ckpt, limit=4, corpus_tokens=512, block_size=128,
-                               lm_eval_tasks=["hellaswag"]), GenConfig(max_new_tokens=4, batch_size=4))
+                               lm_eval_tasks=["harmprune_mc"], lm_eval_limit=4),  # shipped, offline
+                 GenConfig(max_new_tokens=4, batch_size=4))
     doc = R.read_results(out)
     res = doc["results"]
     assert res["utility/benign_nll"]["samples"] == 4 and res["utility/corpus_nll"]["blocks"] == 4
@@ -196,6 +197,8 @@ def test_eval_utility_small(tiny_ckpt, tmp_path):
         import lm_eval  # noqa: F401
     except ImportError:
         assert any("lm_eval is not installed" in n for n in doc["notes"])
+    else:
+        assert 0.0 <= res["lm_eval/harmprune_mc"]["acc"] <= 1.0
 
 
 # ---------------------------------------------------------------- compare

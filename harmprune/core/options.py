@@ -111,6 +111,12 @@ class ScoringOptions(PassOptions, TargetOptions, SeedOptions, CheckpointingOptio
 
 
 @dataclass(kw_only=True)
+class PresetOptions:
+    preset: str | None = opt(None, help="published settings (e.g. btap-llama3.1-8b; list: harmprune.recipes.presets); "
+                                        "flags you type override them; prints what it set")
+
+
+@dataclass(kw_only=True)
 class CacheOptions:
     scores_dir: str = opt("scores", help="score cache directory (entries keyed by model hash, data hash, method "
                                          "and every scoring setting)")

@@ -14,8 +14,11 @@ Parts (``--parts``), each a task in results.json:
   as refusals. Substring rules still over-count replies that merely contain "illegal" etc.; add
   ``classifier`` (its refusal head) for a second opinion.
 - ``lm_eval/<task>``: zero-shot tasks (``--lm-eval-tasks``) through lm-eval's ``HFLM`` on the
-  already loaded model, only when ``lm_eval`` is installed (``pip install 'harmprune[lmeval]'``);
-  otherwise skipped with a note in results.json and report.md.
+  already loaded model (handed over in memory, never re-loaded by name), only when ``lm_eval`` is
+  installed (``pip install 'harmprune[lmeval]'``); otherwise skipped with a note in results.json and
+  report.md. Besides lm-eval's own tasks (which download their data), ``harmprune_mc`` ships with
+  harmprune (40 general-knowledge questions, offline): a smoke check that needs no network.
+  samples.jsonl gets one row per document (per-choice loglikelihoods, per-doc metrics).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .. import data as builtin_data
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import DataError, HarmpruneError
-from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions
+from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions
 from ..core.settings import check, opt, to_dict
 from . import results as R
 from .generation import GenConfig
@@ -119,26 +122,84 @@ def lm_eval_metrics(raw: dict) -> dict:
     return out
 
 
-def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int) -> tuple[dict, str | None]:
-    """(metrics, note): lm-eval zero-shot on the loaded model, or ({}, why it was skipped)."""
+LM_EVAL_TASKS_DIR = "lm_eval"  # under data/builtin: task YAMLs shipped with harmprune (harmprune_mc)
+
+
+def shipped_lm_eval_tasks() -> list[str]:
+    """Names of the lm-eval tasks shipped with harmprune (one YAML each, named after its task)."""
+    return sorted(p.stem for p in builtin_data.path(LM_EVAL_TASKS_DIR).glob("*.yaml"))
+
+
+def lm_eval_task_manager(tasks: list[str]):
+    """lm-eval's TaskManager that also finds the task YAMLs shipped in ``data/builtin/lm_eval``.
+
+    When every requested task is a shipped one, lm-eval's own ~thousands of task configs are not
+    indexed (that takes tens of seconds); otherwise both are, the shipped folder taking precedence.
+    Nothing here touches the network: a shipped task reads its rows from a file beside its YAML.
+    """
+    from lm_eval.tasks import TaskManager
+
+    local = str(builtin_data.path(LM_EVAL_TASKS_DIR))
+    tm = TaskManager(include_path=local, include_defaults=False)
+    if all(t in tm.all_tasks for t in tasks):
+        return tm
+    return TaskManager(include_path=local, include_defaults=True)
+
+
+def _jsonable(x):
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def lm_eval_samples(samples: dict) -> list[dict]:
+    """lm-eval's logged samples as samples.jsonl rows: task, doc id, target, the filtered responses
+    (for multiple-choice tasks: ``[loglikelihood, is_greedy]`` per choice) and the per-doc metrics."""
+    rows = []
+    for task, docs in samples.items():
+        for s in docs:
+            metrics = {k: v for k, v in s.items() if k in s.get("metrics", ()) and isinstance(v, (int, float))}
+            rows.append({"part": "lm_eval", "task": task, "doc_id": s.get("doc_id"), "target": _jsonable(s.get("target")),
+                         "responses": _jsonable(s.get("filtered_resps")), **metrics})
+    return rows
+
+
+def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int, seed: int = 0) -> tuple[dict, list[dict], str | None]:
+    """(metrics, sample rows, note): lm-eval zero-shot on ``model`` as it is in memory (pruned,
+    masked or with an adapter: it is handed to ``HFLM(pretrained=model)``, never re-loaded by name),
+    or ({}, [], why it was skipped)."""
     if not tasks:
-        return {}, None
+        return {}, [], None
     if importlib.util.find_spec("lm_eval") is None:
-        return {}, (f"lm-eval tasks {', '.join(tasks)} skipped: lm_eval is not installed "
-                    "(pip install 'harmprune[lmeval]')")
+        return {}, [], (f"lm-eval tasks {', '.join(tasks)} skipped: lm_eval is not installed "
+                        "(pip install 'harmprune[lmeval]')")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    tm = lm_eval_task_manager(tasks)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise HarmpruneError(f"unknown lm-eval task(s) {', '.join(unknown)} (shipped: "
+                             f"{', '.join(shipped_lm_eval_tasks())}; see `lm_eval ls tasks`)")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-    res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit or None)
-    return lm_eval_metrics(res.get("results", {})), None
+    try:
+        res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit or None, task_manager=tm,
+                              log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed)
+    except ConnectionError as e:  # lm-eval's own tasks fetch their data from the Hub
+        raise HarmpruneError(f"lm-eval tasks {', '.join(tasks)}: their data could not be downloaded "
+                             f"({str(e).splitlines()[0]}); offline, only the shipped tasks run: "
+                             f"{', '.join(shipped_lm_eval_tasks())}") from None
+    return lm_eval_metrics(res.get("results", {})), lm_eval_samples(res.get("samples", {})), None
 
 
 # ---------------------------------------------------------------- the command
 
 
 @dataclass(kw_only=True)
-class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenignOptions):
+class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenignOptions, PresetOptions):
     """Settings of ``harmprune eval utility`` (generation settings for over-refusal: GenConfig; NLL passes:
     ``--max-length`` and ``--batch-size``)."""
 
@@ -223,8 +284,10 @@ def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
         notes.append(f"over-refusal judges: {', '.join(names)}; XSTest safe prompts, max_new_tokens "
                      f"{gen.max_new_tokens}")
     if "lm_eval" in parts:
-        lm, note = run_lm_eval(model, tok, cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.batch_size)
+        lm, lm_samples, note = run_lm_eval(model, tok, cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.batch_size,
+                                           gen.seed)
         results.update(lm)
+        samples += lm_samples
         if note:
             notes.append(note)
             print(f"harmprune: {note}", file=sys.stderr)

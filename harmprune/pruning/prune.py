@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core import manifest
 from ..core.errors import HarmpruneError
 from ..core.models import DTYPES, ModelHandle, check_not_quantized, load_model
-from ..core.options import (ModelOptions, OutputOptions, ScopeOptions, SeedOptions, SelectionOptions,
+from ..core.options import (ModelOptions, OutputOptions, PresetOptions, ScopeOptions, SeedOptions, SelectionOptions,
                             check_selection)
 from ..core.settings import check, opt, to_dict
 from ..attribution.formulas import IMPORTANCE
@@ -22,7 +22,7 @@ from .select import CONTROLS, SCOPES, mask_stats, select_prune_set
 
 
 @dataclass(kw_only=True)
-class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, OutputOptions):
+class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, OutputOptions, PresetOptions):
     """Settings of ``harmprune prune``; ``seed`` seeds the random control."""
 
     harm_scores: str = opt(help="score directory of the data to remove (harmful completions)", deprecated=("--harm",))

@@ -30,7 +30,7 @@ import torch
 from ..attribution.formulas import METHODS, importance  # noqa: F401 (importance: the one sign convention)
 
 SCOPES = ("matrix", "row", "global")
-CONTROLS = ("none", "random", "magnitude")
+CONTROLS = ("none", "random", "magnitude", "second-band")
 
 Masks = dict[str, torch.Tensor]
 
@@ -286,9 +286,39 @@ def magnitude_control(mask: Masks, weights: Masks, benign_mask: Masks | None = N
     return out
 
 
+def second_band_control(mask: Masks, harm_imp: Masks, benign_mask: Masks | None = None) -> Masks:
+    """B-TAP's second-band control: the next top band of the harm importance, the first one frozen.
+
+    Per matrix, with ``k`` = the count of ``mask`` in that matrix: the ``k`` weights of highest
+    harm importance (larger = more important, see ``importance``) that are neither in ``mask`` nor
+    in ``benign_mask`` (the benign-protected Top_p); lowest flat index wins ties. Same size and
+    same benign protection as the harm-specific set, but never overlapping it: if pruning it does
+    what pruning ``mask`` does, the effect comes from redundancy among high-importance weights,
+    not from these particular weights.
+
+    (B-TAP's code, ``--freeze_first_top_q``, prunes ``Top_2q \\ Top_q \\ Top_p``, whose size can
+    differ from the harm-specific set's; here the count is matched exactly.)
+    """
+    out = {}
+    for name, m in mask.items():
+        c = _count(m)
+        imp = harm_imp[name].float().to(m.device).reshape(-1)
+        taken = m.reshape(-1).clone()
+        protected = benign_mask.get(name) if benign_mask is not None else None
+        if protected is not None:
+            taken |= protected.to(m.device).reshape(-1)
+        free = m.numel() - _count(taken)
+        if c > free:
+            raise ValueError(f"{name}: second band needs {c} weights but only {free} are outside the pruned "
+                             "and protected sets")
+        imp = imp.masked_fill(taken, float("-inf"))
+        out[name] = _topk_rows(imp.reshape(1, -1), c).reshape(m.shape)
+    return out
+
+
 def control_mask(control: str, mask: Masks, seed: int = 0, weights: Masks | None = None,
-                 benign_mask: Masks | None = None) -> Masks:
-    """Dispatch ``none | random | magnitude``."""
+                 benign_mask: Masks | None = None, harm_imp: Masks | None = None) -> Masks:
+    """Dispatch ``none | random | magnitude | second-band`` (the last needs the harm importances)."""
     if control == "none":
         return mask
     if control == "random":
@@ -297,6 +327,10 @@ def control_mask(control: str, mask: Masks, seed: int = 0, weights: Masks | None
         if weights is None:
             raise ValueError("the magnitude control needs the model's weights")
         return magnitude_control(mask, weights, benign_mask)
+    if control == "second-band":
+        if harm_imp is None:
+            raise ValueError("the second-band control needs the harm importances")
+        return second_band_control(mask, harm_imp, benign_mask)
     raise ValueError(f"unknown control {control!r}; expected one of {CONTROLS}")
 
 
@@ -344,7 +378,7 @@ def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_har
         benign_imp = LazyMap([n for n in harm_scores if n in benign_scores],
                              lambda n: importance(benign_scores[n], method_benign), lambda n: _numel(benign_scores, n))
     sel = harm_specific(harm_imp, benign_imp, q, p, scope)
-    mask = control_mask(control, sel.mask, seed, weights, sel.benign_top)
+    mask = control_mask(control, sel.mask, seed, weights, sel.benign_top, harm_imp)
     stats = mask_stats(mask)
     specific = mask_stats(sel.mask)
     for name, row in stats["per_matrix"].items():

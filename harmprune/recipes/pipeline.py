@@ -15,7 +15,8 @@ from ..core import manifest
 from ..core.data import DataSpec, load_records
 from ..core.models import ModelHandle, load_model, model_name
 from ..core.options import (DEFAULT_P, DEFAULT_Q, BenignOptions, CacheOptions, EvalSetOptions,  # noqa: F401
-                            HarmDataOptions, MethodOptions, ModelOptions, OutputOptions, ScopeOptions, ScoringOptions,
+                            HarmDataOptions, MethodOptions, ModelOptions, OutputOptions, PresetOptions, ScopeOptions,
+                            ScoringOptions,
                             SelectionOptions, check_scoring, check_selection)
 from ..core.settings import check, to_dict
 from ..evals.nll import response_nll
@@ -26,7 +27,7 @@ from ..pruning.select import random_control, select_prune_set
 
 @dataclass(kw_only=True)
 class PruneInputs(ModelOptions, HarmDataOptions, BenignOptions, MethodOptions, ScopeOptions, ScoringOptions,
-                  CacheOptions, EvalSetOptions, OutputOptions):
+                  CacheOptions, EvalSetOptions, OutputOptions, PresetOptions):
     """Model, data, score methods, scoring settings and held-out sets shared by ``pipeline`` and ``sweep``."""
 
     def __post_init__(self):

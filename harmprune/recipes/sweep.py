@@ -22,7 +22,7 @@ from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
 
 QS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
 PS = [0.0, 1e-3, 1e-2]
-VARIANTS = ("harm-specific", "random", "magnitude")
+VARIANTS = ("harm-specific", "random", "magnitude", "second-band")
 
 
 @dataclass(kw_only=True)
@@ -32,7 +32,8 @@ class SweepConfig(PruneInputs):
 
     qs: list[float] = opt(QS, help="q values")
     ps: list[float] = opt(PS, help="p values")
-    controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set")
+    controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set "
+                              "(random, magnitude, second-band)", choices=list(VARIANTS[1:]))
     max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
     min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed")
 
@@ -73,7 +74,7 @@ def plot(rows: list[dict], base: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    styles = {"harm-specific": "-o", "random": "--s", "magnitude": ":^"}
+    styles = {"harm-specific": "-o", "random": "--s", "magnitude": ":^", "second-band": "-.d"}
     for ax, key, label in ((axes[0], "d_harmful", "harmful"), (axes[1], "d_benign", "benign")):
         for variant in VARIANTS:
             for p in sorted({r["p"] for r in rows}):
