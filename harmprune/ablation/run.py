@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..attribution.artifact import load_scores, write_scores
 from ..attribution.engine import compute_scores
 from ..attribution.score import select
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records, records_sha256
 from ..core.errors import HarmpruneError
 from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name
@@ -75,6 +75,7 @@ class AblateConfig:
 
     def __post_init__(self):
         check(0 < self.q <= 1 and 0 <= self.p <= 1, "--q must be in (0, 1] and --p in [0, 1]")
+        validate.check_device(self.device)
         check(all(0 < q <= 1 for q in self.curve_qs), "--curve-qs must be fractions in (0, 1]")
         check(self.nsamples >= 1 and self.benign_nsamples >= 1, "--nsamples and --benign-nsamples must be >= 1")
         check(self.eval_per_category >= 1 and self.eval_benign_nsamples >= 1, "evaluation sizes must be >= 1")

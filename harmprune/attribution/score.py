@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
 from ..core.models import (DEFAULT_MODEL, check_not_quantized, load_model, model_hash, model_name,
@@ -84,6 +84,7 @@ class ScoreConfig:
               "--device-map cannot be combined with --num-processes: every process would hold the whole model")
         parse_dtype(self.dtype)
         parse_dtype(self.score_dtype)
+        validate.check_device(self.device)
         self.parsed_device_map()
 
     def parsed_device_map(self) -> str | dict | None:
@@ -102,6 +103,13 @@ class ScoreConfig:
     def data_spec(self) -> DataSpec:
         return DataSpec(data=self.data, prompt_field=self.prompt_field, response_field=self.response_field,
                         category_field=self.category_field, category=self.category)
+
+
+def warn_skipped(skipped: int, total: int, max_length: int) -> None:
+    """One warning line when records lost their whole response to truncation (they are not scored)."""
+    if skipped:
+        validate.warn(f"{skipped} of {total} records were skipped: the prompt leaves no room for a response token "
+                      f"within --max-length {max_length}; raise --max-length to use them")
 
 
 def select(records: list, nsamples: int, seed: int) -> list:
@@ -181,6 +189,7 @@ def score(cfg: ScoreConfig, model=None, tokenizer=None) -> Path:
                                    reduce=distributed.all_reduce_run if proc.world > 1 else None)
     if not proc.is_main:
         return Path(cfg.out)
+    warn_skipped(stats["skipped"], len(chosen), cfg.max_length)
     mhash = _model_hash(model)
     meta = {
         "method": cfg.method,

@@ -214,6 +214,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
         if gguf:
             raise HarmpruneError("--offload-folder needs a checkpoint directory or Hub id, not a .gguf file")
         device_map = device_map or "auto"
+    check_weight_files(path)
     try:
         if gguf:
             model, _ = _load_gguf(path, gguf, td)
@@ -239,6 +240,20 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
     model.harmprune_adapter = adapter
     model.harmprune_quantize = quantize
     return model, tok
+
+
+def check_weight_files(path: str) -> None:
+    """One line naming a cut-short or corrupt ``*.safetensors`` weight file of a local checkpoint,
+    before transformers fails on it with a traceback (reads only the headers)."""
+    from . import stfile
+
+    d = Path(path)
+    if not d.is_dir():
+        return  # a Hub id: transformers downloads and checks it
+    for f in sorted(d.glob("*.safetensors")):
+        if f.name != "mask.safetensors":
+            stfile.check(f, "a weight file of the checkpoint",
+                         f"re-create or re-download the checkpoint (delete {d} and re-run the command that wrote it)")
 
 
 @dataclass

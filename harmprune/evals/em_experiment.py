@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.models import DEFAULT_MODEL
 from ..core.settings import add_arguments, check, from_namespace, opt, to_dict
@@ -76,6 +76,7 @@ class EMExperimentConfig:
 
     def __post_init__(self):
         check(bool(self.judge), em.missing_judge_message())
+        validate.check_device(self.device, allow_auto=True)
         check(self.judge.partition(":")[0] in em.RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100")
         check(self.pruned is None or Path(self.pruned, DONE_FILES["prune"]).is_file(),
               f"--pruned {self.pruned}: not a pruned checkpoint (no {DONE_FILES['prune']})")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..attribution.score import ScoreConfig, score
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import DEFAULT_MODEL, load_model, model_hash, model_name
 from ..core.settings import check, opt, to_dict
@@ -53,6 +53,11 @@ class PruneInputs(ScoringSettings):
     dtype: str = opt("float32", help="model dtype")
     device: str = opt("cpu", help="device")
 
+    def __post_init__(self):
+        check(self.nsamples >= 0, "--nsamples must be 0 (all) or positive")
+        check(self.max_length >= 2 and self.batch_size >= 1, "--max-length must be >= 2 and --batch-size >= 1")
+        validate.check_device(self.device)
+
 
 @dataclass
 class PipelineConfig(PruneInputs):
@@ -64,8 +69,10 @@ class PipelineConfig(PruneInputs):
     out: str | None = opt(None, help="checkpoint directory (default: out/<model>-<settings>)")
 
     def __post_init__(self):
-        check(0 <= self.q <= 1 and 0 <= self.p <= 1, "--q and --p must be fractions in [0, 1]")
-        check(self.nsamples >= 0 and self.eval_nsamples >= 0, "sample counts must be >= 0")
+        super().__post_init__()
+        validate.check_fraction(self.q, "--q")
+        validate.check_fraction(self.p, "--p")
+        check(self.eval_nsamples >= 0, "--eval-nsamples must be 0 (all) or positive")
 
     def out_dir(self) -> Path:
         if self.out:
@@ -126,6 +133,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     out = cfg.out_dir()
     manifest.check_out_dir(out, cfg.overwrite)
+    for w in validate.fraction_warnings(cfg.q, cfg.p):
+        validate.warn(w)
     manifest.banner("pipeline", {**to_dict(cfg), "out": str(out)})
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     mhash = model_hash(model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.models import DEFAULT_MODEL, DTYPES, check_not_quantized, load_model, model_hash
 from ..core.settings import check, opt, to_dict
@@ -36,14 +36,16 @@ class PruneConfig:
     device: str = opt("cpu", help="device to load the model on")
 
     def __post_init__(self):
-        check(0.0 <= self.q <= 1.0, f"--q must be in [0, 1], got {self.q}")
-        check(0.0 <= self.p <= 1.0, f"--p must be in [0, 1], got {self.p}")
+        validate.check_fraction(self.q, "--q")
+        validate.check_fraction(self.p, "--p")
         check(self.p == 0 or self.benign is not None, "--benign is required unless --p 0")
         check(self.scope in SCOPES, f"--scope must be one of {SCOPES}")
         check(self.control in CONTROLS, f"--control must be one of {CONTROLS}")
         check(self.action in ACTIONS, f"--action must be one of {ACTIONS}")
         check(self.action != "scale" or self.alpha is not None, "--action scale needs --alpha")
         check(self.action == "scale" or self.alpha is None, "--alpha only applies with --action scale")
+        validate.check_finite(self.alpha, "--alpha")  # nan/inf would be written into the weights
+        validate.check_device(self.device)
 
 
 @dataclass
@@ -54,6 +56,9 @@ class ApplyMaskConfig:
     overwrite: bool = opt(False, help="replace a non-empty --out")
     dtype: str = opt("float32", help="dtype to load and save the model in")
     device: str = opt("cpu", help="device to load the model on")
+
+    def __post_init__(self):
+        validate.check_device(self.device)
 
 
 def _check_scores_agree(harm: Scores, benign: Scores | None) -> None:
@@ -101,6 +106,8 @@ def prune(cfg: PruneConfig) -> Path:
     """Select ``Top_q(I_harm) \\ Top_p(I_benign)`` (or a control of the same size), apply it and
     write ``cfg.out`` = HF checkpoint + ``mask.safetensors`` + ``prune_config.json``. Returns ``cfg.out``."""
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
+    for w in validate.fraction_warnings(cfg.q, cfg.p):
+        validate.warn(w)
     manifest.banner("prune", to_dict(cfg))
     harm = load_scores(cfg.harm, lazy=True)  # one matrix in memory at a time
     benign = load_scores(cfg.benign, lazy=True) if cfg.benign else None
