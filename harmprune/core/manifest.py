@@ -72,15 +72,16 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     from .validate import check_writable_dir
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    check_writable_dir(out)  # also refuses a regular file, even with --overwrite
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise HarmpruneError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    check_writable_dir(out)
     clean_stale_siblings(out)
     return out
 
 
 # ---------------------------------------------------------------- atomic output directories
 
+_REPORTED: set[Path] = set()
 STALE_AFTER_S = 3600  # a foreign temporary sibling untouched this long is reported as left over
 
 
@@ -143,7 +144,10 @@ def clean_stale_siblings(out: str | os.PathLike) -> None:
     if removable:
         print(f"harmprune: removed {len(removable)} temporary director{'y' if len(removable) == 1 else 'ies'} "
               f"left by an interrupted run next to {out}", file=sys.stderr)
-    if suspicious:
+    new = [p for p in suspicious if p not in _REPORTED]  # check_out_dir runs at start and at the write
+    _REPORTED.update(new)
+    if new:
+        suspicious = new
         warn(f"{len(suspicious)} old temporary director{'y' if len(suspicious) == 1 else 'ies'} next to {out} "
              f"(e.g. {suspicious[0]}) from an interrupted run: delete them if no other harmprune run is writing {out}")
 

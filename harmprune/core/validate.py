@@ -109,5 +109,5 @@ def check_writable_dir(out: str | os.PathLike, flag: str = "--out") -> None:
     try:
         probe = tempfile.mkdtemp(prefix=".harmprune-probe-", dir=base)
     except OSError as e:
-        raise HarmpruneError(f"{flag} {out}: cannot write in {base} ({e.strerror}); choose a writable location") from None
+        raise HarmpruneError(f"{flag} {out}: cannot create a directory in {base} ({e.strerror}); choose a writable location") from None
     shutil.rmtree(probe, ignore_errors=True)

@@ -141,7 +141,8 @@ def prune_loaded(cfg: PruneConfig, model, harm: Scores, benign: Scores | None, m
     dtype = dtype or cfg.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     config = {
         "stage": "prune",
-        "settings": {**to_dict(cfg), "dtype": dtype},
+        # --overwrite is how the file was written, not what it holds: left out so reruns are byte-identical
+        "settings": {**{k: v for k, v in to_dict(cfg).items() if k != "overwrite"}, "dtype": dtype},
         "model": {"spec": cfg.model, "model_hash": harm.meta["model_hash"]},
         "scores": {role: {"path": str(s.path), "sha256": s.sha256, "meta": s.meta}
                    for role, s in (("harm", harm), ("benign", benign)) if s is not None},
