@@ -556,3 +556,13 @@ def test_case13_pruned_checkpoint_mask_matches_applied_zeros(tiny_ckpt, scored, 
     model = AutoModelForCausalLM.from_pretrained(out)
     params = dict(model.named_parameters())
     assert all(bool((params[n][m] == 0).all()) and m.dtype == torch.bool for n, m in mask.items())
+
+
+def test_case10_cuda_index_beyond_the_visible_gpus(monkeypatch):
+    from harmprune.core.validate import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    with pytest.raises(HarmpruneError, match=r"--device cuda:3: only 1 CUDA device\(s\) here"):
+        check_device("cuda:3")

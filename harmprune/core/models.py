@@ -96,10 +96,12 @@ def resolve_alias(name: str) -> Path:
     src = spec.submodule_search_locations[0]
     print(f"harmprune: converting {alias.about} to {target} (once)", file=sys.stderr)
     model, tok = _load_gguf(src, alias.gguf_file, torch.float32)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(target)
+    from .manifest import atomic_dir
+
+    # two first uses at once: the second to finish keeps the first's conversion (same source file)
+    with atomic_dir(target, overwrite=True, exists_ok=lambda d: (d / "config.json").exists()) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 

@@ -97,13 +97,13 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def check_writable_dir(out: str | os.PathLike, flag: str = "--out") -> None:
-    """``out`` can be created (or replaced) as a directory: its nearest existing ancestor is a
-    directory in which a probe directory can actually be made (catches read-only mounts, /proc,
+    """``out`` can be created (or replaced) as a directory: the nearest existing ancestor of its
+    parent is a directory in which a probe directory can actually be made (catches read-only mounts, /proc,
     a path below a regular file, missing permissions)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HarmpruneError(f"{flag} {out} is a file, not a directory; choose another path")
-    base = _existing_ancestor(out.parent if not out.exists() else out)
+    base = _existing_ancestor(out.parent)  # where the temporary sibling is made and renamed
     if not base.is_dir():
         raise HarmpruneError(f"{flag} {out}: {base} is a file, so no directory can be made below it")
     try:
