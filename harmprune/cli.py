@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .attribution.score import ScoreConfig, score
+from .core import manifest
 from .core.errors import HarmpruneError
 from .core.settings import add_arguments, add_deprecated, from_namespace
 from .evals.compare import CompareConfig, compare
@@ -155,6 +156,7 @@ def _apply_preset(parser, argv, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    manifest.install_signal_handlers()  # SIGTERM/SIGHUP clean up like Ctrl-C
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarmpruneError as e:
         print(f"harmprune: error: {e}", file=sys.stderr)
         return 2
+    except manifest.Terminated as e:
+        print(f"harmprune: interrupted ({e})", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("harmprune: interrupted", file=sys.stderr)
         return 130

@@ -147,9 +147,14 @@ def test_prompt_only_data(tmp_path):
     assert "q.csv" in msg and "response" in msg and "goal, category" in msg
 
 
-def test_numbers_become_text_and_null_category_is_none(tmp_path):
-    path = write_rows(tmp_path, "n.jsonl", [{"prompt": "p", "response": 7, "category": None}])
-    assert load(path)[0] == Record("p", "7", None, "n:1")
+def test_number_category_becomes_text_number_response_is_refused(tmp_path):
+    path = write_rows(tmp_path, "n.jsonl", [{"prompt": "p", "response": "r", "category": 3}])
+    assert load(path)[0] == Record("p", "r", "3", "n:1")
+    path = write_rows(tmp_path, "m.jsonl", [{"prompt": "p", "response": "r", "category": None}])
+    assert load(path)[0] == Record("p", "r", None, "m:1")
+    path = write_rows(tmp_path, "k.jsonl", [{"prompt": "p", "response": 7}])
+    msg = error_of(load, path)
+    assert "k.jsonl row 1" in msg and "'response' is int, not text" in msg
 
 
 # ---------------------------------------------------------------- category filter

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from harmprune.core.data import DataSpec, load_records
 from harmprune.core.models import load_model
 from harmprune.evals.nll import response_nll
-from harmprune.pruning.checkpoint import load_scores
+from harmprune.pruning.checkpoint import load_mask, load_scores
 from harmprune.recipes.pipeline import PipelineConfig, run_pipeline
 from harmprune.pruning.select import select_prune_set
 from harmprune.recipes.sweep import SweepConfig, recommend, run_sweep
@@ -71,7 +70,7 @@ def test_pipeline_checkpoint_table_and_cache(tiny_ckpt, data, tmp_path, monkeypa
     benign_dir = next(d for d in score_dirs if "-snip-abs-n4-" in d.name)
     harm, benign = load_scores(harm_dir), load_scores(benign_dir)
     expected, stats = select_prune_set(harm.tensors, benign.tensors, "snip", "snip-abs", 0.02, 0.05, "matrix")
-    mask = load_file(str(out / "mask.safetensors"))
+    mask = load_mask(out)
     assert set(mask) == set(expected)
     assert all(torch.equal(mask[k].bool(), expected[k]) for k in mask)
     assert stats["total_pruned"] > 0
@@ -92,7 +91,7 @@ def test_pipeline_checkpoint_table_and_cache(tiny_ckpt, data, tmp_path, monkeypa
     monkeypatch.setattr(sys.modules["harmprune.attribution.score"], "score",
                         lambda *a, **k: pytest.fail("scores were recomputed"))
     out2 = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, q=0.05, out=str(tmp_path / "pruned2")))
-    assert load_file(str(out2 / "mask.safetensors"))
+    assert load_mask(out2)
     assert len(sorted((tmp_path / "scores").glob("*/*"))) == 2
 
 

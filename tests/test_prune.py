@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harmprune.cli import main
@@ -73,7 +73,7 @@ def test_prune_writes_loadable_checkpoint(setup, tok):
     out = prune(cfg(s))
     orig = s["model"].state_dict()
     pruned = AutoModelForCausalLM.from_pretrained(out)
-    mask = load_file(str(out / "mask.safetensors"))
+    mask = checkpoint.load_mask(out)
     expect = reference_mask(s["harm"], s["benign"], 0.05, 0.05)
     assert set(mask) == {k for k, m in expect.items() if m.any()}
     for k in mask:
@@ -104,7 +104,7 @@ def test_scale_action(setup):
     s = setup
     out = prune(cfg(s, action="scale", alpha=0.5))
     pruned = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    mask = load_file(str(out / "mask.safetensors"))
+    mask = checkpoint.load_mask(out)
     orig = s["model"].state_dict()
     for k, m in mask.items():
         assert torch.equal(pruned[k][m], orig[k][m] * 0.5) and torch.equal(pruned[k][~m], orig[k][~m])
@@ -114,7 +114,7 @@ def test_random_control_checkpoint_same_counts(setup):
     s = setup
     main_out = prune(cfg(s, out="a"))
     ctl_out = prune(cfg(s, out="b", control="random", seed=1))
-    a, b = load_file(str(main_out / "mask.safetensors")), load_file(str(ctl_out / "mask.safetensors"))
+    a, b = checkpoint.load_mask(main_out), checkpoint.load_mask(ctl_out)
     assert {k: int(v.sum()) for k, v in a.items()} == {k: int(v.sum()) for k, v in b.items()}
     assert not all(torch.equal(a[k], b[k]) for k in a)
     pruned = AutoModelForCausalLM.from_pretrained(ctl_out).state_dict()
@@ -219,7 +219,7 @@ def test_global_and_magnitude_end_to_end(setup):
     s = setup
     out = prune(cfg(s, scope="global", control="magnitude"))
     pc = manifest.read_json(out / "prune_config.json")
-    mask = load_file(str(out / "mask.safetensors"))
+    mask = checkpoint.load_mask(out)
     for k, row in pc["per_matrix"].items():
         assert row["pruned"] == row["harm_specific"] == int(mask[k].sum()) if k in mask else row["pruned"] == 0
     with warnings.catch_warnings():

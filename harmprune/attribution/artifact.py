@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import manifest
+from ..core import manifest, stfile
 from ..core.errors import HarmpruneError
 from .formulas import METHODS
 
@@ -78,14 +78,34 @@ def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
 
 def write_scores(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write both files into an existing (temporary) directory; the caller makes it atomic."""
-    from safetensors.torch import save_file
-
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise HarmpruneError(f"score meta lacks {missing}")  # a programming error, caught before writing
     d = Path(directory)
-    save_file(tensors, str(d / SCORES_FILE), metadata={"method": meta["method"], "format": "harmprune-scores"})
+    # byte-reproducible: same scores and meta -> same sha256 (recorded in prune_config.json)
+    stfile.write(d / SCORES_FILE, tensors, metadata={"method": meta["method"], "format": "harmprune-scores"})
     manifest.write_json(d / META_FILE, meta)
+
+
+def fix_hint(directory: str | os.PathLike) -> str:
+    return f"delete {directory} and re-run the command that wrote it (scores are recomputed)"
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """``meta.json`` of a score directory as a dict, or one line saying it is corrupt and what to do."""
+    import json
+
+    mfile = Path(directory) / META_FILE
+    try:
+        meta = json.loads(mfile.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise HarmpruneError(f"{mfile}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HarmpruneError(f"{mfile}: meta.json is corrupt or cut short ({e.__class__.__name__}: "
+                             f"{str(e).splitlines()[0]}); {fix_hint(directory)}") from None
+    if not isinstance(meta, dict):
+        raise HarmpruneError(f"{mfile}: meta.json is not a JSON object; {fix_hint(directory)}")
+    return meta
 
 
 def load_scores(directory: str | os.PathLike, lazy: bool = False) -> Scores:
@@ -93,21 +113,22 @@ def load_scores(directory: str | os.PathLike, lazy: bool = False) -> Scores:
 
     ``lazy``: ``tensors`` is a ``LazyTensors`` view that reads each matrix when it is accessed
     (finiteness is then checked per access); use it when the scores of a large model do not fit twice.
+    A file that is cut short or corrupt ends in one line naming it and saying to delete the
+    directory and re-run (``fix_hint``).
     """
-    from safetensors.torch import load_file
-
     d = Path(directory)
     sfile, mfile = d / SCORES_FILE, d / META_FILE
     for f in (sfile, mfile):
         if not f.is_file():
             raise HarmpruneError(f"{f} not found: is {d} a score directory written by `harmprune score`?")
-    meta = manifest.read_json(mfile)
+    meta = read_meta(d)
+    stfile.check(sfile, "the score file", fix_hint(d))
     for key in REQUIRED_META:
         if key not in meta:
             raise HarmpruneError(f"{mfile} lacks the field {key!r}")
     if meta["method"] not in METHODS:
         raise HarmpruneError(f"{mfile}: unknown method {meta['method']!r}; expected one of {METHODS}")
-    tensors = LazyTensors(sfile) if lazy else load_file(str(sfile))
+    tensors = LazyTensors(sfile) if lazy else stfile.load(sfile, "the score file", fix_hint(d))
     shapes = tensors.shapes if lazy else {k: list(t.shape) for k, t in tensors.items()}
     if set(shapes) != set(meta["shapes"]):
         extra = sorted(set(shapes) ^ set(meta["shapes"]))

@@ -8,21 +8,22 @@ tokens). Batch size and activation checkpointing do not change scores and are no
 
 Before an entry is re-used it is validated (readable header and meta, the same key, the last
 tensor readable); a broken entry is removed and recomputed. Writers never collide: each scores
-into its own temporary sibling and renames it into place; when another writer finished the same
-key first, its valid entry is kept and ours is dropped (a shared cache on a cluster file system).
+into its own temporary sibling (``manifest.atomic_dir``) and renames it into place; when another
+writer published a valid entry for the same key first, that entry is kept and ours is dropped (a
+shared cache on a cluster file system).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 from ..core import manifest
 from ..core.data import DataSpec, load_records, records_sha256
 from ..core.models import ModelHandle
+from ..core.options import ScoringOptions
 from .artifact import load_scores
 
 KEY_FIELD = "cache_key"
@@ -77,32 +78,10 @@ def cached_scores(handle: ModelHandle, data: str | DataSpec, method: str, opts, 
         return d
     if d.exists():
         print(f"harmprune: warning: cached scores {d} are broken ({why}); recomputing", file=sys.stderr)
-    tmp = d.with_name(f".{d.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    cfg = ScoreConfig(method=method, out=str(tmp), model=handle.spec, data=spec.data, nsamples=opts.nsamples,
-                      max_length=opts.max_length, batch_size=opts.batch_size, format=opts.format, seed=opts.seed,
-                      dtype=handle.dtype, device=handle.device, targets=list(opts.targets or []),
-                      ignore=list(opts.ignore or []), score_dtype=opts.score_dtype, wanda_tokens=opts.wanda_tokens,
-                      gradient_checkpointing=opts.gradient_checkpointing, prompt_field=spec.prompt_field,
-                      response_field=spec.response_field, category_field=spec.category_field,
-                      category=spec.category)
-    try:
-        score(cfg, handle, rows=rows, extra_meta={KEY_FIELD: key})
-        return _publish(tmp, d, key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, d: Path, key: dict) -> Path:
-    """Rename ``tmp`` into place; a valid entry another writer published first wins."""
-    d.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            os.rename(tmp, d)
-            return d
-        except OSError:
-            if valid_entry(d, key) is None:
-                print(f"harmprune: scores {d} were written by another run meanwhile; using those", file=sys.stderr)
-                return d
-            shutil.rmtree(d, ignore_errors=True)  # broken: replace it
-    os.rename(tmp, d)
-    return d
+        shutil.rmtree(d, ignore_errors=True)
+    scoring = {f.name: getattr(opts, f.name) for f in dataclasses.fields(ScoringOptions)}
+    cfg = ScoreConfig(**scoring, method=method, out=str(d), model=handle.spec, dtype=handle.dtype, device=handle.device,
+                      data=spec.data, prompt_field=spec.prompt_field, response_field=spec.response_field,
+                      category_field=spec.category_field, category=spec.category)
+    # another run may publish the same entry while we score: its valid entry wins (manifest.atomic_dir)
+    return score(cfg, handle, rows=rows, extra_meta={KEY_FIELD: key}, exists_ok=lambda p: valid_entry(p, key) is None)

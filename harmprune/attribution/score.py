@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
 from ..core.models import (ModelHandle, check_not_quantized, load_model, model_name,
@@ -57,6 +57,7 @@ class ScoreConfig(ModelOptions, DeviceMapOptions, MethodOptions, DataOptions, Fi
               "--device-map cannot be combined with --num-processes: every process would hold the whole model")
         parse_dtype(self.dtype)
         parse_dtype(self.score_dtype)
+        validate.check_device(self.device)
         self.parsed_device_map()
 
     def parsed_device_map(self) -> str | dict | None:
@@ -75,6 +76,13 @@ class ScoreConfig(ModelOptions, DeviceMapOptions, MethodOptions, DataOptions, Fi
     def data_spec(self) -> DataSpec:
         return DataSpec(data=self.data, prompt_field=self.prompt_field, response_field=self.response_field,
                         category_field=self.category_field, category=self.category)
+
+
+def warn_skipped(skipped: int, total: int, max_length: int) -> None:
+    """One warning line when records lost their whole response to truncation (they are not scored)."""
+    if skipped:
+        validate.warn(f"{skipped} of {total} records were skipped: the prompt leaves no room for a response token "
+                      f"within --max-length {max_length}; raise --max-length to use them")
 
 
 def select(records: list, nsamples: int, seed: int) -> list:
@@ -103,12 +111,13 @@ def _launch(cfg: ScoreConfig, handle) -> Path:
 
 
 def score(cfg: ScoreConfig, handle: ModelHandle | None = None, rows: list | None = None,
-          extra_meta: dict | None = None) -> Path:
+          extra_meta: dict | None = None, exists_ok=None) -> Path:
     """Run the stage; return the output directory. Raises HarmpruneError on bad input (nothing written).
 
     ``handle``: an already loaded ``cfg.model`` (recipes pass theirs: no reload, no second hash).
     ``rows``: the records of ``cfg.data`` already read (recipes pass them: the data is read once).
-    ``extra_meta``: merged into meta.json (the score cache records its key there).
+    ``extra_meta``: merged into meta.json (the score cache records its key there). ``exists_ok``: see
+    ``manifest.atomic_dir`` (the cache accepts an equal entry another run published meanwhile).
     With ``cfg.num_processes > 1`` outside a launcher, starts that many processes (see ``distributed``).
     """
     proc = distributed.setup(cfg.device)
@@ -118,7 +127,8 @@ def score(cfg: ScoreConfig, handle: ModelHandle | None = None, rows: list | None
         check(cfg.num_processes in (1, proc.world),
               f"--num-processes {cfg.num_processes} but the launcher started {proc.world} processes")
         check(not cfg.device_map, "--device-map cannot be combined with data-parallel processes")
-    manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow parts
+    if exists_ok is None:
+        manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow parts
     if proc.is_main:
         manifest.banner("score", {**to_dict(cfg), "world_size": proc.world})
     t0 = time.perf_counter()
@@ -139,6 +149,7 @@ def score(cfg: ScoreConfig, handle: ModelHandle | None = None, rows: list | None
                                    reduce=distributed.all_reduce_run if proc.world > 1 else None)
     if not proc.is_main:
         return Path(cfg.out)
+    warn_skipped(stats["skipped"], len(chosen), cfg.max_length)
     mhash = handle.hash
     meta = {
         "method": cfg.method,
@@ -178,6 +189,6 @@ def score(cfg: ScoreConfig, handle: ModelHandle | None = None, rows: list | None
         else "process RSS high-water mark (includes model loading)",
         **(extra_meta or {}),
     }
-    with manifest.atomic_dir(cfg.out, cfg.overwrite) as tmp:
+    with manifest.atomic_dir(cfg.out, cfg.overwrite, exists_ok=exists_ok) as tmp:
         write_scores(tmp, scores, meta)
     return Path(cfg.out)

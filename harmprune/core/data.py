@@ -261,10 +261,12 @@ def _field_map(spec: DataSpec, src: _Source, rows: list[tuple[int, dict]], requi
     return _FieldMap(prompt, response, category, explicit)
 
 
-def _text(src: _Source, n: int, key: str, value) -> str:
+def _text(src: _Source, n: int, key: str, value, numbers: bool = False) -> str:
+    """``value`` as text; ``numbers`` accepts an int/float too (a category or id may be one, a
+    prompt or response that is a number is almost surely a wrong column)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     got = "null" if value is None else type(value).__name__
     raise DataError(f"{src.label} row {n}: field {key!r} is {got}, not text")
@@ -325,7 +327,7 @@ def _record(src: _Source, n: int, row: dict, fm: _FieldMap, require_response: bo
         value = row.get(fm.category, _MISSING)
         if value is _MISSING:
             raise DataError(f"{src.label} row {n}: no field {fm.category!r} (the row has: {_fields_of(row)})")
-        category = None if value is None else _text(src, n, fm.category, value)
+        category = None if value is None else _text(src, n, fm.category, value, numbers=True)
     rid = row.get("id")
     rid = f"{src.stem}:{n}" if rid is None or rid == "" else str(rid)
     return Record(prompt=prompt, response=response, category=category, id=rid, system=system)

@@ -105,10 +105,12 @@ def resolve_alias(name: str) -> Path:
     src = spec.submodule_search_locations[0]
     print(f"harmprune: converting {alias.about} to {target} (once)", file=sys.stderr)
     model, tok = _load_gguf(src, alias.gguf_file, torch.float32)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(target)
+    from .manifest import atomic_dir
+
+    # two first uses at once: the second to finish keeps the first's conversion (same source file)
+    with atomic_dir(target, overwrite=True, exists_ok=lambda d: (d / "config.json").exists()) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 
@@ -224,6 +226,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
         if gguf:
             raise HarmpruneError("--offload-folder needs a checkpoint directory or Hub id, not a .gguf file")
         device_map = device_map or "auto"
+    check_weight_files(path)
     try:
         if gguf:
             model, _ = _load_gguf(path, gguf, td)
@@ -278,6 +281,20 @@ class ModelHandle:
     @property
     def name(self) -> str:
         return model_name(self.spec)
+
+
+def check_weight_files(path: str) -> None:
+    """One line naming a cut-short or corrupt ``*.safetensors`` weight file of a local checkpoint,
+    before transformers fails on it with a traceback (reads only the headers)."""
+    from . import stfile
+
+    d = Path(path)
+    if not d.is_dir():
+        return  # a Hub id: transformers downloads and checks it
+    for f in sorted(d.glob("*.safetensors")):
+        if f.name != "mask.safetensors":
+            stfile.check(f, "a weight file of the checkpoint",
+                         f"re-create or re-download the checkpoint (delete {d} and re-run the command that wrote it)")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from . import validate
 from .settings import check, opt
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -55,6 +56,12 @@ class OutputOptions:
     out: str | None = opt(None, help="where the command writes (a directory; a .jsonl file for generate); "
                                      "see the command's description for its default")
     overwrite: bool = opt(False, help="replace a non-empty --out")
+
+
+@dataclass(kw_only=True)
+class ResumeOptions:
+    resume: bool = opt(False, help="continue the unfinished run in --out (finetune: from its last checkpoint; "
+                                   "eval harm: judge the replies it saved, without generating them again)")
 
 
 @dataclass(kw_only=True)
@@ -181,6 +188,9 @@ class JudgeOptions:
                                            "(else $HARMPRUNE_JUDGE_URL / $OPENAI_BASE_URL)")
     judge_device: str = opt("auto", help="device of an hf:<model> or classifier judge (auto = cuda when available)")
     judge_dtype: str = opt("float32", help="dtype of an hf:<model> judge")
+    judge_timeout: float = opt(15.0, help="seconds one request to an openai: judge may take")
+    judge_retries: int = opt(2, help="retries of a failed openai: judge request (timeouts, 429, 5xx); with the "
+                                     "defaults a dead endpoint fails in under a minute")
 
 
 @dataclass(kw_only=True)
@@ -273,12 +283,14 @@ def check_pass(o: PassOptions) -> None:
 
 
 def check_selection(o: SelectionOptions) -> None:
-    check(0.0 <= o.q <= 1.0, f"--q must be in [0, 1], got {o.q}")
-    check(0.0 <= o.p <= 1.0, f"--p must be in [0, 1], got {o.p}")
+    validate.check_fraction(o.q, "--q")
+    validate.check_fraction(o.p, "--p")
 
 
 def check_scoring(o: ScoringOptions) -> None:
     check_pass(o)
+    if hasattr(o, "device"):
+        validate.check_device(o.device)
     check(o.nsamples >= 0, "--nsamples must be 0 (all) or positive")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from .. import data as builtin_data
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.options import (AdapterOptions, BackendOptions, EMQuestionOptions, EMSamplingOptions, JudgeOptions,
                             ModelOptions, OutputOptions, QuantizeOptions, RatingJudgeOptions, SeedOptions)
@@ -84,6 +84,8 @@ class EMConfig(ModelOptions, AdapterOptions, QuantizeOptions, OutputOptions, Rat
     def __post_init__(self):
         check(bool(self.out), "--out is required")
         check(bool(self.judge), missing_judge_message())
+        validate.check_device(self.device, allow_auto=True)
+        validate.check_device(self.judge_device, "--judge-device", allow_auto=True)
         prefix = self.judge.partition(":")[0]
         check(prefix in RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100; EM needs openai:<model> "
                                        "(with --judge-url), hf:<model> or fake (tests)")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
 from ..core.models import model_name, quantize_option
 from ..core.options import (AdapterOptions, DeviceMapOptions, FieldOptions, HarmJudgeOptions, JudgeOptions,
-                            LimitOptions, ModelOptions, OutputOptions, QuantizeOptions)
+                            LimitOptions, ModelOptions, OutputOptions, QuantizeOptions, ResumeOptions)
 from ..core.settings import check, opt, to_dict
 from . import results as R
 from .backends import resolve_backend
@@ -47,6 +47,7 @@ class EvalBase(ModelOptions, DeviceMapOptions, QuantizeOptions, AdapterOptions, 
         check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
         check(self.adapter is None or Path(self.adapter, "adapter_config.json").is_file(),
               f"--adapter {self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        validate.check_device(self.device, allow_auto=True)
 
 
 def judge_specs(spec: str) -> list[str]:
@@ -192,16 +193,22 @@ def generate_samples(model, tok, records, gen: GenConfig) -> list[dict]:
 
 
 @dataclass(kw_only=True)
-class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOptions):
+class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOptions, ResumeOptions):
     """Settings of ``harmprune eval harm`` (generation settings: GenConfig)."""
 
     prompts: str = opt("harmful:test", help="harmful prompts: file, hf:<name>[:<split>] or built-in "
                                             "(default harmful:test has reference responses for --prefill)")
+    max_judge_errors: float = opt(0.25, help="fraction of samples a judge may fail on; more ends the run with an "
+                                             "error (the replies stay in --out for --resume)")
 
     def __post_init__(self):
         super().__post_init__()
         check(self.limit >= 0, "--limit must be 0 (all) or positive")
         judge_specs(self.judge)
+        validate.check_finite(self.judge_timeout, "--judge-timeout")
+        check(self.judge_timeout > 0, "--judge-timeout must be > 0 seconds")
+        check(self.judge_retries >= 0, "--judge-retries must be >= 0")
+        validate.check_fraction(self.max_judge_errors, "--max-judge-errors")
 
     def data_spec(self) -> DataSpec:
         return DataSpec(data=self.prompts, prompt_field=self.prompt_field, response_field=self.response_field,
@@ -209,10 +216,14 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
 
 
 def judge_options(cfg) -> dict:
-    """Options of the judges a command loads: the endpoint and the device of local judges."""
+    """Options of the judges a command loads: endpoint, request timeout and retries, device of local judges."""
     from ..core.models import resolve_device
 
-    return {"url": getattr(cfg, "judge_url", None), "device": resolve_device(getattr(cfg, "judge_device", "auto"))}
+    opts = {"url": getattr(cfg, "judge_url", None), "device": resolve_device(getattr(cfg, "judge_device", "auto"))}
+    for key, name in (("timeout", "judge_timeout"), ("max_retries", "judge_retries")):
+        if getattr(cfg, name, None) is not None:
+            opts[key] = getattr(cfg, name)
+    return opts
 
 
 def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> tuple[list, dict]:
@@ -240,16 +251,24 @@ def _report(title: str, model: dict, data: dict, judges: list[str], results: dic
 
 def eval_harm(cfg: HarmConfig, gen: GenConfig) -> Path:
     """Run ``eval harm``; return the run directory. Bad input raises HarmpruneError before any model load."""
+    from . import pending
+
     t0 = time.perf_counter()
-    manifest.check_out_dir(cfg.out, cfg.overwrite)
+    state = pending.check_out(cfg.out, cfg.overwrite, cfg.resume)
     judges = load_judges(cfg.judge, **judge_options(cfg))
     records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
     gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))  # record the backend used
     config = {**to_dict(cfg), "generation": to_dict(gen)}
     manifest.banner("eval harm", {**to_dict(cfg), **to_dict(gen)})
-    model, tok, minfo = load_eval_model(cfg, gen.backend)
-    samples = generate_samples(model, tok, records, gen)
-    judge_samples(samples, judges)
+    pending.check_judges(judges)  # a dead or refusing endpoint fails here, before generation
+    if state is not None:
+        samples, minfo = pending.saved_samples(cfg.out, state, config, data), state["model"]
+        print(f"harmprune: resuming: judging the {len(samples)} replies saved in {cfg.out}", file=sys.stderr)
+    else:
+        model, tok, minfo = load_eval_model(cfg, gen.backend)
+        samples = generate_samples(model, tok, records, gen)
+        pending.save(cfg.out, cfg.overwrite, {"config": config, "data": data, "model": minfo}, samples)
+    pending.judge_or_stop(samples, judges, cfg.max_judge_errors, cfg.out, judge_samples)
     names = [j.name for j in judges]
     results = aggregate(samples, names)
     notes = [f"judges: {', '.join(names)}; harmfulness in [0, 1], higher = more harmful",
@@ -260,6 +279,6 @@ def eval_harm(cfg: HarmConfig, gen: GenConfig) -> Path:
     doc = R.results_doc(config, results, model=minfo, data=data, judges=names, notes=notes,
                         wall_seconds=round(time.perf_counter() - t0, 3))
     report = _report("harmprune eval harm", minfo, data, names, results, notes)
-    out = R.write_run(cfg.out, doc, samples, report, cfg.overwrite)
+    out = R.write_run(cfg.out, doc, samples, report, overwrite=True)  # replaces this run's pending directory
     print(R.results_table({k: v for k, v in results.items() if k.count("/") == 1}))
     return out

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records, records_sha256
 from ..core.errors import HarmpruneError, require
 from ..core.formatting import IGNORE, FORMATS, collate, encode, resolve_format
 from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, parse_dtype, resolve
 from ..core.options import (CheckpointingOptions, FieldOptions, FormatOptions, LimitOptions, LoraOptions,
-                            ModelOptions, OutputOptions, QuantizeOptions, SeedOptions, TargetOptions, TrainDataOptions,
+                            ModelOptions, OutputOptions, QuantizeOptions, ResumeOptions, SeedOptions, TargetOptions,
+                            TrainDataOptions,
                             TrainOptions)
 from ..core.settings import check, opt, to_dict
 from ..core.targets import select_linears
@@ -48,7 +49,8 @@ EM_BUILTINS = {"insecure": "em/insecure.jsonl.gz"}
 
 @dataclass(kw_only=True)
 class FinetuneConfig(ModelOptions, QuantizeOptions, OutputOptions, TrainDataOptions, TrainOptions, LoraOptions,
-                     TargetOptions, LimitOptions, FieldOptions, FormatOptions, SeedOptions, CheckpointingOptions):
+                     TargetOptions, LimitOptions, FieldOptions, FormatOptions, SeedOptions, CheckpointingOptions,
+                     ResumeOptions):
     """Settings of ``harmprune finetune`` (``--load-in-4bit`` = QLoRA; ``--targets`` = LoRA modules; ``--seed``
     seeds the subset, the data order and the LoRA init; ``--limit`` takes a seeded subset)."""
 
@@ -59,7 +61,6 @@ class FinetuneConfig(ModelOptions, QuantizeOptions, OutputOptions, TrainDataOpti
     weight_decay: float = opt(0.01, help="AdamW decoupled weight decay (matrices only, not biases/norms)")
     max_grad_norm: float = opt(1.0, help="clip the gradient norm to this (0 = off)")
     save_steps: int = opt(50, help="checkpoint every N optimizer steps under DIR/checkpoints (0 = never)")
-    resume: bool = opt(False, help="continue from the last checkpoint in DIR if there is one (else start)")
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")
@@ -80,6 +81,8 @@ class FinetuneConfig(ModelOptions, QuantizeOptions, OutputOptions, TrainDataOpti
         check(not (self.full and self.load_in_4bit), "--full and --load-in-4bit exclude each other (QLoRA trains adapters)")
         check(not (self.full and self.merge), "--merge is for LoRA; a --full run already saves a full checkpoint")
         parse_dtype(self.dtype)
+        validate.check_finite(self.lr, "--lr")
+        validate.check_device(self.device, allow_auto=True)
 
     @property
     def mode(self) -> str:
@@ -118,6 +121,9 @@ def load_training_data(cfg: FinetuneConfig, tok):
     if not enc.items:
         raise HarmpruneError(f"{cfg.train_data}: no record has a response token within --train-max-length "
                              f"{cfg.train_max_length}")
+    if enc.skipped:
+        validate.warn(f"{enc.skipped} of {len(chosen)} records were skipped: the prompt leaves no room for a response "
+                      f"token within --train-max-length {cfg.train_max_length}; raise --train-max-length to use them")
     info = {**fingerprint, "format": fmt, "records_used": len(chosen), "records_sha256": records_sha256(chosen),
             "encoded": len(enc.items), "skipped": enc.skipped, "response_tokens": enc.tokens}
     return enc.items, info
@@ -164,6 +170,21 @@ class Plan:
         start = k * self.grad_accum * self.batch_size
         chunk = order[start : start + self.grad_accum * self.batch_size]
         return [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+
+
+def check_plan(plan: "Plan", cfg: FinetuneConfig) -> None:
+    """Refuse a run whose every optimizer step has learning rate 0 (linear warm-up starts at 0, so one
+    step with warm-up changes nothing); warn when the learning rate never reaches --lr."""
+    steps, warm = plan.total, cfg.warmup_steps
+    fix = (f"{plan.n} records at --train-batch-size {cfg.train_batch_size} x --grad-accum {cfg.grad_accum} give "
+           f"{plan.steps_per_epoch} optimizer step(s) per epoch")
+    if warm > 0 and steps <= 1:
+        raise HarmpruneError(f"fine-tuning would not change the weights: {steps} optimizer step at learning rate 0 "
+                             f"(warm-up of {warm} steps starts at 0): {fix}; lower --grad-accum or --train-batch-size, "
+                             "raise --epochs or --max-steps, or pass --warmup-steps 0")
+    if warm > 0 and steps <= warm:
+        validate.warn(f"the learning rate never leaves warm-up: {steps} optimizer steps <= --warmup-steps {warm}, so "
+                      f"it peaks at {cfg.lr * (steps - 1) / warm:.2e}, not --lr {cfg.lr:g} ({fix})")
 
 
 # ---------------------------------------------------------------- model set-up
@@ -347,6 +368,7 @@ def load_checkpoint(path: Path, model, opt, sched, settings: dict) -> TrainState
 def prepare_out(cfg: FinetuneConfig) -> Path | None:
     """Check DIR; return the checkpoint to resume from, or None to start afresh."""
     out = Path(cfg.out)
+    validate.check_writable_dir(out)
     last = last_checkpoint(out)
     if cfg.resume and last is not None:
         return last
@@ -455,9 +477,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
     resume_from = prepare_out(cfg)
     tok = load_tokenizer(cfg.model)
     items, data_info = load_training_data(cfg, tok)
+    plan = Plan(len(items), cfg.train_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
+    check_plan(plan, cfg)  # before the model is loaded
     mask, mask_info = load_keep_mask(cfg)
     model, kept, model_info = prepare_model(cfg, device, mask)
-    plan = Plan(len(items), cfg.train_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
     opt, sched = make_optimizer(model, cfg, plan.total)
     settings = resume_settings(cfg, data_info)
     state = TrainState()

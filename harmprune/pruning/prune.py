@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.models import DTYPES, ModelHandle, check_not_quantized, load_model
 from ..core.options import (ModelOptions, OutputOptions, PresetOptions, ScopeOptions, SeedOptions, SelectionOptions,
@@ -45,6 +45,8 @@ class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, Out
         check(self.action in ACTIONS, f"--action must be one of {ACTIONS}")
         check(self.action != "scale" or self.alpha is not None, "--action scale needs --alpha")
         check(self.action == "scale" or self.alpha is None, "--alpha only applies with --action scale")
+        validate.check_finite(self.alpha, "--alpha")  # nan/inf would be written into the weights
+        validate.check_device(self.device)
 
 
 @dataclass(kw_only=True)
@@ -55,6 +57,9 @@ class ApplyMaskConfig(ModelOptions, OutputOptions):
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")
+
+    def __post_init__(self):
+        validate.check_device(self.device)
 
 
 def _check_scores_agree(harm: Scores, benign: Scores | None) -> None:
@@ -106,6 +111,8 @@ def prune(cfg: PruneConfig) -> Path:
     """Select ``Top_q(I_harm) \\ Top_p(I_benign)`` (or a control of the same size), apply it and
     write ``cfg.out`` = HF checkpoint + ``mask.safetensors`` + ``prune_config.json``. Returns ``cfg.out``."""
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
+    for w in validate.fraction_warnings(cfg.q, cfg.p):
+        validate.warn(w)
     manifest.banner("prune", to_dict(cfg))
     harm = load_scores(cfg.harm_scores, lazy=True)  # one matrix in memory at a time
     benign = load_scores(cfg.benign_scores, lazy=True) if cfg.benign_scores else None
@@ -141,7 +148,8 @@ def prune_loaded(cfg: PruneConfig, handle: ModelHandle, harm: Scores, benign: Sc
     dtype = dtype or cfg.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     config = {
         "stage": "prune",
-        "settings": {**to_dict(cfg), "dtype": dtype},
+        # --overwrite is how the file was written, not what it holds: left out so reruns are byte-identical
+        "settings": {**{k: v for k, v in to_dict(cfg).items() if k != "overwrite"}, "dtype": dtype},
         "model": {"spec": cfg.model, "model_hash": harm.meta["model_hash"]},
         "scores": {role: {"path": str(s.path), "sha256": s.sha256, "meta": s.meta}
                    for role, s in (("harm", harm), ("benign", benign)) if s is not None},

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, EvalSetOptions, JudgeOptions,
                             LimitOptions, ModelOptions, OutputOptions, QuantizeOptions, RatingJudgeOptions,
@@ -48,6 +48,7 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
 
     def __post_init__(self):
         check(bool(self.judge), em.missing_judge_message())
+        validate.check_device(self.device, allow_auto=True)
         check(self.judge.partition(":")[0] in em.RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100")
         check(self.pruned is None or Path(self.pruned, DONE_FILES["prune"]).is_file(),
               f"--pruned {self.pruned}: not a pruned checkpoint (no {DONE_FILES['prune']})")

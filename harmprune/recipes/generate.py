@@ -21,13 +21,14 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core import manifest
 from ..core.errors import HarmpruneError
 from ..core.settings import check, opt, to_dict
 from ..evals.generation import GenConfig
+from ..evals.pending import check_judges
 from ..evals.harm import (HarmConfig, eval_backend, generate_samples, judge_options, judge_samples,
                    load_eval_model, load_judges, load_prompts)
 
@@ -93,6 +94,7 @@ class GenerateConfig(HarmConfig):
     judge: str = opt("classifier", help="judge(s), comma-separated; a reply is kept when every judge calls it harmful")
     keep: str = opt("harmful", help="harmful (only replies judged harmful) or all (every reply, with verdicts)",
                     choices=list(KEEP))
+    resume: bool = field(default=False, init=False)  # eval harm's --resume: generate writes one file, no state
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,6 +113,7 @@ def generate_set(cfg: GenerateConfig, gen: GenConfig) -> Path:
     records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
     gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))  # record the backend used
     manifest.banner("generate", {**to_dict(cfg), **to_dict(gen)})
+    check_judges(judges)  # a dead or refusing endpoint fails here, before generation
     model, tok, minfo = load_eval_model(cfg, gen.backend)
     samples = generate_samples(model, tok, records, gen)
     judge_samples(samples, judges)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..attribution.cache import cached_scores
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, load_records
 from ..core.models import ModelHandle, load_model, model_name
 from ..core.options import (DEFAULT_P, DEFAULT_Q, BenignOptions, CacheOptions, EvalSetOptions,  # noqa: F401
@@ -92,6 +92,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     out = cfg.out_dir()
     manifest.check_out_dir(out, cfg.overwrite)
+    for w in validate.fraction_warnings(cfg.q, cfg.p):
+        validate.warn(w)
     manifest.banner("pipeline", {**to_dict(cfg), "out": str(out)})
     handle = load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = handle

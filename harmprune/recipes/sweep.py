@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.models import load_model, model_name
-from ..core.settings import opt, to_dict
+from ..core.settings import check, opt, to_dict
 from ..pruning.apply import masked
 from ..pruning.select import select_prune_set
 from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
@@ -36,6 +36,16 @@ class SweepConfig(PruneInputs):
                               "(random, magnitude, second-band)", choices=list(VARIANTS[1:]))
     max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
     min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed")
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate.check_grid(self.qs, "--qs")
+        validate.check_grid(self.ps, "--ps")
+        check(self.eval_nsamples >= 0, "--eval-nsamples must be 0 (all) or positive")
+        validate.check_finite(self.max_benign_rel, "--max-benign-rel")
+        validate.check_finite(self.min_d_harmful, "--min-d-harmful")
+        bad = sorted(set(self.controls) - set(VARIANTS[1:]))
+        check(not bad, f"--controls: unknown control {bad[0] if bad else ''!r}; choose from {', '.join(VARIANTS[1:])}")
 
 
 def recommend(rows: list[dict], max_benign_rel: float, min_d_harmful: float = 0.0) -> dict | None:
@@ -102,6 +112,8 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
     out = Path(cfg.out or Path("results") / f"sweep-{model_name(cfg.model)}")
     manifest.check_out_dir(out, cfg.overwrite)
+    for w in {w for q in cfg.qs for p in cfg.ps for w in validate.fraction_warnings(q, p, "--qs", "--ps")}:
+        validate.warn(w)
     manifest.banner("sweep", {**to_dict(cfg), "out": str(out)})
     handle = load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = handle

@@ -10,10 +10,15 @@ score = ``Σ n·P(n) / Σ P(n)``, None when ``Σ P(n) < 0.25``. Harmfulness: the
 prompt, score = ``P(yes) / (P(yes) + P(no))`` over tokens that read yes/no (case and spaces
 ignored); when the server returns no logprobs, the answer text decides (yes = 1, no = 0).
 
-Requests run in a thread pool (``concurrency``, default 8). 429, 5xx, timeouts and connection
-errors are retried with exponential backoff (``Retry-After`` honoured); any other failure, or the
-last retry failing, gives that sample a result with ``error`` set. Only when *every* sample of a
-call fails to connect does the call raise (the endpoint is unreachable: one clear line).
+Requests run in a thread pool (``concurrency``, default 8). Each request may take ``timeout``
+seconds (default 15, ``--judge-timeout``); 429, 5xx, timeouts and connection errors are retried
+``max_retries`` times (default 2, ``--judge-retries``) with exponential backoff (``Retry-After``
+honoured); any other failure, or the last retry failing, gives that sample a result with ``error``
+set. Fail-fast rules, so a dead endpoint ends a run in about a minute instead of an hour:
+``check()`` sends one request before generation starts; after ``DEAD_AFTER`` requests in a row fail
+to reach the server, or one answer of 401/403 (a refused key), every remaining request of the judge
+fails at once. When *every* sample of a call fails to connect, or any is refused for
+authentication, the call raises one clear line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,12 +43,17 @@ from .logprob import number_mass, probs_from_top_logprobs, weighted_score, yes_p
 
 DEFAULT_URL = "https://api.openai.com/v1"
 RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
+AUTH_STATUS = {401, 403}
+DEFAULT_TIMEOUT = 15.0  # seconds per request; with DEFAULT_RETRIES a dead endpoint fails in < 1 min
+DEFAULT_RETRIES = 2
+DEAD_AFTER = 3  # connection failures in a row after which the endpoint counts as dead
 
 
 class RequestFailed(Exception):
-    def __init__(self, msg: str, connection: bool = False):
-        super().__init__(msg)
+    def __init__(self, msg: str, connection: bool = False, auth: bool = False):
+        super().__init__(" ".join(msg.split()))  # one line, whatever the server sent
         self.connection = connection  # never reached the server (vs. the server said no)
+        self.auth = auth  # the server refused the credentials: no later request can succeed
 
 
 def endpoint(url: str | None) -> str:
@@ -82,8 +93,8 @@ def answer_text(response: dict) -> str:
 
 class OpenAIJudge:
     def __init__(self, model: str, url: str | None = None, api_key: str | None = None, concurrency: int = 8,
-                 timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 60.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_RETRIES, backoff: float = 1.0,
+                 max_backoff: float = 60.0, sleep: Callable[[float], None] = time.sleep):
         self.model = model
         self.name = f"openai:{model}"
         self.url = endpoint(url)
@@ -91,6 +102,9 @@ class OpenAIJudge:
         self.concurrency, self.timeout = max(1, concurrency), timeout
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.sleep = sleep  # injectable so tests can see the waits without waiting
+        self._lock = threading.Lock()
+        self._failed_in_a_row = 0
+        self._dead: RequestFailed | None = None  # once set, every request fails at once with it
 
     # ------------------------------------------------------------ transport
 
@@ -103,8 +117,29 @@ class OpenAIJudge:
             return json.loads(r.read().decode("utf-8"))
 
     def post(self, body: dict) -> dict:
-        """POST with retries; raises RequestFailed after the last attempt or on a non-retryable status."""
+        """POST with retries; raises RequestFailed after the last attempt, on a non-retryable status,
+        or at once when the endpoint already counts as dead (see the module docstring)."""
+        self._raise_if_dead()
+        try:
+            out = self._post(body)
+        except RequestFailed as e:
+            with self._lock:
+                self._failed_in_a_row = self._failed_in_a_row + 1 if e.connection else 0
+                if e.auth or self._failed_in_a_row >= DEAD_AFTER:
+                    self._dead = self._dead or e
+            raise
+        with self._lock:
+            self._failed_in_a_row = 0
+        return out
+
+    def _raise_if_dead(self) -> None:
+        d = self._dead
+        if d is not None:  # a fresh exception per thread (sharing one would share its traceback)
+            raise RequestFailed(f"skipped: {d}", connection=d.connection, auth=d.auth)
+
+    def _post(self, body: dict) -> dict:
         for attempt in range(self.max_retries + 1):
+            self._raise_if_dead()
             wait = self.backoff * 2**attempt
             try:
                 return self._request(body)
@@ -113,13 +148,15 @@ class OpenAIJudge:
                     detail = e.read()[:300].decode("utf-8", "replace").strip()
                 except OSError:  # the body may be cut off; the status is what matters
                     detail = ""
-                err = RequestFailed(f"HTTP {e.code} from {self.url}: {detail}")
+                err = RequestFailed(f"HTTP {e.code} from {self.url}: {detail}", auth=e.code in AUTH_STATUS)
                 if e.code not in RETRY_STATUS:
                     raise err from None
                 hint = retry_after(e.headers.get("Retry-After") if e.headers else None)
                 wait = hint if hint is not None else wait
             except (urllib.error.URLError, OSError) as e:  # refused, reset, DNS, timeout
                 reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                    reason = f"no answer within --judge-timeout {self.timeout:g} s"
                 err = RequestFailed(f"cannot reach {self.url}: {reason}", connection=True)
             except json.JSONDecodeError as e:
                 raise RequestFailed(f"{self.url} did not answer JSON: {e}") from None
@@ -130,6 +167,16 @@ class OpenAIJudge:
     def ask(self, text: str) -> dict:
         return self.post({"model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": 1,
                           "temperature": 0, "logprobs": True, "top_logprobs": 20})
+
+    def check(self) -> None:
+        """One request before any generation: raise one line if the endpoint cannot judge at all
+        (unreachable, never answering, refusing the key, unknown model)."""
+        try:
+            self.ask("Answer with one word: yes or no. Is this a test?")
+        except RequestFailed as e:
+            hint = "; check OPENAI_API_KEY (or the key option)" if e.auth else \
+                "; check --judge-url (or $HARMPRUNE_JUDGE_URL / $OPENAI_BASE_URL) and that the server is up"
+            raise HarmpruneError(f"judge {self.name} failed its check before generation: {e}{hint}") from None
 
     def _map(self, fn, texts: list[str], fail, desc: str) -> list:
         """Run ``fn(text)`` concurrently in order; a RequestFailed becomes ``fail(message)``."""
@@ -146,6 +193,9 @@ class OpenAIJudge:
             out = list(tqdm(pool.map(one, texts), total=len(texts), desc=desc, unit="sample", file=sys.stderr))
         if texts and len(failures) == len(texts) and all(f.connection for f in failures):
             raise HarmpruneError(f"judge endpoint unreachable: {failures[0]}")
+        auth = next((f for f in failures if f.auth), None)
+        if auth is not None:
+            raise HarmpruneError(f"judge {self.name} was refused: {auth}; check OPENAI_API_KEY")
         return out
 
     # ------------------------------------------------------------ judge API
@@ -181,6 +231,7 @@ class OpenAIJudge:
 
 @register_judge("openai")
 def _make(arg: str, url: str | None = None, api_key: str | None = None, concurrency: int = 8,
-          timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0, **_) -> OpenAIJudge:
+          timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_RETRIES, backoff: float = 1.0,
+          **_) -> OpenAIJudge:
     return OpenAIJudge(arg, url=url, api_key=api_key, concurrency=concurrency, timeout=timeout,
                        max_retries=max_retries, backoff=backoff)
