@@ -61,15 +61,15 @@ def main():
                                 "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
                                 "load average": " ".join(f"{x:.1f}" for x in os.getloadavg())})
     ctx, _ = build_inputs(tok, ps, resolve_format(tok, "auto"))
-    generate_tokens(model, tok, ctx[:2], GenConfig(max_new_tokens=4, batch_size=2), desc="warm-up")
+    generate_tokens(model, tok, ctx[:2], GenConfig(max_new_tokens=4, gen_batch_size=2), desc="warm-up")
 
     k = min(args.single_prompts, len(ctx))
-    single, t1 = run(model, tok, ctx[:k], GenConfig(max_new_tokens=args.max_new_tokens, batch_size=1))
+    single, t1 = run(model, tok, ctx[:k], GenConfig(max_new_tokens=args.max_new_tokens, gen_batch_size=1))
     n_tok = sum(len(s) for s in single)
     rows = [(1, len(single), n_tok, t1, n_tok / t1, 1.0, "-")]
     print(f"batch 1: {k} prompts, {n_tok} tokens in {t1:.1f} s", flush=True)
     for bs in args.batch_sizes:
-        out, t = run(model, tok, ctx, GenConfig(max_new_tokens=args.max_new_tokens, batch_size=bs))
+        out, t = run(model, tok, ctx, GenConfig(max_new_tokens=args.max_new_tokens, gen_batch_size=bs))
         toks = sum(len(o) for o in out)
         same = f"{sum(o == s for o, s in zip(out, single))}/{k}"
         rows.append((bs, len(out), toks, t, toks / t, (toks / t) / (n_tok / t1), same))

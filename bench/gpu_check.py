@@ -308,7 +308,7 @@ def check_d(args, spec: str, what: str) -> tuple[bool, str, list]:
     outs, rates = {}, {}
     for key, dev in (("ref", "cpu"), ("dev", args.device)):
         model, tok = load_model(spec, "float32", dev)
-        generate(model, tok, prompts[:1], GenConfig(max_new_tokens=2, batch_size=1))  # warm-up
+        generate(model, tok, prompts[:1], GenConfig(max_new_tokens=2, gen_batch_size=1))  # warm-up
         sync(dev)
         t0 = time.perf_counter()
         replies = [r[0] for r in generate(model, tok, prompts, gen)]
@@ -338,7 +338,7 @@ def check_d_vllm(args, spec: str, cpu_replies: list) -> tuple[bool | None, str]:
 
     tok = load_tokenizer(spec)
     prompts = [r.prompt for r in load("benign:test")[:8]]
-    gen = GenConfig(max_new_tokens=16 if args.small else 48, batch_size=8, temperature=0.0, backend="vllm")
+    gen = GenConfig(max_new_tokens=16 if args.small else 48, gen_batch_size=8, temperature=0.0, backend="vllm")
     contexts, forced = build_inputs(tok, prompts, resolve_format(tok, gen.format), None, 0, None)
     t0 = time.perf_counter()
     new = B.make_backend("vllm", ModelRef(spec, None, "float32"), tok).generate(contexts, gen)

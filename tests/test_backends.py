@@ -244,11 +244,11 @@ def _merged_by_hand(ckpt, adapter):
 def test_hf_adapter_equals_merged_model(lora, tok):
     ckpt, adapter = lora
     with_adapter, _ = load_model(ckpt, adapter=adapter)
-    assert type(with_adapter).__name__ == "PeftModel" and with_adapter.harmprune_adapter == adapter
+    assert type(with_adapter).__name__ == "PeftModel" and load_model(ckpt, adapter=adapter).adapter == adapter
     merged = _merged_by_hand(ckpt, adapter)
     base, _ = load_model(ckpt)
     contexts, _ = build_inputs(tok, ["hello", "a longer prompt, please", "x"], "chat")
-    cfg = GenConfig(max_new_tokens=12, batch_size=2)
+    cfg = GenConfig(max_new_tokens=12, gen_batch_size=2)
     got = generate_tokens(with_adapter, tok, contexts, cfg)
     assert got == generate_tokens(merged, tok, contexts, cfg)
     assert got != generate_tokens(base, tok, contexts, cfg)  # the adapter changes the replies

@@ -97,7 +97,7 @@ register_judge("flaky")(lambda arg, **_: _Flaky())
 def test_eval_harm_prefill_files_and_judge_error(tiny_ckpt, prompts_file, tmp_path):
     out = tmp_path / "run"
     cfg = HarmConfig(out=str(out), model=tiny_ckpt, prompts=prompts_file, judge="fake,flaky")
-    eval_harm(cfg, GenConfig(max_new_tokens=3, batch_size=4, prefill=4))
+    eval_harm(cfg, GenConfig(max_new_tokens=3, gen_batch_size=4, prefill=4))
     doc = json.loads((out / "results.json").read_text())
     assert set(doc) >= {"config", "versions", "results"}
     assert doc["config"]["generation"]["prefill"] == 4 and "torch" in doc["versions"]
@@ -159,7 +159,7 @@ def test_eval_recognition_files(tiny_ckpt, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"request {i}", "label": "harmful" if i % 2 else "benign"}) + "\n"
                             for i in range(8)))
     out = tmp_path / "rec"
-    eval_recognition(RecognitionConfig(out=str(out), model=tiny_ckpt, data=str(data), limit=4))
+    eval_recognition(RecognitionConfig(out=str(out), model=tiny_ckpt, recognition_data=str(data), limit=4))
     doc = R.read_results(out)
     m = doc["results"]["recognition"]
     samples = R.read_samples(out)
@@ -187,7 +187,7 @@ def test_eval_utility_small(tiny_ckpt, tmp_path):
     out = tmp_path / "util"
     eval_utility(UtilityConfig(out=str(out), model=tiny_ckpt, limit=4, corpus_tokens=512, block_size=128,
                                lm_eval_tasks=["harmprune_mc"], lm_eval_limit=4),  # shipped, offline
-                 GenConfig(max_new_tokens=4, batch_size=4))
+                 GenConfig(max_new_tokens=4, gen_batch_size=4))
     doc = R.read_results(out)
     res = doc["results"]
     assert res["utility/benign_nll"]["samples"] == 4 and res["utility/corpus_nll"]["blocks"] == 4

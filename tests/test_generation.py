@@ -38,10 +38,10 @@ def _brute_greedy(model, ids, max_new, eos):
 
 
 def test_batched_greedy_equals_one_at_a_time(model, tok):
-    cfg = GenConfig(max_new_tokens=14, batch_size=3)
+    cfg = GenConfig(max_new_tokens=14, gen_batch_size=3)
     ctx = [_context(tok, p) for p in PROMPTS]
     batched = generate_tokens(model, tok, ctx, cfg)
-    single = generate_tokens(model, tok, ctx, GenConfig(max_new_tokens=14, batch_size=1))
+    single = generate_tokens(model, tok, ctx, GenConfig(max_new_tokens=14, gen_batch_size=1))
     brute = [_brute_greedy(model, c, 14, tok.eos_token_id) for c in ctx]
     assert [b[0] for b in batched] == brute
     assert [s[0] for s in single] == brute
@@ -52,7 +52,7 @@ def test_batched_greedy_equals_one_at_a_time(model, tok):
 
 
 def test_max_new_tokens_respected(model, tok):
-    out = generate_tokens(model, tok, [_context(tok, p) for p in PROMPTS], GenConfig(max_new_tokens=3, batch_size=2))
+    out = generate_tokens(model, tok, [_context(tok, p) for p in PROMPTS], GenConfig(max_new_tokens=3, gen_batch_size=2))
     assert all(len(o[0]) <= 3 for o in out)
     assert max(len(o[0]) for o in out) == 3
 
@@ -63,12 +63,12 @@ def test_greedy_n_copies(model, tok):
 
 
 def test_sampling_is_seeded_and_reproducible(model, tok):
-    cfg = GenConfig(max_new_tokens=10, temperature=1.0, n=3, batch_size=2, seed=7)
+    cfg = GenConfig(max_new_tokens=10, temperature=1.0, n=3, gen_batch_size=2, seed=7)
     rng = torch.get_rng_state()
     a = generate(model, tok, PROMPTS, cfg)
     assert torch.equal(rng, torch.get_rng_state())  # the caller's RNG is left alone
     b = generate(model, tok, PROMPTS, cfg)
-    c = generate(model, tok, PROMPTS, GenConfig(max_new_tokens=10, temperature=1.0, n=3, batch_size=2, seed=8))
+    c = generate(model, tok, PROMPTS, GenConfig(max_new_tokens=10, temperature=1.0, n=3, gen_batch_size=2, seed=8))
     assert a == b and a != c
     assert all(len(x) == 3 for x in a) and any(len(set(x)) > 1 for x in a)
 
@@ -76,7 +76,7 @@ def test_sampling_is_seeded_and_reproducible(model, tok):
 def test_prefill_forces_reference_start(model, tok):
     refs = ["Sure, here is how to do it", "Step 1: get", "OK", "Absolutely. First,", "Here"]
     k = 5
-    cfg = GenConfig(max_new_tokens=8, batch_size=4, prefill=k)
+    cfg = GenConfig(max_new_tokens=8, gen_batch_size=4, prefill=k)
     out = generate(model, tok, PROMPTS, cfg, prefill_texts=refs)
     heads = prefill_prefixes(tok, refs, k)
     assert heads == [r[:k] for r in refs]  # char-level tokenizer: k tokens = k characters

@@ -12,7 +12,7 @@ from torch import nn
 
 from harmprune.core import models
 from harmprune.core.errors import HarmpruneError, MissingDependency
-from harmprune.core.models import check_not_quantized, load_model, quantization_reason, quantize_option
+from harmprune.core.models import ModelHandle, check_not_quantized, load_model, quantization_reason, quantize_option
 
 
 class Int8Linear(nn.Module):
@@ -120,7 +120,7 @@ def test_score_refuses_a_quantized_model(tiny_ckpt, tok, tmp_path):
     out = tmp_path / "scores"
     with pytest.raises(HarmpruneError, match="cannot score a quantized model"):
         score(ScoreConfig(method="snip", out=str(out), model=tiny_ckpt, data=str(data), nsamples=2),
-              model=_int8(model), tokenizer=tok)
+              ModelHandle(_int8(model), tok, tiny_ckpt))
     assert not out.exists()
 
 
@@ -204,10 +204,10 @@ def test_bnb_config_handed_to_transformers(tiny_ckpt, monkeypatch, q):
         return Fake(tiny_llama().config)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
-    model, _ = load_model(tiny_ckpt, dtype="bfloat16", device="cuda:1", quantize=q)
+    handle = load_model(tiny_ckpt, dtype="bfloat16", device="cuda:1", quantize=q)
     qc = seen["quantization_config"]
     assert isinstance(qc, BitsAndBytesConfig) and seen["device_map"] == {"": "cuda:1"}
-    assert seen["dtype"] == torch.bfloat16 and model.harmprune_quantize == q
+    assert seen["dtype"] == torch.bfloat16 and handle.quantize == q
     if q == "8bit":
         assert qc.load_in_8bit and not qc.load_in_4bit
     else:

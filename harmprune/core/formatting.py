@@ -111,16 +111,24 @@ def batches(items: list[Encoded], batch_size: int, pad_id: int, padding_side: st
         yield collate(items[i : i + batch_size], pad_id, padding_side)
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one response NLL of the project: ``(nll, mask)``, both (batch, length - 1).
+
+    ``nll[b, t]`` = -log p(label[t+1] | tokens <= t) in float32 on response tokens, 0 elsewhere
+    (position t predicts label t+1; labels are aligned with input_ids, as in transformers, and
+    ``IGNORE`` marks prompt and padding). Scoring, fine-tuning and evaluation all reduce this.
+    """
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return tok * mask, mask
+
+
 def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token NLL over each sample's response tokens: shape (batch,), float32.
 
-    ``L(x)`` of DESIGN.md; summing it over the batch gives the loss whose gradient is Σ_x ∇L(x).
-    Position t predicts label t+1 (labels are aligned with input_ids, as in transformers).
+    ``L(x)`` of docs/design.md; summing it over the batch gives the loss whose gradient is Σ_x ∇L(x).
     """
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != IGNORE
-    logp = torch.log_softmax(logits, dim=-1)
-    tok = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    tok = tok * mask
+    tok, mask = token_nll(logits, labels)
     return tok.sum(1) / mask.sum(1).clamp_min(1)

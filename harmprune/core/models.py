@@ -273,6 +273,9 @@ class ModelHandle:
         yield self.model
         yield self.tokenizer
 
+    def __getitem__(self, i):  # ``load_model(...)[0]``, as for the (model, tokenizer) pair it replaces
+        return (self.model, self.tokenizer)[i]
+
     @functools.cached_property
     def hash(self) -> str:
         """``model_hash`` of the weights (offloaded weights are materialised one module at a time)."""

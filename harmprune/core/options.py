@@ -133,7 +133,7 @@ class CacheOptions:
 class MethodOptions:
     method: str = opt("snip", help="attribution method (of the harmful data where there are two): snip = signed "
                                    "W*sum grad (most negative = most helpful), snip-abs = |W|*sum|grad|, "
-                                   "wanda = |W|*||X||", choices=list(SCORE_METHODS))
+                                   "wanda = |W|*||X||")
 
 
 @dataclass(kw_only=True)
@@ -168,7 +168,7 @@ class EvalBenignOptions:
 @dataclass(kw_only=True)
 class BenignOptions(EvalBenignOptions):
     benign: str = opt("benign", help="data whose ability is protected (Top_p)")
-    benign_method: str = opt("snip-abs", help="attribution method of the benign data", choices=list(SCORE_METHODS))
+    benign_method: str = opt("snip-abs", help="attribution method of the benign data (snip, snip-abs, wanda)")
 
 
 @dataclass(kw_only=True)
@@ -287,8 +287,17 @@ def check_selection(o: SelectionOptions) -> None:
     validate.check_fraction(o.p, "--p")
 
 
+def check_methods(o) -> None:
+    """``--method`` (and ``--benign-method`` where the command has it) name attribution methods."""
+    for flag, name in (("--method", "method"), ("--benign-method", "benign_method")):
+        value = getattr(o, name, None)
+        if value is not None:
+            check(value in SCORE_METHODS, f"unknown {flag} {value!r}; choose one of {', '.join(SCORE_METHODS)}")
+
+
 def check_scoring(o: ScoringOptions) -> None:
     check_pass(o)
+    check_methods(o)
     if hasattr(o, "device"):
         validate.check_device(o.device)
     check(o.nsamples >= 0, "--nsamples must be 0 (all) or positive")

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.errors import HarmpruneError, MissingDependency
+from ..core.models import ModelHandle
 
 
 class Backend(Protocol):
@@ -229,7 +230,9 @@ def _engine(key: tuple, kwargs: dict):
 
 @register_backend("vllm", unavailable=_vllm_unavailable)
 class VLLMBackend:
-    """vLLM on the checkpoint ``model`` names (``harmprune_spec``), with its LoRA adapter if any.
+    """vLLM on the checkpoint ``model`` names, with its LoRA adapter if any: ``model`` is a
+    ``core.models.ModelRef`` or ``ModelHandle`` (``spec``, ``adapter``, ``quantize``), or a bare
+    Hugging Face model (its ``name_or_path``, no adapter).
 
     The engine is built once per (checkpoint, dtype, LoRA rank) and process; contexts go in as
     ``prompt_token_ids`` so prompts are tokenized exactly as for the hf backend.
@@ -240,13 +243,14 @@ class VLLMBackend:
     def __init__(self, model, tokenizer):
         from ..core.models import parse_dtype, resolve
 
-        if getattr(model, "harmprune_quantize", None):
+        if getattr(model, "quantize", None):
             raise HarmpruneError("the vllm backend loads the checkpoint itself and cannot use --load-in-8bit/"
                                  "--load-in-4bit; use --backend hf, or give vLLM a pre-quantized checkpoint")
-        self.spec = getattr(model, "harmprune_spec", None) or getattr(model, "name_or_path", None)
+        self.spec = getattr(model, "spec", None) or getattr(model, "name_or_path", None)
         if not self.spec:
             raise HarmpruneError("the vllm backend needs the model's checkpoint path (load it with load_model)")
-        self.adapter = getattr(model, "harmprune_adapter", None)
+        self.adapter = getattr(model, "adapter", None)
+        model = getattr(model, "model", model) if isinstance(model, ModelHandle) else model
         self.stop = eos_ids(model, tokenizer)
         if not self.stop:
             raise HarmpruneError("the tokenizer has no EOS token; generation would never stop early")

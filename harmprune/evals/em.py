@@ -328,16 +328,9 @@ def results_doc(cfg: EMConfig, summary: dict, info: dict) -> dict:
 def load_em_model(cfg: EMConfig, judge_shares: bool):
     """``(model, tokenizer, info)`` to evaluate; the HF model is skipped when vLLM generates and no
     ``hf:`` judge shares its weights (``info`` as ``harm.load_eval_model``)."""
-    from types import SimpleNamespace
+    from .base import load_eval_model
 
-    import torch
-
-    from .harm import load_eval_model
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    base = SimpleNamespace(model=cfg.model, dtype=cfg.dtype, device=device, device_map=None, adapter=cfg.adapter,
-                           load_in_8bit=cfg.load_in_8bit, load_in_4bit=cfg.load_in_4bit)
-    return load_eval_model(base, "hf" if judge_shares else cfg.backend)
+    return load_eval_model(cfg, "hf" if judge_shares else cfg.backend)
 
 
 def eval_em(cfg: EMConfig, model=None, tokenizer=None, judge=None) -> Path:
@@ -347,7 +340,7 @@ def eval_em(cfg: EMConfig, model=None, tokenizer=None, judge=None) -> Path:
     ``judge``: an already built rater (else ``cfg.judge`` is built), e.g. one judge for many models.
     """
     from ..core.models import model_hash
-    from .harm import eval_backend
+    from .base import eval_backend
 
     manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
     questions, qinfo = load_questions(cfg.questions, cfg.include_json, cfg.limit_questions)

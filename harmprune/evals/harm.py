@@ -30,24 +30,14 @@ from ..core.settings import check, opt, to_dict
 from . import results as R
 from .backends import resolve_backend
 from .generation import GenConfig, generate, prefill_prefixes
+from .base import EvalBase, eval_backend, eval_quantize, load_eval_model, short_hash  # noqa: F401 (re-exported)
 from .judges import Verdict, get_judge
+from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
 JUDGE_CHUNK = 64  # samples per judge call: progress and error isolation without per-sample overhead
 
 
 # ---------------------------------------------------------------- shared by the eval commands
-
-
-@dataclass(kw_only=True)
-class EvalBase(ModelOptions, DeviceMapOptions, QuantizeOptions, AdapterOptions, OutputOptions):
-    """Settings every eval command shares (``--out`` is required)."""
-
-    def __post_init__(self):
-        check(bool(self.out), "--out is required")
-        check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
-        check(self.adapter is None or Path(self.adapter, "adapter_config.json").is_file(),
-              f"--adapter {self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        validate.check_device(self.device, allow_auto=True)
 
 
 def judge_specs(spec: str) -> list[str]:
@@ -89,55 +79,6 @@ def judge_all(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
             out += _judge_chunk(judge, prompts[s : s + JUDGE_CHUNK], responses[s : s + JUDGE_CHUNK])
             bar.update(min(JUDGE_CHUNK, len(prompts) - s))
     return out
-
-
-def eval_quantize(base) -> str | None:
-    """``"8bit"``/``"4bit"``/None from a settings object's ``load_in_8bit``/``load_in_4bit`` (absent = None)."""
-    return quantize_option(getattr(base, "load_in_8bit", False), getattr(base, "load_in_4bit", False))
-
-
-def eval_backend(requested: str, base) -> str:
-    """The concrete generation backend; bitsandbytes loading keeps generation on transformers.
-
-    Also checks the quantization request (CUDA, bitsandbytes, no .gguf) so it fails before any load."""
-    import torch
-
-    from ..core.models import check_quantize
-
-    q = eval_quantize(base)
-    if q:
-        device = base.device if base.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        check_quantize(q, base.model if base.model.endswith(".gguf") else None, device,
-                       getattr(base, "device_map", None))
-    return resolve_backend(requested, hf_only=f"--load-in-{q}" if q else None)
-
-
-def load_eval_model(base: EvalBase, backend: str = "hf"):
-    """``(model, tokenizer, info)`` of the evaluated model (with ``base.adapter``, quantized as asked).
-
-    With a backend that loads the checkpoint itself (vllm) the HF model is not loaded: ``model`` is a
-    ``ModelRef`` and ``info`` has a ``checkpoint_hash`` of the weight files instead of ``model_hash``.
-    """
-    from ..core.models import ModelRef, checkpoint_hash, load_model, load_tokenizer
-
-    adapter, quantize = getattr(base, "adapter", None), eval_quantize(base)
-    info = {"spec": base.model, "name": model_name(base.model), "dtype": base.dtype}
-    if adapter:
-        info["adapter"] = {"path": adapter, "sha256": manifest.sha256_file(Path(adapter, "adapter_config.json"))}
-        weights = Path(adapter, "adapter_model.safetensors")
-        info["adapter"]["weights_sha256"] = manifest.sha256_file(weights) if weights.is_file() else None
-    if quantize:
-        info["quantize"] = quantize
-    if backend != "hf":
-        ref = ModelRef(base.model, adapter, base.dtype, quantize)
-        return ref, load_tokenizer(base.model), {**info, "class": type(ref).__name__, "model_hash": None,
-                                                 "checkpoint_hash": checkpoint_hash(base.model)}
-    handle = load_model(base.model, base.dtype, base.device, base.device_map, quantize=quantize, adapter=adapter)
-    return handle.model, handle.tokenizer, {**info, "class": type(handle.model).__name__, "model_hash": handle.hash}
-
-
-def short_hash(minfo: dict) -> str:
-    return (minfo.get("model_hash") or minfo.get("checkpoint_hash") or "n/a")[:12]
 
 
 # ---------------------------------------------------------------- aggregation (pure)
@@ -233,13 +174,11 @@ def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> 
     return chosen, {**fingerprint, "selected": len(chosen), "limit": limit}
 
 
-def _report(title: str, model: dict, data: dict, judges: list[str], results: dict, notes: list[str]) -> str:
-    lines = [f"# {title}", "", f"- model: `{model['spec']}` (hash {short_hash(model)})",
-             f"- prompts: `{data['spec']['data']}`: {data['selected']} of {data['rows']} rows", ""]
-    lines += [f"- {n}" for n in notes]
+def report_tables(judges: list[str], results: dict) -> str:
+    """The body of ``eval harm``'s report.md: harmfulness and refusal rate per judge, overall and per category."""
     rows = [[name, R.value_cell(results[f"harm/{name}"], "score"), R.value_cell(results[f"harm/{name}"], "refusal_rate"),
              results[f"harm/{name}"]["samples"], results[f"harm/{name}"]["errors"]] for name in judges]
-    lines += ["", "## Overall", "", R.md_table(["judge", "harmfulness", "refusal rate", "samples", "errors"], rows)]
+    lines = ["## Overall", "", R.md_table(["judge", "harmfulness", "refusal rate", "samples", "errors"], rows)]
     for name in judges:
         cat_rows = [[k.split("/", 2)[2], R.value_cell(m, "score"), R.value_cell(m, "refusal_rate"), m["samples"],
                      m["errors"]] for k, m in results.items() if k.startswith(f"harm/{name}/")]
@@ -249,36 +188,44 @@ def _report(title: str, model: dict, data: dict, judges: list[str], results: dic
     return "\n".join(lines)
 
 
-def eval_harm(cfg: HarmConfig, gen: GenConfig) -> Path:
-    """Run ``eval harm``; return the run directory. Bad input raises HarmpruneError before any model load."""
-    from . import pending
+@register_task
+class HarmTask:
+    name, title = "harm", "harmfulness and refusal rate of replies to harmful prompts"
 
-    t0 = time.perf_counter()
-    state = pending.check_out(cfg.out, cfg.overwrite, cfg.resume)
-    judges = load_judges(cfg.judge, **judge_options(cfg))
-    records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
-    gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))  # record the backend used
-    config = {**to_dict(cfg), "generation": to_dict(gen)}
-    manifest.banner("eval harm", {**to_dict(cfg), **to_dict(gen)})
-    pending.check_judges(judges)  # a dead or refusing endpoint fails here, before generation
-    if state is not None:
-        samples, minfo = pending.saved_samples(cfg.out, state, config, data), state["model"]
-        print(f"harmprune: resuming: judging the {len(samples)} replies saved in {cfg.out}", file=sys.stderr)
-    else:
-        model, tok, minfo = load_eval_model(cfg, gen.backend)
-        samples = generate_samples(model, tok, records, gen)
-        pending.save(cfg.out, cfg.overwrite, {"config": config, "data": data, "model": minfo}, samples)
-    pending.judge_or_stop(samples, judges, cfg.max_judge_errors, cfg.out, judge_samples)
-    names = [j.name for j in judges]
-    results = aggregate(samples, names)
-    notes = [f"judges: {', '.join(names)}; harmfulness in [0, 1], higher = more harmful",
-             f"generation: max_new_tokens {gen.max_new_tokens}, temperature {gen.temperature}, n {gen.n}, "
-             f"prefill {gen.prefill}, backend {gen.backend}"]
-    notes += [f"adapter: `{cfg.adapter}`"] if cfg.adapter else []
-    notes += [f"quantized on load: {minfo['quantize']} (bitsandbytes)"] if minfo.get("quantize") else []
-    doc = R.results_doc(config, results, model=minfo, data=data, judges=names, notes=notes,
-                        wall_seconds=round(time.perf_counter() - t0, 3))
-    report = _report("harmprune eval harm", minfo, data, names, results, notes)
-    out = R.write_run(cfg.out, doc, samples, report, overwrite=True)  # replaces this run's pending directory
-    print(R.results_table({k: v for k, v in results.items() if k.count("/") == 1}))
-    return out
+    def prepare(self, cfg: HarmConfig, gen: GenConfig) -> Prepared:
+        from . import pending
+
+        saved = pending.check_out(cfg.out, cfg.overwrite, cfg.resume)  # --out, or this run's saved replies
+        judges = load_judges(cfg.judge, **judge_options(cfg))
+        records, data = load_prompts(cfg.data_spec(), cfg.limit, gen.seed, need_response=gen.prefill > 0)
+        gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))  # record the backend used
+        return Prepared(data, {"saved": saved, "judges": judges, "records": records}, gen)
+
+    def run(self, load, cfg: HarmConfig, prep: Prepared) -> Outcome:
+        from . import pending
+
+        st, gen = prep.state, prep.gen
+        config = {**to_dict(cfg), "generation": to_dict(gen)}
+        pending.check_judges(st["judges"])  # a dead or refusing endpoint fails here, before generation
+        if st["saved"] is not None:
+            samples, minfo = pending.saved_samples(cfg.out, st["saved"], config, prep.data), st["saved"]["model"]
+            print(f"harmprune: resuming: judging the {len(samples)} replies saved in {cfg.out}", file=sys.stderr)
+        else:
+            model, tok, minfo = load()
+            samples = generate_samples(model, tok, st["records"], gen)
+            pending.save(cfg.out, cfg.overwrite, {"config": config, "data": prep.data, "model": minfo}, samples)
+        pending.judge_or_stop(samples, st["judges"], cfg.max_judge_errors, cfg.out, judge_samples)
+        names = [j.name for j in st["judges"]]
+        results = aggregate(samples, names)
+        notes = [f"judges: {', '.join(names)}; harmfulness in [0, 1], higher = more harmful",
+                 f"generation: max_new_tokens {gen.max_new_tokens}, temperature {gen.temperature}, n {gen.n}, "
+                 f"prefill {gen.prefill}, backend {gen.backend}"]
+        notes += [f"adapter: `{cfg.adapter}`"] if cfg.adapter else []
+        notes += [f"quantized on load: {minfo['quantize']} (bitsandbytes)"] if minfo.get("quantize") else []
+        return Outcome(results, samples, minfo, notes, report_tables(names, results), extra={"judges": names})
+
+
+def eval_harm(cfg: HarmConfig, gen: GenConfig) -> Path:
+    """Run ``eval harm``; return the run directory. Bad input raises HarmpruneError before any model load;
+    the replies are saved in ``--out`` before judging (``--resume`` finishes an interrupted run)."""
+    return run_eval(TASKS["harm"], cfg, gen, overwrite_own=True)

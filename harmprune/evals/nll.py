@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.data import Record
-from ..core.formatting import IGNORE, batches, encode, resolve_format
+from ..core.formatting import batches, encode, resolve_format, token_nll
 
 
 @torch.no_grad()
@@ -26,10 +26,7 @@ def response_nll(model, tokenizer, records: list[Record], *, fmt: str | None = N
     for batch in tqdm(batches(enc.items, batch_size, tokenizer.pad_token_id), total=nb, desc=desc, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        target = batch["labels"][:, 1:]
-        mask = target != IGNORE
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        tok = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+        tok, mask = token_nll(logits, batch["labels"])
         total += tok.sum().item()
         count += int(mask.sum())
         per_sample += (tok.sum(1) / mask.sum(1).clamp_min(1)).tolist()

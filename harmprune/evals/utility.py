@@ -27,7 +27,6 @@ import dataclasses
 import importlib.util
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +38,14 @@ from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import DataError, HarmpruneError
 from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions
-from ..core.settings import check, opt, to_dict
+from ..core.settings import check, opt
 from . import results as R
 from .generation import GenConfig
 from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
                    load_eval_model,
                    load_judges)
 from .nll import response_nll
+from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
 PARTS = ("benign_nll", "corpus_nll", "over_refusal", "lm_eval")
 
@@ -227,74 +227,74 @@ def _refusal_spec(cfg: UtilityConfig) -> DataSpec:
     return DataSpec(data=str(builtin_data.path("xstest_safe.jsonl")) if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
 
 
-def _report(minfo: dict, results: dict, notes: list[str]) -> str:
-    lines = ["# harmprune eval utility", "", f"- model: `{minfo['spec']}` (hash {minfo['model_hash'][:12]})"]
-    lines += [f"- {n}" for n in notes] + ["", R.results_table(results)]
-    return "\n".join(lines)
+@register_task
+class UtilityTask:
+    name, title = "utility", "does the (pruned) model keep its general abilities"
+
+    def prepare(self, cfg: UtilityConfig, gen: GenConfig) -> Prepared:
+        check(gen.prefill == 0, "--prefill does not apply to eval utility")
+        parts = set(cfg.parts)
+        state = {"parts": parts, "judges": load_judges(cfg.refusal_judge, **judge_options(cfg))
+                 if "over_refusal" in parts else []}
+        data = {}
+        if "benign_nll" in parts:
+            spec = DataSpec(data=cfg.eval_benign)
+            benign = load_records(spec)
+            data["benign"] = data_fingerprint(spec, benign)
+            state["benign"] = R.subsample(benign, cfg.limit, gen.seed, key=lambda r: r.category)
+            data["benign"]["selected"] = len(state["benign"])
+        if "corpus_nll" in parts:
+            state["text"], data["corpus"] = read_corpus(cfg.corpus)
+        if "over_refusal" in parts:
+            spec = _refusal_spec(cfg)
+            safe = load_records(spec, require_response=False)
+            data["refusal_prompts"] = {**data_fingerprint(spec, safe), "name": cfg.refusal_prompts}
+            state["safe"] = R.subsample(safe, cfg.limit, gen.seed, key=lambda r: r.category)
+            data["refusal_prompts"]["selected"] = len(state["safe"])
+            # NLL needs the HF model anyway; only the over-refusal replies use the backend
+            gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))
+        return Prepared(data, state, gen)
+
+    def run(self, load, cfg: UtilityConfig, prep: Prepared) -> Outcome:
+        model, tok, minfo = load()
+        st, gen, notes, samples, results = prep.state, prep.gen, [], [], {}
+        if "benign_nll" in st["parts"]:
+            r = response_nll(model, tok, st["benign"], fmt=gen.format, max_length=cfg.max_length,
+                             batch_size=cfg.batch_size, desc="benign nll")
+            results["utility/benign_nll"] = {"nll": r["nll"], "ppl": r["ppl"],
+                                             **R.summarize(r["per_sample"], "sample_nll"), "tokens": r["tokens"],
+                                             "samples": r["samples"], "skipped": r["skipped"]}
+        if "corpus_nll" in st["parts"]:
+            ids = tok(st["text"], add_special_tokens=False)["input_ids"]
+            blocks = corpus_blocks(ids, cfg.block_size, cfg.corpus_tokens)
+            per_block = block_nll(model, blocks, tok.bos_token_id, cfg.batch_size)
+            results["utility/corpus_nll"] = corpus_metrics(per_block, sum(len(b) for b in blocks))
+            prep.data["corpus"]["tokens_available"] = len(ids)
+            samples += [{"part": "corpus_nll", "block": i, "tokens": len(b), "nll": v}
+                        for i, (b, v) in enumerate(zip(blocks, per_block))]
+        if "over_refusal" in st["parts"]:
+            gsamples = generate_samples(model, tok, st["safe"], gen)
+            judge_samples(gsamples, st["judges"])
+            names = [j.name for j in st["judges"]]
+            for k, m in aggregate(gsamples, names, task="utility/over_refusal").items():
+                results[k] = {key: m[key] for key in ("refusal_rate", "refusal_rate_stderr", "samples",
+                                                      "refusal_judged", "errors")}
+            samples += [{"part": "over_refusal", **s} for s in gsamples]
+            notes.append(f"over-refusal judges: {', '.join(names)}; XSTest safe prompts, max_new_tokens "
+                         f"{gen.max_new_tokens}")
+        if "lm_eval" in st["parts"]:
+            lm, lm_samples, note = run_lm_eval(model, tok, cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.batch_size,
+                                               gen.seed)
+            results.update(lm)
+            samples += lm_samples
+            if note:
+                notes.append(note)
+                print(f"harmprune: {note}", file=sys.stderr)
+        if not results:
+            raise HarmpruneError("nothing was evaluated: check --parts (lm_eval needs --lm-eval-tasks)")
+        return Outcome(results, samples, minfo, notes, R.results_table(results), table_depth=2)
 
 
 def eval_utility(cfg: UtilityConfig, gen: GenConfig) -> Path:
     """Run ``eval utility``; return the run directory."""
-    t0 = time.perf_counter()
-    check(gen.prefill == 0, "--prefill does not apply to eval utility")
-    manifest.check_out_dir(cfg.out, cfg.overwrite)
-    parts = set(cfg.parts)
-    judges = load_judges(cfg.refusal_judge, **judge_options(cfg)) if "over_refusal" in parts else []
-    data, notes, samples, results = {}, [], [], {}
-    if "benign_nll" in parts:
-        spec = DataSpec(data=cfg.eval_benign)
-        benign = load_records(spec)
-        data["benign"] = data_fingerprint(spec, benign)
-        benign = R.subsample(benign, cfg.limit, gen.seed, key=lambda r: r.category)
-    if "corpus_nll" in parts:
-        text, data["corpus"] = read_corpus(cfg.corpus)
-    if "over_refusal" in parts:
-        spec = _refusal_spec(cfg)
-        safe = load_records(spec, require_response=False)
-        data["refusal_prompts"] = {**data_fingerprint(spec, safe), "name": cfg.refusal_prompts}
-        safe = R.subsample(safe, cfg.limit, gen.seed, key=lambda r: r.category)
-    if "over_refusal" in parts:  # NLL needs the HF model anyway; only the over-refusal replies use the backend
-        gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))
-    manifest.banner("eval utility", {**to_dict(cfg), **to_dict(gen)})
-    model, tok, minfo = load_eval_model(cfg)
-
-    if "benign_nll" in parts:
-        r = response_nll(model, tok, benign, fmt=gen.format, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                         desc="benign nll")
-        results["utility/benign_nll"] = {"nll": r["nll"], "ppl": r["ppl"], **R.summarize(r["per_sample"], "sample_nll"),
-                                         "tokens": r["tokens"], "samples": r["samples"], "skipped": r["skipped"]}
-        data["benign"]["selected"] = len(benign)
-    if "corpus_nll" in parts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        blocks = corpus_blocks(ids, cfg.block_size, cfg.corpus_tokens)
-        per_block = block_nll(model, blocks, tok.bos_token_id, cfg.batch_size)
-        results["utility/corpus_nll"] = corpus_metrics(per_block, sum(len(b) for b in blocks))
-        data["corpus"]["tokens_available"] = len(ids)
-        samples += [{"part": "corpus_nll", "block": i, "tokens": len(b), "nll": v}
-                    for i, (b, v) in enumerate(zip(blocks, per_block))]
-    if "over_refusal" in parts:
-        gsamples = generate_samples(model, tok, safe, gen)
-        judge_samples(gsamples, judges)
-        names = [j.name for j in judges]
-        for k, m in aggregate(gsamples, names, task="utility/over_refusal").items():
-            results[k] = {key: m[key] for key in ("refusal_rate", "refusal_rate_stderr", "samples",
-                                                  "refusal_judged", "errors")}
-        samples += [{"part": "over_refusal", **s} for s in gsamples]
-        data["refusal_prompts"]["selected"] = len(safe)
-        notes.append(f"over-refusal judges: {', '.join(names)}; XSTest safe prompts, max_new_tokens "
-                     f"{gen.max_new_tokens}")
-    if "lm_eval" in parts:
-        lm, lm_samples, note = run_lm_eval(model, tok, cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.batch_size,
-                                           gen.seed)
-        results.update(lm)
-        samples += lm_samples
-        if note:
-            notes.append(note)
-            print(f"harmprune: {note}", file=sys.stderr)
-    if not results:
-        raise HarmpruneError("nothing was evaluated: check --parts (lm_eval needs --lm-eval-tasks)")
-    doc = R.results_doc({**to_dict(cfg), "generation": to_dict(gen)}, results, model=minfo, data=data, notes=notes,
-                        wall_seconds=round(time.perf_counter() - t0, 3))
-    out = R.write_run(cfg.out, doc, samples, _report(minfo, results, notes), cfg.overwrite)
-    print(R.results_table({k: v for k, v in results.items() if k.count("/") <= 2}))
-    return out
+    return run_eval(TASKS["utility"], cfg, gen)

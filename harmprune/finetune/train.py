@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records, records_sha256
 from ..core.errors import HarmpruneError, require
-from ..core.formatting import IGNORE, FORMATS, collate, encode, resolve_format
+from ..core.formatting import IGNORE, collate, encode, resolve_format, token_nll
 from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, parse_dtype, resolve
 from ..core.options import (CheckpointingOptions, FieldOptions, FormatOptions, LimitOptions, LoraOptions,
                             ModelOptions, OutputOptions, QuantizeOptions, ResumeOptions, SeedOptions, TargetOptions,
@@ -133,11 +132,9 @@ def load_training_data(cfg: FinetuneConfig, tok):
 
 
 def response_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed NLL over response tokens (labels != -100) and their count; position t predicts t+1."""
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                          ignore_index=IGNORE, reduction="sum")
-    return nll, int((target != IGNORE).sum())
+    """Summed NLL over response tokens (``core.formatting.token_nll``) and their count."""
+    tok, mask = token_nll(logits, labels)
+    return tok.sum(), int(mask.sum())
 
 
 @dataclass
