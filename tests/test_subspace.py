@@ -349,3 +349,38 @@ def test_activations_command(tmp_path, tok):
     assert set(res["mean"]) == {"harmful vs xstest", "harmful vs harmbench", "xstest vs harmbench"}
     assert all(0 <= p["mso"] <= 1 + 1e-6 for c in res["mean"].values() for p in c)
     assert res["data"]["harmful"]["selected"] == 6 and (out / "mso_activations.png").is_file()
+
+
+# ---------------------------------------------------------------- the study, end to end
+
+
+def test_subspace_study_end_to_end(tmp_path, tok):
+    from harmprune.recipes.subspace.study import StudyConfig, run_subspace_study
+
+    paths, _ = trio(tmp_path, tok)
+    cfg = StudyConfig(base=paths["base"], aligned=paths["aligned"], out=str(tmp_path / "study"),
+                      finetune_dir=str(tmp_path / "ft"), ft_limit=4, ft_steps=2, ft_batch_size=2, ft_lora_r=2,
+                      rhos=[0.5], etas=[0.5, 0.9], limit=2, nll_nsamples=3, xstest_limit=2, max_new_tokens=3,
+                      q=0.05, p=0.1, nsamples=3, act_nsamples=4, batch_size=4, max_length=256)
+    out = run_subspace_study(cfg)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["levels"]) == {"aligned", "base", "useful", "harmful", "contaminated"}
+    assert res["evaluations"] == 5 + 3 * 3 * 2 + 3
+    for kind in ("useful", "harmful", "contaminated"):
+        pts = {(m, b): v[0] for m, bs in res["projections"][kind].items() for b, v in bs.items()}
+        for b in ("topk", "randk", "gaussian"):  # parallel + orth energies add up to 1
+            assert pts[("parallel", b)]["energy"] + pts[("orth", b)]["energy"] == pytest.approx(1.0, abs=1e-5)
+        assert all(set(p) >= {"harm_classifier", "harm_keyword", "benign_nll", "harmful_nll", "xstest_compliance"}
+                   for p in pts.values())
+    loc = res["location"]
+    assert 0 < loc["V"]["btap"] <= loc["V"]["largest_v"] and 0 < loc["V"]["random"] <= loc["V"]["largest_v"]
+    assert res["reverse"]["btap"]["total_pruned"] == res["reverse"]["random"]["total_pruned"] \
+        == res["reverse"]["largest_v"]["total_pruned"] == res["btap"]["total_pruned"] > 0
+    assert set(res["weight_overlap"]["overall"]) == {"harmful vs useful", "harmful vs alignment", "useful vs alignment"}
+    report = (out / "report.md").read_text()
+    assert "Where B-TAP's harm-specific set sits" in report and "nan" not in report.lower().replace("nan-", "")
+    assert all((out / f).is_file() for f in res["figures"])
+    # a second run re-uses the cached fine-tunes
+    again = run_subspace_study(StudyConfig(**{**cfg.__dict__, "overwrite": True, "project": ["harmful"],
+                                              "modes": ["parallel"], "bases": ["topk"]}))
+    assert json.loads((again / "results.json").read_text())["evaluations"] == 5 + 1 + 3
