@@ -17,6 +17,15 @@ from tiny import make_tokenizer, save_tiny, tiny_llama, tiny_qwen2
 SHAPES = [(6, 10), (10, 10), (12, 5), (7,)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU thread contention makes them 20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rand(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
@@ -381,6 +390,6 @@ def test_subspace_study_end_to_end(tmp_path, tok):
     assert "Where B-TAP's harm-specific set sits" in report and "nan" not in report.lower().replace("nan-", "")
     assert all((out / f).is_file() for f in res["figures"])
     # a second run re-uses the cached fine-tunes
-    again = run_subspace_study(StudyConfig(**{**cfg.__dict__, "overwrite": True, "project": ["harmful"],
+    again = run_subspace_study(StudyConfig(**{**cfg.__dict__, "overwrite": True, "project": ["harmful"], "figures": False,
                                               "modes": ["parallel"], "bases": ["topk"]}))
     assert json.loads((again / "results.json").read_text())["evaluations"] == 5 + 1 + 3

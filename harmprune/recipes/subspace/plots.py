@@ -82,27 +82,31 @@ def weight_mso_figure(res: dict, path: Path) -> str:
     return Path(path).name
 
 
-def metric_figure(rows: dict, levels: dict, metric: str, ylabel: str, path: Path, title: str) -> str:
-    """``rows[mode][basis] = [{rho, <metric>}]`` against rho, one panel per mode; ``levels``:
-    horizontal reference lines ``{label: value}`` (aligned, fine-tuned)."""
+def projection_figure(rows: dict, levels: dict, metrics: dict, path: Path, title: str) -> str:
+    """Rows of panels, one per metric, columns per mode: ``rows[mode][basis] = [{rho, <metric>}]``
+    against rho; ``levels[metric] = {label: value}`` are horizontal reference lines (aligned, fine-tuned)."""
     plt = _plt()
     modes = list(rows)
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 3.6), sharey=True, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for b, pts in rows[mode].items():
-            label, color, marker = BASIS_STYLE.get(b, (b, None, "o"))
-            ax.plot(*_xy(pts, "rho", metric), marker=marker, color=color, label=label)
-        for j, (label, v) in enumerate(levels.items()):
-            if v is not None:
-                ax.axhline(v, ls=[":", "--", "-."][j % 3], color="k", lw=1, alpha=0.7, label=label)
-        ax.set_xlabel("rho")
-        ax.set_title(f"{mode} projection", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
+    fig, axes = plt.subplots(len(metrics), len(modes), figsize=(4.4 * len(modes), 2.8 * len(metrics)),
+                             sharex=True, squeeze=False)
+    for i, (metric, ylabel) in enumerate(metrics.items()):
+        for ax, mode in zip(axes[i], modes):
+            for b, pts in rows[mode].items():
+                label, color, marker = BASIS_STYLE.get(b, (b, None, "o"))
+                ax.plot(*_xy(pts, "rho", metric), marker=marker, color=color, label=label)
+            for j, (label, v) in enumerate(levels.get(metric, {}).items()):
+                if v is not None:
+                    ax.axhline(v, ls=[":", "--", "-."][j % 3], color="k", lw=1, alpha=0.7, label=label)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(f"{mode} projection", fontsize=9)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("rho")
+        axes[i][0].set_ylabel(ylabel, fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path).name
 

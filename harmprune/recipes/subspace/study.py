@@ -84,6 +84,7 @@ class StudyConfig:
     act_nsamples: int = opt(48, help="prompts per activation set")
     batch_size: int = opt(8, help="samples per forward pass")
     max_length: int = opt(256, help="maximum tokens per sample")
+    figures: bool = opt(True, help="draw the figures (PNG) next to results.json")
     seed: int = opt(0, help="seed of data selection, fine-tunes, random-k, Gaussian and random controls")
     dtype: str = opt("float32", help="model dtype")
     device: str = opt("cpu", help="device")
@@ -239,7 +240,7 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
     results["timing_seconds"] = timing
     results["evaluations"] = evaluate.calls
     with manifest.atomic_dir(out, cfg.overwrite) as tmp:
-        results["figures"] = figures(results, tmp)
+        results["figures"] = figures(results, tmp) if cfg.figures else []
         manifest.write_json(tmp / "results.json", results)
         (tmp / "report.md").write_text(report.render(results))
     print(f"harmprune: subspace study written to {out} ({timing['total'] / 60:.1f} min, "
@@ -258,13 +259,12 @@ def figures(results: dict, d: Path) -> list[str]:
                  for b in next(iter(rows.values()))}
         files.append(plots.energy_figure(_complete(curve), d / f"energy_{kind}.png",
                                          f"energy of the {kind} update kept"))
-        for metric, (label, direction) in METRICS.items():
-            if all(p.get(metric) is None for m in rows.values() for b in m.values() for p in b):
-                continue
-            files.append(plots.metric_figure(rows, {"aligned": lv["aligned"].get(metric),
-                                                    f"{kind} fine-tune": lv[kind].get(metric)}, metric,
-                                             label, d / f"{metric}_{kind}.png",
-                                             f"{label} of projected {kind} updates ({direction})"))
+        shown = {m: f"{label}\n({direction})" for m, (label, direction) in METRICS.items()
+                 if any(p.get(m) is not None for md in rows.values() for b in md.values() for p in b)}
+        files.append(plots.projection_figure(rows, {m: {"aligned": lv["aligned"].get(m),
+                                                        f"{kind} fine-tune": lv[kind].get(m)} for m in shown},
+                                             shown, d / f"projections_{kind}.png",
+                                             f"utility and harm of projected {kind} updates"))
     files.append(plots.weight_mso_figure(results["weight_overlap"], d / "mso_weights.png"))
     files.append(plots.mso_figure(results["activations"]["mean"], d / "mso_activations.png",
                                   f"activation MSO, aligned model, blocks {results['activations']['layers']}"))
