@@ -226,7 +226,7 @@ def _project_cfg(paths, out, **kw):
     from harmprune.recipes.subspace.project import ProjectConfig
 
     return ProjectConfig(base=paths["base"], aligned=paths["aligned"], finetuned=paths["finetuned"], out=str(out),
-                         energy_rhos=[0.25, 1.0], **kw)
+                         energy_rho=[0.25, 1.0], **kw)
 
 
 @pytest.mark.parametrize("mode", ["parallel", "orth"])
@@ -306,7 +306,7 @@ def test_weight_overlap_command(tmp_path, tok):
     useful_model = _perturbed(_perturbed(tiny_llama(tok), 100), 200)  # the aligned model + another update
     useful = save_tiny(tmp_path / "useful", useful_model, tok)
     out = run_overlap(OverlapConfig(base=paths["base"], aligned=paths["aligned"], harmful=paths["finetuned"],
-                                    useful=useful, out=str(tmp_path / "ov"), etas=[0.5, 0.9]))
+                                    useful=useful, out=str(tmp_path / "ov"), eta=[0.5, 0.9]))
     res = json.loads((out / "results.json").read_text())
     name = "model.layers.0.mlp.down_proj.weight"
     a = st["aligned"][name]
@@ -351,7 +351,7 @@ def test_activations_command(tmp_path, tok):
     from harmprune.recipes.subspace.activations import ActivationsConfig, run_activations
 
     path = save_tiny(tmp_path / "m", tiny_llama(tok, layers=4), tok)
-    out = run_activations(ActivationsConfig(out=str(tmp_path / "act"), model=path, nsamples=6, etas=[0.5, 0.9],
+    out = run_activations(ActivationsConfig(out=str(tmp_path / "act"), model=path, nsamples=6, eta=[0.5, 0.9],
                                             sets=["harmful", "xstest", "harmbench"]))
     res = json.loads((out / "results.json").read_text())
     assert res["layers"] == [3] and res["hidden_size"] == 32
@@ -369,7 +369,7 @@ def test_subspace_study_end_to_end(tmp_path, tok):
     paths, _ = trio(tmp_path, tok)
     cfg = StudyConfig(base=paths["base"], aligned=paths["aligned"], out=str(tmp_path / "study"),
                       finetune_dir=str(tmp_path / "ft"), ft_limit=4, ft_steps=2, ft_batch_size=2, ft_lora_r=2,
-                      rhos=[0.5], etas=[0.5, 0.9], limit=2, nll_nsamples=3, xstest_limit=2, max_new_tokens=3,
+                      rho=[0.5], eta=[0.5, 0.9], limit=2, nll_nsamples=3, xstest_limit=2, max_new_tokens=3,
                       q=0.05, p=0.1, nsamples=3, act_nsamples=4, batch_size=4, max_length=256)
     out = run_subspace_study(cfg)
     res = json.loads((out / "results.json").read_text())

@@ -55,16 +55,23 @@ def random_mso(ka: int, kb: int, d: int) -> float:
     return max(ka, kb) / d
 
 
-def mso_curve(a: torch.Tensor, b: torch.Tensor, etas: list[float]) -> list[dict]:
+def left_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left singular vectors, singular values)`` of x: exact float32 SVD on x's device."""
+    left, sigma, _ = torch.linalg.svd(x.float(), full_matrices=False)
+    return left, sigma
+
+
+def mso_curve(a, b, etas: list[float]) -> list[dict]:
     """MSO of A and B (same number of rows d) at every ``eta``, each SVD computed once.
 
+    ``a``/``b``: a matrix, or its :func:`left_factors` (to reuse one SVD across several pairs).
     Returns ``[{"eta", "k_a", "k_b", "mso", "random"}]``; ``mso``/``random`` are None when A or B is 0.
     """
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"A has {a.shape[0]} rows and B {b.shape[0]}: MSO compares subspaces of one space")
-    la, sa, _ = torch.linalg.svd(a.float(), full_matrices=False)
-    lb, sb, _ = torch.linalg.svd(b.float(), full_matrices=False)
-    d = a.shape[0]
+    la, sa = left_factors(a) if isinstance(a, torch.Tensor) else a
+    lb, sb = left_factors(b) if isinstance(b, torch.Tensor) else b
+    if la.shape[0] != lb.shape[0]:
+        raise ValueError(f"A has {la.shape[0]} rows and B {lb.shape[0]}: MSO compares subspaces of one space")
+    d = la.shape[0]
     out = []
     for eta in etas:
         ka, kb = energy_rank(sa, eta), energy_rank(sb, eta)

@@ -26,7 +26,7 @@ from ...core.data import DataSpec, data_fingerprint, load_records
 from ...core.formatting import prompt_ids, resolve_format
 from ...core.models import DEFAULT_MODEL, load_model, model_hash
 from ...core.settings import check, opt, to_dict
-from ...subspace.overlap import mso_curve
+from ...subspace.overlap import left_factors, mso_curve
 from .overlap import PAPER_ETAS, _mean
 
 # Shipped prompt sets by name (harmprune/data/builtin/NOTICE.md); anything else is a data spec.
@@ -50,7 +50,7 @@ class ActivationsConfig:
     layers: list[int] = opt([], help="blocks to read (1..L); none = those at --depth-from..--depth-to of the depth")
     depth_from: float = opt(0.65, help="first block as a fraction of the depth")
     depth_to: float = opt(0.9, help="last block as a fraction of the depth")
-    etas: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
+    eta: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
     batch_size: int = opt(8, help="prompts per forward pass")
     max_length: int = opt(256, help="maximum tokens per prompt (longer prompts keep their last tokens)")
     format: str = opt("auto", help="auto, chat or raw", choices=["auto", "chat", "raw"])
@@ -63,7 +63,7 @@ class ActivationsConfig:
         check(2 <= len(self.sets) <= 3, "--sets takes 2 or 3 prompt sets")
         check(len(set(self.sets)) == len(self.sets), "--sets must be distinct")
         check(0 <= self.depth_from <= self.depth_to <= 1, "need 0 <= --depth-from <= --depth-to <= 1")
-        check(all(0 < e <= 1 for e in self.etas), "--etas values must be in (0, 1]")
+        check(all(0 < e <= 1 for e in self.eta), "--eta values must be in (0, 1]")
         check(self.nsamples >= 0 and self.batch_size >= 1 and self.max_length >= 2,
               "--nsamples >= 0, --batch-size >= 1, --max-length >= 2")
         check(all(l >= 1 for l in self.layers), "--layers are block numbers from 1")
@@ -123,10 +123,11 @@ def activation_overlap(states: dict[str, dict[int, torch.Tensor]], etas: list[fl
     """MSO between every two sets per layer (subspaces of R^d: the transposed n × d stacks), and the
     mean over layers: ``{"per_layer": {pair: {layer: curve}}, "mean": {pair: [{eta, mso, random}]}}``."""
     names = list(states)
+    factors = {s: {l: left_factors(h.T) for l, h in states[s].items()} for s in names}
     per_layer, mean = {}, {}
     for a, b in itertools.combinations(names, 2):
         pair = f"{a} vs {b}"
-        per_layer[pair] = {l: mso_curve(states[a][l].T, states[b][l].T, etas) for l in states[a]}
+        per_layer[pair] = {l: mso_curve(factors[a][l], factors[b][l], etas) for l in states[a]}
         curves = list(per_layer[pair].values())
         mean[pair] = [{"eta": e, "mso": _mean([c[i]["mso"] for c in curves]),
                        "random": _mean([c[i]["random"] for c in curves]),
@@ -151,7 +152,7 @@ def measure(model, tok, cfg: ActivationsConfig) -> tuple[dict, dict]:
     for name in cfg.sets:
         prompts, data[name] = prompt_set(name, cfg.nsamples, cfg.seed)
         states[name] = last_token_states(model, tok, prompts, layers, cfg.format, cfg.batch_size, cfg.max_length)
-    res = activation_overlap(states, cfg.etas)
+    res = activation_overlap(states, cfg.eta)
     return {"layers": layers, "n_layers": n_layers, "hidden_size": int(states[cfg.sets[0]][layers[0]].shape[1]),
             **res}, data
 

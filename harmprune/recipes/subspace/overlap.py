@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ...core import manifest
 from ...core.settings import check, opt, to_dict
-from ...subspace.overlap import mso_curve
+from ...subspace.overlap import left_factors, mso_curve
 from ...subspace.projection import as_matrix
 from .checkpoints import TensorReader, check_same_layout, checkpoint_info, layer_of, module_type, select_tensors
 
@@ -34,7 +34,7 @@ class OverlapConfig:
     harmful: str = opt(help="A fine-tuned on harmful data (F_harmful)")
     useful: str = opt(help="A fine-tuned on useful data (F_useful)")
     out: str = opt(help="output directory (results.json, mso.png)")
-    etas: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
+    eta: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
     targets: list[str] = opt([], help="tensors (or their modules): globs or re:<regex>; none = decoder-block "
                                       "linear weights")
     ignore: list[str] = opt([], help="tensors or modules to leave out")
@@ -42,7 +42,7 @@ class OverlapConfig:
     overwrite: bool = opt(False, help="replace a non-empty --out")
 
     def __post_init__(self):
-        check(bool(self.etas) and all(0 < e <= 1 for e in self.etas), "--etas values must be in (0, 1]")
+        check(bool(self.eta) and all(0 < e <= 1 for e in self.eta), "--eta values must be in (0, 1]")
 
 
 def _mean(xs: list) -> float | None:
@@ -70,8 +70,9 @@ def weight_overlap(base: TensorReader, aligned: TensorReader, harmful: TensorRea
     per_tensor = {}
     for name in tqdm(names, desc="weight MSO", leave=False):
         a = aligned.get(name, device)
-        upd = {"harmful": as_matrix(harmful.get(name, device) - a), "useful": as_matrix(useful.get(name, device) - a),
-               "alignment": as_matrix(base.get(name, device) - a)}
+        upd = {"harmful": harmful.get(name, device) - a, "useful": useful.get(name, device) - a,
+               "alignment": base.get(name, device) - a}
+        upd = {k: left_factors(as_matrix(v)) for k, v in upd.items()}  # one SVD per update, shared by 2 pairs
         per_tensor[name] = {pair: mso_curve(upd[x], upd[y], etas) for pair, (x, y) in PAIRS.items()}
     return {"etas": etas, "per_tensor": per_tensor, "by_type": group_curves(per_tensor, module_type),
             "by_layer": group_curves(per_tensor, layer_of), "overall": group_curves(per_tensor, lambda n: "all")}
@@ -88,7 +89,7 @@ def run_overlap(cfg: OverlapConfig) -> Path:
             TensorReader(cfg.harmful, "harmful") as h, TensorReader(cfg.useful, "useful") as u:
         check_same_layout([b, a, h, u])
         names = select_tensors(a.shapes, cfg.targets, cfg.ignore)
-        res = weight_overlap(b, a, h, u, names, cfg.etas, cfg.device)
+        res = weight_overlap(b, a, h, u, names, cfg.eta, cfg.device)
         inputs = {r.label: checkpoint_info(r) for r in (b, a, h, u)}
     results = {"config": to_dict(cfg), "versions": manifest.versions(), "inputs": inputs, "tensors": len(names),
                "pairs": {p: list(v) for p, v in PAIRS.items()}, **res}

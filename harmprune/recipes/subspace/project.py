@@ -47,7 +47,7 @@ class ProjectConfig:
     targets: list[str] = opt([], help="tensors (or their modules) to project: globs or re:<regex>; none = the "
                                       "decoder-block linear weights (1-D tensors use scalar projection)")
     ignore: list[str] = opt([], help="tensors or modules to leave at their aligned values")
-    energy_rhos: list[float] = opt(PAPER_RHOS, help="rho grid of the energy-kept figure (every basis)")
+    energy_rho: list[float] = opt(PAPER_RHOS, help="rho grid of the energy-kept figure (every basis)")
     factor_dir: str | None = opt(None, help="keep the per-matrix SVD factors in this directory instead of memory")
     seed: int = opt(0, help="seed of the random-k choice and the Gaussian control")
     dtype: str = opt("float32", help="dtype of the loaded aligned model (SVDs are float32 regardless)")
@@ -56,7 +56,7 @@ class ProjectConfig:
 
     def __post_init__(self):
         check(bool(self.rho) and all(0 < r <= 1 for r in self.rho), "--rho values must be in (0, 1]")
-        check(all(0 < r <= 1 for r in self.energy_rhos), "--energy-rhos values must be in (0, 1]")
+        check(all(0 < r <= 1 for r in self.energy_rho), "--energy-rho values must be in (0, 1]")
         check(len(set(self.rho)) == len(self.rho), "--rho values must be distinct")
         parse_dtype(self.dtype)
 
@@ -203,7 +203,7 @@ def run_project(cfg: ProjectConfig) -> Path:
         tok = original_tokenizer(cfg.aligned)
         params = check_parameters(model, names, aligned.shapes)
         cache = FactorCache(base, aligned, cfg.seed, cfg.side, cfg.device, cfg.factor_dir)
-        curve = {b: {r: [0.0, 0.0] for r in cfg.energy_rhos} for b in BASES}
+        curve = {b: {r: [0.0, 0.0] for r in cfg.energy_rho} for b in BASES}
         results = {"config": to_dict(cfg), "versions": manifest.versions(),
                    "inputs": {r.label: {**checkpoint_info(r), "checkpoint_hash": checkpoint_hash(r.spec)}
                               for r in (base, aligned, finetuned)},

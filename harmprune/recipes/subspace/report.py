@@ -6,11 +6,10 @@ from __future__ import annotations
 from ...evals import results as R
 from .evaluate import METRICS
 
-PAPER = ("Ponkshe et al. (ICLR 2026) report, for Llama-3.2-1B, Qwen-2.5-1.5B and three other models, that "
-         "projecting a fine-tune's update onto the alignment update's top singular directions amplifies useful "
-         "and harmful behaviour alike (top-K is no more safety-selective than random-K or Gaussian bases), and "
-         "that harmful and useful weight updates and prompt activations overlap well above the random baseline: "
-         "no subspace selectively governs safety.")
+PAPER = ("Ponkshe et al. (ICLR 2026), on five open-source LLMs (among them Llama-3.2-1B and Qwen-2.5-1.5B), "
+         "report that subspaces which amplify safe behaviours also amplify unsafe ones, and that prompts with "
+         "different safety implications activate overlapping representations: they find no subspace that "
+         "selectively governs safety. (Their numbers are in the paper; none are reproduced here.)")
 
 
 def _f(x, d: int = 3) -> str:
@@ -119,7 +118,7 @@ def render(res: dict) -> str:
     lines = ["# Safety subspaces next to B-TAP", "",
              f"- base `{cfg['base']}`, aligned `{cfg['aligned']}`; fine-tunes: "
              + ", ".join(f"{k} `{v['spec']}`" for k, v in res["inputs"].items() if k not in ("base", "aligned")),
-             f"- {res['tensors']} tensors projected; rho {cfg['rhos']}, eta {cfg['etas']}, side {cfg['side']}; "
+             f"- {res['tensors']} tensors projected; rho {cfg['rho']}, eta {cfg['eta']}, side {cfg['side']}; "
              f"{res['evaluations']} evaluations ({cfg['limit']} judged harmful prompts, {cfg['nll_nsamples']} completions "
              f"per NLL set, {cfg['xstest_limit']} XSTest prompts, {cfg['max_new_tokens']} new tokens, greedy)",
              f"- wall time {res['timing_seconds']['total'] / 60:.1f} min", "",

@@ -62,10 +62,10 @@ class StudyConfig:
     ft_lora_r: int = opt(16, help="LoRA rank")
     ft_batch_size: int = opt(4, help="records per fine-tuning step")
     project: list[str] = opt(list(FINETUNES), help="fine-tunes whose updates are projected")
-    rhos: list[float] = opt([0.05, 0.25, 0.75], help="rho grid of the projections")
+    rho: list[float] = opt([0.05, 0.25, 0.75], help="rho grid of the projections")
     bases: list[str] = opt(list(BASES), help="bases: topk randk gaussian")
     modes: list[str] = opt(list(MODES), help="projections: parallel orth")
-    etas: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9, 0.99], help="eta grid of the MSO curves")
+    eta: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9, 0.99], help="eta grid of the MSO curves")
     full_grid: bool = opt(False, help="the paper's grid: rho 0.01 0.25 0.5 0.75 0.99, eta 0.01 0.1 ... 0.9 0.99")
     side: str = opt("left", help="singular vectors of the left side (paper) or the shorter side", choices=list(SIDES))
     targets: list[str] = opt([], help="tensors to project: globs or re:<regex>; none = decoder-block linear weights")
@@ -92,9 +92,9 @@ class StudyConfig:
 
     def __post_init__(self):
         if self.full_grid:
-            self.rhos, self.etas = list(PAPER_RHOS), list(PAPER_ETAS)
-        check(all(0 < r <= 1 for r in self.rhos) and all(0 < e <= 1 for e in self.etas),
-              "--rhos and --etas values must be in (0, 1]")
+            self.rho, self.eta = list(PAPER_RHOS), list(PAPER_ETAS)
+        check(all(0 < r <= 1 for r in self.rho) and all(0 < e <= 1 for e in self.eta),
+              "--rho and --eta values must be in (0, 1]")
         for name, values, allowed in (("--project", self.project, FINETUNES), ("--bases", self.bases, BASES),
                                       ("--modes", self.modes, MODES)):
             bad = [v for v in values if v not in allowed]
@@ -168,7 +168,7 @@ def projection_grid(cfg, params, aligned, readers, cache, evaluate, timing) -> d
     t = time.perf_counter()
     for kind in cfg.project:
         out[kind] = {mode: {b: [] for b in cfg.bases} for mode in cfg.modes}
-        settings = [(m, b, r) for m in cfg.modes for b in cfg.bases for r in cfg.rhos]
+        settings = [(m, b, r) for m in cfg.modes for b in cfg.bases for r in cfg.rho]
         for mode, basis, rho in tqdm(settings, desc=f"projections of the {kind} update"):
             recs = apply_projection(params, aligned, readers[kind], cache, rho, basis, mode,
                                     desc=f"{kind} {basis} {mode} rho={rho:g}")
@@ -214,11 +214,11 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
 
             t = time.perf_counter()
             results["weight_overlap"] = weight_overlap(base, aligned, readers["harmful"], readers["useful"], names,
-                                                       cfg.etas, cfg.device)
+                                                       cfg.eta, cfg.device)
             timing["weight_overlap"] = time.perf_counter() - t
             t = time.perf_counter()
             act_cfg = ActivationsConfig(out=str(out), model=cfg.aligned, sets=cfg.act_sets, nsamples=cfg.act_nsamples,
-                                        etas=cfg.etas, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                        eta=cfg.eta, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                         seed=cfg.seed)
             results["activations"], results["data"]["activations"] = measure_activations(model, tok, act_cfg)
             timing["activations"] = time.perf_counter() - t
@@ -226,7 +226,7 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
             t = time.perf_counter()
             mask, results["btap"] = btap_set(model, tok, cfg.harmful_data, cfg.useful_data, cfg.nsamples, cfg.q, cfg.p,
                                              cfg.seed, "auto", cfg.max_length, cfg.batch_size)
-            loc, rand, largest = locate(mask, base, aligned, cache, cfg.rhos, cfg.seed, cfg.device)
+            loc, rand, largest = locate(mask, base, aligned, cache, cfg.rho, cfg.seed, cfg.device)
             results["location"] = {**loc, "btap_vs_largest_v": set_overlap(mask, largest)}
             results["reverse"] = {}
             for label, m in (("btap", mask), ("largest_v", largest), ("random", rand)):
@@ -278,3 +278,22 @@ def _complete(curve: dict) -> dict:
     return {b: {m: modes.get(m, []) for m in MODES} for b, modes in curve.items()}
 
 
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m harmprune.recipes.subspace.study [options]`` (what ``make subspaces`` runs)."""
+    import argparse
+
+    from ...core.errors import HarmpruneError
+    from ...core.settings import add_arguments, from_namespace
+
+    parser = argparse.ArgumentParser(prog="harmprune subspace study", description=__doc__.splitlines()[0])
+    add_arguments(parser, StudyConfig)
+    try:
+        return run_subspace_study(from_namespace(StudyConfig, parser.parse_args(argv)))
+    except HarmpruneError as e:
+        raise SystemExit(f"harmprune: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
