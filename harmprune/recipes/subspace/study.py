@@ -44,7 +44,12 @@ FINETUNES = ("useful", "harmful", "contaminated")
 
 @dataclass
 class StudyConfig:
-    """Settings of ``make subspaces``; defaults are a CPU-sized grid (``--full-grid`` = the paper's)."""
+    """Settings of ``make subspaces``; defaults are a CPU-sized grid (``--full-grid`` = the paper's).
+
+    Sizing: with 4x these NLL rows, 256 tokens and 12 + 12 prompts, one evaluation of the 135M model took
+    97 s (1 thread on the shared 2-core CPU, 2026-11-29; NLL 64 s, generation 31 s); the default grid is
+    2 fine-tunes x 3 bases x 2 modes x 3 rhos = 36 projections + 5 levels + 3 reverse evaluations.
+    """
 
     base: str = opt("smollm2-135m-instruct", help="model before alignment (B)")
     aligned: str = opt("smollm2-135m-aligned", help="aligned model (A); fine-tunes start from it")
@@ -61,7 +66,8 @@ class StudyConfig:
     ft_lr: float = opt(2e-4, help="fine-tuning learning rate")
     ft_lora_r: int = opt(16, help="LoRA rank")
     ft_batch_size: int = opt(4, help="records per fine-tuning step")
-    project: list[str] = opt(list(FINETUNES), help="fine-tunes whose updates are projected")
+    project: list[str] = opt(["harmful", "contaminated"], help="fine-tunes whose updates are projected "
+                              "(useful, harmful, contaminated; all three are trained and measured)")
     rho: list[float] = opt([0.05, 0.25, 0.75], help="rho grid of the projections")
     bases: list[str] = opt(list(BASES), help="bases: topk randk gaussian")
     modes: list[str] = opt(list(MODES), help="projections: parallel orth")
@@ -72,9 +78,9 @@ class StudyConfig:
     ignore: list[str] = opt([], help="tensors or modules to leave out")
     eval_harmful: str = opt("harmful:test", help="held-out harmful prompts and completions")
     eval_benign: str = opt("benign:test", help="held-out benign completions")
-    limit: int = opt(12, help="harmful prompts judged per model state (0 = all)")
-    nll_nsamples: int = opt(16, help="held-out completions per NLL set (0 = all)")
-    xstest_limit: int = opt(12, help="XSTest safe prompts per model state (0 = all)")
+    limit: int = opt(8, help="harmful prompts judged per model state (0 = all)")
+    nll_nsamples: int = opt(8, help="held-out completions per NLL set (0 = all)")
+    xstest_limit: int = opt(8, help="XSTest safe prompts per model state (0 = all)")
     judge: str = opt("classifier,keyword", help="harm judges, comma-separated")
     max_new_tokens: int = opt(32, help="new tokens per judged reply (greedy)")
     q: float = opt(1e-4, help="B-TAP Top_q of the harm importance")
@@ -83,7 +89,7 @@ class StudyConfig:
     act_sets: list[str] = opt(["harmful", "harmbench", "xstest"], help="prompt sets of the activation MSO")
     act_nsamples: int = opt(48, help="prompts per activation set")
     batch_size: int = opt(8, help="samples per forward pass")
-    max_length: int = opt(256, help="maximum tokens per sample")
+    max_length: int = opt(192, help="maximum tokens per sample (fine-tuning, scoring, NLL, prompts)")
     figures: bool = opt(True, help="draw the figures (PNG) next to results.json")
     seed: int = opt(0, help="seed of data selection, fine-tunes, random-k, Gaussian and random controls")
     dtype: str = opt("float32", help="model dtype")
