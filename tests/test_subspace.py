@@ -12,7 +12,7 @@ from harmprune.core.errors import HarmpruneError
 from harmprune.subspace.location import largest_magnitude, mass
 from harmprune.subspace.overlap import energy_rank, left_basis, mso, mso_curve, random_mso
 from harmprune.subspace.projection import factorize, project, rank_for
-from tiny import make_tokenizer, save_tiny, tiny_llama, tiny_qwen2
+from tiny import save_tiny, tiny_llama, tiny_qwen2
 
 SHAPES = [(6, 10), (10, 10), (12, 5), (7,)]
 
