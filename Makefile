@@ -15,7 +15,7 @@ BATCH ?= 4
 SEED ?= 0
 SCORES ?= scores
 
-.PHONY: install test test-fast score prune sweep eval em ablation bench clean
+.PHONY: install test test-fast score prune sweep eval em ablation subspaces bench clean
 
 install: $(VENV)/.installed
 
@@ -116,3 +116,15 @@ eval: install
 # Extra options: ABLATE_ARGS="--compare-model M2 --generate ..."
 ablation: install
 	$(HP) ablate --model $(MODEL) --out results/ablation-$(notdir $(MODEL)) --overwrite $(ABLATE_ARGS)
+
+# Safety subspaces (issue 13, Ponkshe et al. 2026) next to B-TAP on the embedded (base, aligned) pair:
+# fine-tunes, projections, MSO, where the B-TAP set sits. CPU-sized grid by default; FULL_GRID=1 = the paper's.
+#   make subspaces [BASE=] [ALIGNED=] [FULL_GRID=1] [SUBSPACE_ARGS="--device cuda --useful-model ..."]
+BASE ?= smollm2-135m-instruct
+ALIGNED ?= smollm2-135m-aligned
+FULL_GRID ?=
+SUBSPACE_ARGS ?=
+subspaces: install
+	$(PY) -m harmprune.recipes.subspace.study --base $(BASE) --aligned $(ALIGNED) \
+	  --out results/subspaces-$(notdir $(patsubst %/,%,$(ALIGNED))) --seed $(SEED) $(if $(FULL_GRID),--full-grid) \
+	  --overwrite $(SUBSPACE_ARGS)

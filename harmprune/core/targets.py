@@ -27,6 +27,11 @@ def _match(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def matches(name: str, pattern: str) -> bool:
+    """Whether ``name`` matches one ``--targets``/``--ignore`` pattern (glob, or ``re:`` regex, full match)."""
+    return _match(name, pattern)
+
+
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     """Map each parameter name to the other names sharing its storage (empty when untied)."""
     by_ptr: dict = {}

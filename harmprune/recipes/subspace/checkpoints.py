@@ -1,0 +1,149 @@
+"""Checkpoints as streams of named tensors: read one tensor at a time from safetensors files.
+
+A model spec is anything ``core.models.resolve`` understands (local HF directory, alias, Hub id; a
+Hub id is fetched with ``huggingface_hub.snapshot_download``). Only safetensors checkpoints are
+read: a ``.gguf`` file or a ``pytorch_model.bin``-only directory is refused with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ...core.errors import HarmpruneError
+from ...core.models import resolve
+from ...core.targets import DEFAULT_TARGETS, matches
+
+HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def local_checkpoint(spec: str) -> Path:
+    """A local directory holding ``spec``'s safetensors files (downloaded for a Hub id)."""
+    path, gguf = resolve(spec)
+    if gguf:
+        raise HarmpruneError(f"{spec}: a .gguf file has no safetensors tensors to stream; load and save it as a "
+                             "Hugging Face checkpoint first (or use its alias)")
+    p = Path(path)
+    if not p.exists():  # a Hub id: the real download path, untested offline
+        from huggingface_hub import snapshot_download
+
+        try:
+            p = Path(snapshot_download(path, allow_patterns=HUB_FILES))
+        except Exception as e:  # network, auth, missing repo: one line either way
+            raise HarmpruneError(f"cannot download {spec} from the Hub: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not any(p.glob("*.safetensors")):
+        raise HarmpruneError(f"{spec}: no .safetensors files in {p} (only safetensors checkpoints can be streamed)")
+    return p
+
+
+class TensorReader:
+    """Names, shapes and lazily read tensors of one checkpoint directory; use as a context manager.
+
+    Only one tensor is materialised per :meth:`get` call; file handles stay open until exit.
+    """
+
+    def __init__(self, spec: str, label: str):
+        self.spec, self.label = spec, label
+        self.dir = local_checkpoint(spec)
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, object] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def __enter__(self) -> "TensorReader":
+        from safetensors import safe_open
+
+        files = sorted(f for f in self.dir.glob("*.safetensors") if f.name != "mask.safetensors")
+        for f in files:
+            handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
+            for key in handle.keys():
+                self._where[key] = handle
+                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor ``name`` in float32 on ``device``."""
+        if name not in self._where:
+            raise HarmpruneError(f"{self.label} ({self.spec}) has no tensor {name}")
+        return self._where[name].get_tensor(name).to(device=device, dtype=torch.float32)
+
+
+def check_same_layout(readers: list[TensorReader]) -> None:
+    """Refuse checkpoints whose tensor names or shapes differ: one line naming the first mismatch."""
+    first = readers[0]
+    for other in readers[1:]:
+        for name in sorted(set(first.shapes) | set(other.shapes)):
+            a, b = first.shapes.get(name), other.shapes.get(name)
+            if a == b:
+                continue
+            if a is None or b is None:
+                has, lacks = (first, other) if b is None else (other, first)
+                raise HarmpruneError(f"{first.label} and {other.label} differ at parameter {name}: present in "
+                                     f"{has.label} ({has.spec}), absent from {lacks.label} ({lacks.spec}); "
+                                     "the models must share one architecture")
+            raise HarmpruneError(f"{first.label} and {other.label} differ at parameter {name}: shape {list(a)} in "
+                                 f"{first.label} ({first.spec}) vs {list(b)} in {other.label} ({other.spec}); "
+                                 "the models must share one architecture")
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def select_tensors(shapes: dict[str, tuple[int, ...]], targets: list[str] | None = None,
+                   ignore: list[str] | None = None) -> list[str]:
+    """Tensor names to project, in checkpoint order.
+
+    Default (no ``targets``): the 2-D ``.weight`` tensors inside repeated blocks (a ``.<digits>.``
+    in the name), i.e. the decoder-block linear weights, as ``core.targets`` selects for scoring.
+    With ``targets``, a pattern selects a tensor when it matches the tensor's name
+    (``model.norm.weight``, ``*.bias``) or its module's name (``*.mlp.*`` → that module's weight
+    and bias), so embeddings, norms and biases can be included. Raises when a pattern matches nothing.
+    """
+    ignore = list(ignore or [])
+    if not targets:
+        chosen = [n for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2
+                  and any(matches(_module(n), p) for p in DEFAULT_TARGETS)]
+    else:
+        for pat in targets:
+            if not any(matches(n, pat) or matches(_module(n), pat) for n in shapes):
+                raise HarmpruneError(f"--targets pattern {pat!r} matches no tensor (e.g. {', '.join(list(shapes)[:3])})")
+        chosen = [n for n in shapes if any(matches(n, p) or matches(_module(n), p) for p in targets)]
+    chosen = [n for n in chosen if not any(matches(n, p) or matches(_module(n), p) for p in ignore)]
+    if not chosen:
+        raise HarmpruneError("no tensor left after --targets/--ignore")
+    return chosen
+
+
+def layer_of(name: str) -> int | None:
+    """The block index of a tensor name (the first ``.<digits>.`` component), or None."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if b.isdigit() and a in ("layers", "h", "blocks", "layer", "block"):
+            return int(b)
+    digits = [p for p in parts if p.isdigit()]
+    return int(digits[0]) if digits else None
+
+
+def module_type(name: str) -> str:
+    """The module's own name (``q_proj``, ``down_proj``, ``input_layernorm``) plus ``.bias`` for biases."""
+    parts = name.split(".")
+    return parts[-2] + (".bias" if parts[-1] == "bias" else "") if len(parts) >= 2 else name
+
+
+def checkpoint_info(reader: TensorReader) -> dict:
+    """What a manifest records about an input checkpoint: spec, directory, tensor count, config sha."""
+    cfg = reader.dir / "config.json"
+    info = {"spec": reader.spec, "dir": str(reader.dir), "tensors": len(reader.shapes)}
+    if cfg.is_file():
+        info["architectures"] = json.loads(cfg.read_text()).get("architectures")
+    return info

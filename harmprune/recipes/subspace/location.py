@@ -1,0 +1,80 @@
+"""Where B-TAP's harm-specific set sits relative to the alignment subspace (neither paper has it).
+
+For the set S (per matrix ``Top_q(I_harm) \\ Top_p(I_benign)`` on the aligned model) and V = W_aligned
+- W_base: the share of ‖V‖² carried by S, and of ‖L Lᵀ V‖² (V's rank-k part, top-k basis) for each
+rho, against (a) random coordinates of the same count per matrix and (b) the coordinates of largest
+|V| of the same count (the most the count could carry). The reverse experiment prunes (b) and (a)
+next to S and measures the same harm and utility.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from tqdm.auto import tqdm
+
+from ...attribution.engine import compute_scores
+from ...attribution.score import select
+from ...core.data import DataSpec, data_fingerprint, load_records
+from ...pruning.select import PruneWarning, mask_stats, random_control, select_prune_set
+from ...subspace.location import largest_magnitude, mass, share
+from ...subspace.projection import parallel_part
+from .checkpoints import TensorReader
+
+
+def btap_set(model, tok, harmful: str, benign: str, nsamples: int, q: float, p: float, seed: int, fmt: str,
+             max_length: int, batch_size: int) -> tuple[dict, dict]:
+    """B-TAP's harm-specific mask on the loaded model (snip on harmful, snip-abs on benign) and its record."""
+    info = {}
+    scores = {}
+    for label, data, method in (("harm", harmful, "snip"), ("benign", benign, "snip-abs")):
+        spec = DataSpec(data=data)
+        rows = load_records(spec)
+        chosen = select(rows, nsamples, seed)
+        scores[label], stats = compute_scores(model, tok, chosen, method, fmt=fmt, max_length=max_length,
+                                              batch_size=batch_size)
+        info[label] = {"data": data_fingerprint(spec, rows), "method": method, "records": len(chosen),
+                       "tokens": stats["tokens"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruneWarning)
+        mask, st = select_prune_set(scores["harm"], scores["benign"], "snip", "snip-abs", q, p, "matrix")
+    info.update(q=q, p=p, scope="matrix", total_pruned=st["total_pruned"], total_numel=st["total_numel"],
+                warnings=st["warnings"])
+    return mask, info
+
+
+def locate(mask: dict, base: TensorReader, aligned: TensorReader, cache, rhos: list[float], seed: int,
+           device="cpu") -> tuple[dict, dict, dict]:
+    """``(location record, random-control mask, largest-|V| mask)``; masks have the set's per-matrix counts."""
+    rand = random_control(mask, seed)
+    largest, parts = {}, {"V": {"btap": [], "random": [], "largest_v": []}}
+    parts.update({r: {"btap": [], "random": [], "largest_v": []} for r in rhos})
+    count = numel = 0
+    for name, m in tqdm(mask.items(), desc="B-TAP set vs alignment update", leave=False):
+        v = aligned.get(name, device) - base.get(name, device)
+        c = int(m.sum())
+        count, numel = count + c, numel + m.numel()
+        largest[name] = largest_magnitude(v, c).cpu()
+        f = cache.get(name)
+        views = {"V": v, **{r: parallel_part(v, f.basis(r, "topk"), f.transposed) for r in rhos}}
+        for key, x in views.items():
+            for label, mm in (("btap", m), ("random", rand[name]), ("largest_v", largest[name])):
+                parts[key][label].append(mass(x, mm))
+    doc = {"V": {k: share(v) for k, v in parts["V"].items()},
+           "rank_k": {str(r): {k: share(v) for k, v in parts[r].items()} for r in rhos},
+           "pruned": count, "numel": numel, "expected_random": count / numel if numel else None}
+    return doc, rand, largest
+
+
+def set_overlap(a: dict, b: dict) -> dict:
+    """How many coordinates two masks share (B-TAP set vs largest-|V| set)."""
+    inter = sum(int((a[k] & b[k].to(a[k].device)).sum()) for k in a)
+    size = sum(int(a[k].sum()) for k in a)
+    return {"shared": inter, "size": size, "fraction": inter / size if size else None}
+
+
+def stats_of(mask: dict) -> dict:
+    st = mask_stats(mask)
+    return {k: st[k] for k in st if k in ("total_pruned", "per_module_type")}
+
+
