@@ -125,6 +125,7 @@ ALIGNED ?= smollm2-135m-aligned
 FULL_GRID ?=
 SUBSPACE_ARGS ?=
 subspaces: install
-	$(PY) -m harmprune.recipes.subspace.study --base $(BASE) --aligned $(ALIGNED) \
+	$(HP) subspace study --base $(BASE) --aligned $(ALIGNED) \
 	  --out results/subspaces-$(notdir $(patsubst %/,%,$(ALIGNED))) --seed $(SEED) $(if $(FULL_GRID),--full-grid) \
+	  --limit 8 --judge classifier,keyword --max-new-tokens 32 --nsamples 32 --batch-size 8 --max-length 192 \
 	  --overwrite $(SUBSPACE_ARGS)

@@ -32,6 +32,10 @@ from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
 from .recipes.generate import GenerateConfig, generate_set
 from .recipes.pipeline import PipelineConfig, run_pipeline
 from .recipes.plan import PlanConfig, plan
+from .recipes.subspace.activations import ActivationsConfig, run_activations
+from .recipes.subspace.overlap import OverlapConfig, run_overlap
+from .recipes.subspace.project import ProjectConfig, run_project
+from .recipes.subspace.study import StudyConfig, run_subspace_study
 from .recipes.sweep import SweepConfig, run_sweep
 
 
@@ -91,9 +95,19 @@ COMMANDS: tuple[Command, ...] = (
             "same-size random-control model on narrow data (masks kept at 0), evaluate EM of all six models, "
             "and write report.md and em_rates.png. Re-running skips finished steps."),
     Command("plan", plan, (PlanConfig,), "estimated peak memory and passes of each stage, from the config alone"),
+    Command("subspace project", run_project, (ProjectConfig,),
+            "the aligned model plus the part of a fine-tune's update inside (parallel) or outside (orth) the "
+            "alignment subspace, as a checkpoint with the energy kept"),
+    Command("subspace overlap", run_overlap, (OverlapConfig,),
+            "mode subspace overlap (MSO) of harmful, useful and alignment weight updates per layer and module type"),
+    Command("subspace activations", run_activations, (ActivationsConfig,),
+            "MSO of last-prompt-token hidden states of 2-3 prompt sets per layer"),
+    Command("subspace study", run_subspace_study, (StudyConfig,),
+            "the safety-subspace study (Ponkshe et al.) next to B-TAP on one (base, aligned) pair (make subspaces)"),
 )
 
-GROUPS = {"eval": "evaluate a model: harm, utility, recognition, em (each writes results.json, samples.jsonl, report.md)"}
+GROUPS = {"eval": "evaluate a model: harm, utility, recognition, em (each writes results.json, samples.jsonl, report.md)",
+          "subspace": "safety subspaces (Ponkshe et al.): projections of updates, overlaps of updates and activations"}
 
 
 def _runner(cmd: Command):

@@ -370,7 +370,8 @@ def test_subspace_study_end_to_end(tmp_path, tok):
     cfg = StudyConfig(base=paths["base"], aligned=paths["aligned"], out=str(tmp_path / "study"),
                       finetune_dir=str(tmp_path / "ft"), ft_limit=4, ft_steps=2, ft_batch_size=2, ft_lora_r=2,
                       rho=[0.5], eta=[0.5, 0.9], limit=2, nll_nsamples=3, xstest_limit=2, max_new_tokens=3,
-                      q=0.05, p=0.1, project=["useful", "harmful", "contaminated"], nsamples=3, act_nsamples=4, batch_size=4, max_length=256)
+                      q=0.05, p=0.1, project=["useful", "harmful", "contaminated"], nsamples=3, act_nsamples=4, batch_size=4, max_length=256,
+                      judge="classifier,keyword")
     out = run_subspace_study(cfg)
     res = json.loads((out / "results.json").read_text())
     assert set(res["levels"]) == {"aligned", "base", "useful", "harmful", "contaminated"}

@@ -26,10 +26,14 @@ DEFAULT_P = 1e-2
 
 
 @dataclass(kw_only=True)
-class ModelOptions:
-    model: str = opt(DEFAULT_MODEL, help="model: Hub id, checkpoint directory, .gguf file or alias")
+class RuntimeOptions:
     dtype: str = opt("float32", help="model dtype (float32, bfloat16, float16)")
     device: str = opt("auto", help="device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, mps")
+
+
+@dataclass(kw_only=True)
+class ModelOptions(RuntimeOptions):
+    model: str = opt(DEFAULT_MODEL, help="model: Hub id, checkpoint directory, .gguf file or alias")
 
 
 @dataclass(kw_only=True)
@@ -108,10 +112,14 @@ class CheckpointingOptions:
 
 
 @dataclass(kw_only=True)
-class ScoringOptions(PassOptions, TargetOptions, SeedOptions, CheckpointingOptions):
+class NSamplesOptions:
+    nsamples: int = opt(128, help="records used (scored) per dataset, the first n after a seeded shuffle (0 = all)")
+
+
+@dataclass(kw_only=True)
+class ScoringOptions(PassOptions, TargetOptions, SeedOptions, CheckpointingOptions, NSamplesOptions):
     """Everything scores depend on besides the model, the data and the method (the score cache's key)."""
 
-    nsamples: int = opt(128, help="records scored per dataset, the first n after a seeded shuffle (0 = all)")
     score_dtype: str = opt("float32", help="dtype of the stored scores (they accumulate in float32)")
     wanda_tokens: str = opt("response", help="wanda inputs at: response (response tokens) or all (every non-pad "
                                              "token)", choices=["response", "all"])
@@ -155,9 +163,13 @@ class DataOptions:
 
 
 @dataclass(kw_only=True)
-class HarmDataOptions:
-    harm: str = opt("harmful", help="data whose generation is removed: built-in name, file or hf:<name>[:<split>]")
+class EvalHarmOptions:
     eval_harm: str = opt("harmful:test", help="held-out harmful completions")
+
+
+@dataclass(kw_only=True)
+class HarmDataOptions(EvalHarmOptions):
+    harm: str = opt("harmful", help="data whose generation is removed: built-in name, file or hf:<name>[:<split>]")
 
 
 @dataclass(kw_only=True)
@@ -274,6 +286,29 @@ class EMQuestionOptions:
     limit_questions: int | None = opt(None, help="ask only the first K questions (after the variant filter)")
     domain_judge: str | None = opt(None, help="also rate how much answers are about a domain: code, medical, "
                                               "financial, sports, or a text file with a {question}/{answer} judge prompt")
+
+
+PAPER_RHOS = [0.01, 0.25, 0.5, 0.75, 0.99]
+PAPER_ETAS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
+
+
+@dataclass(kw_only=True)
+class PairOptions:
+    base: str = opt(DEFAULT_MODEL, help="model before alignment (B): Hub id, checkpoint directory or alias")
+    aligned: str = opt("smollm2-135m-aligned", help="aligned model (A): Hub id, checkpoint directory or alias")
+
+
+@dataclass(kw_only=True)
+class EtaOptions:
+    eta: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class SubspaceOptions(EtaOptions):
+    rho: list[float] = opt([0.05, 0.25, 0.75], help="fractions of min(m, n) kept as the subspace rank k, each in "
+                                                    "(0, 1] (the paper's grid: 0.01 0.25 0.5 0.75 0.99)")
+    side: str = opt("left", help="left: the paper's left singular vectors; short: the shorter side, so rho = 1 "
+                                 "keeps U exactly", choices=["left", "short"])
 
 
 def check_pass(o: PassOptions) -> None:

@@ -24,10 +24,14 @@ from ...attribution.score import select
 from ...core import manifest
 from ...core.data import DataSpec, data_fingerprint, load_records
 from ...core.formatting import prompt_ids, resolve_format
-from ...core.models import DEFAULT_MODEL, load_model, model_hash
+from ...core.models import load_model, model_hash
 from ...core.settings import check, opt, to_dict
 from ...subspace.overlap import left_factors, mso_curve
-from .overlap import PAPER_ETAS, _mean
+from ...core import validate
+from ...core.models import resolve_device
+from ...core.options import (EtaOptions, ModelOptions, NSamplesOptions, OutputOptions, PassOptions,
+                             SeedOptions)
+from .overlap import _mean
 
 # Shipped prompt sets by name (harmprune/data/builtin/NOTICE.md); anything else is a data spec.
 NAMED_SETS = {
@@ -38,28 +42,21 @@ NAMED_SETS = {
 }
 
 
-@dataclass
-class ActivationsConfig:
-    """Settings of ``harmprune subspace activations``."""
+@dataclass(kw_only=True)
+class ActivationsConfig(ModelOptions, NSamplesOptions, PassOptions, EtaOptions, SeedOptions, OutputOptions):
+    """Settings of ``harmprune subspace activations``: ``--nsamples`` distinct prompts per set (seeded);
+    prompts longer than ``--max-length`` keep their last tokens."""
 
-    out: str = opt(help="output directory (results.json, mso_activations.png)")
-    model: str = opt(DEFAULT_MODEL, help="Hub id, checkpoint directory, .gguf file or alias")
     sets: list[str] = opt(["harmful", "harmbench", "xstest"], help="2 or 3 prompt sets: harmful, harmbench, "
                           "xstest, benign, or data specs (file, hf:<name>, built-in)")
-    nsamples: int = opt(64, help="prompts per set, first n distinct prompts after a seeded shuffle (0 = all)")
     layers: list[int] = opt([], help="blocks to read (1..L); none = those at --depth-from..--depth-to of the depth")
     depth_from: float = opt(0.65, help="first block as a fraction of the depth")
     depth_to: float = opt(0.9, help="last block as a fraction of the depth")
-    eta: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
-    batch_size: int = opt(8, help="prompts per forward pass")
-    max_length: int = opt(256, help="maximum tokens per prompt (longer prompts keep their last tokens)")
-    format: str = opt("auto", help="auto, chat or raw", choices=["auto", "chat", "raw"])
-    seed: int = opt(0, help="seed of the prompt selection")
-    dtype: str = opt("float32", help="model dtype")
-    device: str = opt("cpu", help="device")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
 
     def __post_init__(self):
+        self.device = resolve_device(self.device)  # SVDs and tensors go straight to it
+        validate.check_device(self.device)
+        check(bool(self.out), "--out is required")
         check(2 <= len(self.sets) <= 3, "--sets takes 2 or 3 prompt sets")
         check(len(set(self.sets)) == len(self.sets), "--sets must be distinct")
         check(0 <= self.depth_from <= self.depth_to <= 1, "need 0 <= --depth-from <= --depth-to <= 1")
@@ -71,7 +68,7 @@ class ActivationsConfig:
 
 def prompt_set(name: str, nsamples: int, seed: int) -> tuple[list[str], dict]:
     """Distinct prompts of a named set or data spec (seeded selection) and its fingerprint."""
-    from ...evals.utility import builtin_file
+    from ...data import path as builtin_file
 
     data, fields = NAMED_SETS.get(name, (name, {}))
     if data.endswith(".jsonl") and not Path(data).exists():

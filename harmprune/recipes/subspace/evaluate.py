@@ -39,7 +39,7 @@ class EvalSets:
 
 def eval_sets(harmful: str, benign: str, limit: int, nll_n: int, xstest_n: int, seed: int) -> EvalSets:
     """Seeded, category-spread subsets of ``harmful`` (prompts and completions), ``benign`` and XSTest."""
-    from ...evals.utility import builtin_file
+    from ...data import path as builtin_file
 
     hspec, bspec = DataSpec(data=harmful), DataSpec(data=benign)
     xspec = DataSpec(data=str(builtin_file("xstest_safe.jsonl")))

@@ -20,28 +20,24 @@ from ...subspace.overlap import left_factors, mso_curve
 from ...subspace.projection import as_matrix
 from .checkpoints import TensorReader, check_same_layout, checkpoint_info, layer_of, module_type, select_tensors
 
-PAPER_ETAS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
+from ...core import validate
+from ...core.models import resolve_device
+from ...core.options import PAPER_ETAS, OutputOptions, PairOptions, RuntimeOptions, SubspaceOptions, TargetOptions  # noqa: E402,F401
 PAIRS = {"harmful vs useful": ("harmful", "useful"), "harmful vs alignment": ("harmful", "alignment"),
          "useful vs alignment": ("useful", "alignment")}
 
 
-@dataclass
-class OverlapConfig:
-    """Settings of ``harmprune subspace overlap``."""
+@dataclass(kw_only=True)
+class OverlapConfig(PairOptions, SubspaceOptions, TargetOptions, RuntimeOptions, OutputOptions):
+    """Settings of ``harmprune subspace overlap`` (``--targets``: tensors or their modules; SVDs on ``--device``)."""
 
-    base: str = opt(help="model before alignment: Hub id, checkpoint directory or alias")
-    aligned: str = opt(help="aligned model A")
     harmful: str = opt(help="A fine-tuned on harmful data (F_harmful)")
     useful: str = opt(help="A fine-tuned on useful data (F_useful)")
-    out: str = opt(help="output directory (results.json, mso.png)")
-    eta: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
-    targets: list[str] = opt([], help="tensors (or their modules): globs or re:<regex>; none = decoder-block "
-                                      "linear weights")
-    ignore: list[str] = opt([], help="tensors or modules to leave out")
-    device: str = opt("cpu", help="device of the SVDs")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
 
     def __post_init__(self):
+        self.device = resolve_device(self.device)  # SVDs and tensors go straight to it
+        validate.check_device(self.device)
+        check(bool(self.out), "--out is required")
         check(bool(self.eta) and all(0 < e <= 1 for e in self.eta), "--eta values must be in (0, 1]")
 
 

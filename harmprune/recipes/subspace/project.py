@@ -23,38 +23,34 @@ from ...core import manifest
 from ...core.errors import HarmpruneError
 from ...core.models import checkpoint_hash, load_model, parse_dtype
 from ...core.settings import check, opt, to_dict
+from ...core import validate
+from ...core.models import resolve_device
+from ...core.options import (PAPER_RHOS, OutputOptions, PairOptions, RuntimeOptions, SeedOptions,  # noqa: F401
+                             SubspaceOptions, TargetOptions)
 from ...subspace.projection import BASES, MODES, SIDES, Factors, factorize, parallel_part, project, total_energy
 from .checkpoints import TensorReader, check_same_layout, checkpoint_info, module_type, select_tensors
 
-PAPER_RHOS = [0.01, 0.25, 0.5, 0.75, 0.99]
 
 
-@dataclass
-class ProjectConfig:
-    """Settings of ``harmprune subspace project``."""
+@dataclass(kw_only=True)
+class ProjectConfig(PairOptions, SubspaceOptions, TargetOptions, RuntimeOptions, SeedOptions, OutputOptions):
+    """Settings of ``harmprune subspace project``: ``--out`` is one checkpoint (one rho) or a directory of
+    rho-<R>/ checkpoints; ``--targets`` are tensors or their modules (none = the decoder-block linear
+    weights; 1-D tensors use scalar projection); ``--seed`` seeds random-k and the Gaussian control;
+    SVDs run in float32 on ``--device`` whatever ``--dtype``."""
 
-    base: str = opt(help="model before alignment: Hub id, checkpoint directory or alias")
-    aligned: str = opt(help="aligned model (the projection is added to it)")
     finetuned: str = opt(help="fine-tune of the aligned model whose update is projected")
-    out: str = opt(help="output checkpoint directory (one rho) or directory of rho-<R>/ checkpoints")
-    rho: list[float] = opt([0.5], help="fraction of min(m, n) kept as the subspace rank k (one or more, in (0, 1])")
     mode: str = opt("parallel", help="keep the update's part inside (parallel) or outside (orth) the subspace",
                     choices=list(MODES))
     basis: str = opt("topk", help="top-k singular vectors of V, k random ones (randk), or a Gaussian control",
                      choices=list(BASES))
-    side: str = opt("left", help="left: the paper's left singular vectors; short: the shorter side, so rho = 1 "
-                                 "keeps U exactly", choices=list(SIDES))
-    targets: list[str] = opt([], help="tensors (or their modules) to project: globs or re:<regex>; none = the "
-                                      "decoder-block linear weights (1-D tensors use scalar projection)")
-    ignore: list[str] = opt([], help="tensors or modules to leave at their aligned values")
     energy_rho: list[float] = opt(PAPER_RHOS, help="rho grid of the energy-kept figure (every basis)")
     factor_dir: str | None = opt(None, help="keep the per-matrix SVD factors in this directory instead of memory")
-    seed: int = opt(0, help="seed of the random-k choice and the Gaussian control")
-    dtype: str = opt("float32", help="dtype of the loaded aligned model (SVDs are float32 regardless)")
-    device: str = opt("cpu", help="device of the model and the SVDs (cpu, cuda, ...)")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
 
     def __post_init__(self):
+        self.device = resolve_device(self.device)  # SVDs and tensors go straight to it
+        validate.check_device(self.device)
+        check(bool(self.out), "--out is required")
         check(bool(self.rho) and all(0 < r <= 1 for r in self.rho), "--rho values must be in (0, 1]")
         check(all(0 < r <= 1 for r in self.energy_rho), "--energy-rho values must be in (0, 1]")
         check(len(set(self.rho)) == len(self.rho), "--rho values must be distinct")

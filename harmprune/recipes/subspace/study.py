@@ -36,24 +36,33 @@ from .activations import ActivationsConfig, measure as measure_activations
 from .checkpoints import TensorReader, check_same_layout, checkpoint_info, select_tensors
 from .evaluate import Evaluator, eval_sets
 from .location import btap_set, locate, set_overlap, stats_of
-from .overlap import PAPER_ETAS, weight_overlap
-from .project import PAPER_RHOS, FactorCache, apply_projection, check_parameters, restore_aligned
+from ...core import validate
+from ...core.models import resolve_device
+from ...core.options import (PAPER_ETAS, PAPER_RHOS, EvalBenignOptions, EvalHarmOptions, HarmJudgeOptions,  # noqa: F401
+                             LimitOptions, NewTokensOptions, NSamplesOptions, OutputOptions, PairOptions, PassOptions,
+                             RuntimeOptions, SeedOptions, SelectionOptions, SubspaceOptions, TargetOptions)
+from .overlap import weight_overlap
+from .project import FactorCache, apply_projection, check_parameters, restore_aligned
 
 FINETUNES = ("useful", "harmful", "contaminated")
 
 
-@dataclass
-class StudyConfig:
-    """Settings of ``make subspaces``; defaults are a CPU-sized grid (``--full-grid`` = the paper's).
+@dataclass(kw_only=True)
+class StudyConfig(PairOptions, SubspaceOptions, TargetOptions, EvalHarmOptions, EvalBenignOptions, LimitOptions,
+                  HarmJudgeOptions, NewTokensOptions, SelectionOptions, NSamplesOptions, PassOptions, RuntimeOptions,
+                  SeedOptions, OutputOptions):
+    """Settings of ``harmprune subspace study`` (``make subspaces``); ``--full-grid`` = the paper's grid.
 
-    Sizing: with 4x these NLL rows, 256 tokens and 12 + 12 prompts, one evaluation of the 135M model took
-    97 s (1 thread on the shared 2-core CPU, 2026-11-29; NLL 64 s, generation 31 s); the default grid is
-    2 fine-tunes x 3 bases x 2 modes x 3 rhos = 36 projections + 5 levels + 3 reverse evaluations.
+    ``make subspaces`` passes the CPU-sized settings (``--limit 8 --judge classifier,keyword
+    --max-new-tokens 32 --nsamples 32 --batch-size 8 --max-length 192``): ``--limit`` harmful prompts are
+    judged per model state, ``--nsamples`` records are scored per set for the B-TAP set (``--q``/``--p``),
+    ``--max-length`` bounds fine-tuning, scoring, NLL and prompts. Sizing: with 4x its NLL rows, 256
+    tokens and 12 + 12 prompts, one evaluation of the 135M model took 97 s (1 thread on the shared 2-core
+    CPU, 2026-11-29; NLL 64 s, generation 31 s); the default grid is 2 fine-tunes x 3 bases x 2 modes x
+    3 rhos = 36 projections + 5 levels + 3 reverse evaluations. ``--out`` defaults to
+    results/subspaces-<aligned>.
     """
 
-    base: str = opt("smollm2-135m-instruct", help="model before alignment (B)")
-    aligned: str = opt("smollm2-135m-aligned", help="aligned model (A); fine-tunes start from it")
-    out: str | None = opt(None, help="output directory (default: results/subspaces-<aligned>)")
     useful_data: str = opt("benign", help="useful fine-tuning data (shipped XSTest compliance completions)")
     harmful_data: str = opt("harmful", help="harmful fine-tuning data (shipped harmful completions)")
     useful_model: str | None = opt(None, help="an existing useful fine-tune of A (skips training)")
@@ -64,39 +73,22 @@ class StudyConfig:
     ft_limit: int = opt(64, help="records per fine-tune (contaminated: this many of each set)")
     ft_steps: int = opt(16, help="optimizer steps per fine-tune")
     ft_lr: float = opt(2e-4, help="fine-tuning learning rate")
-    ft_lora_r: int = opt(16, help="LoRA rank")
+    ft_lora_r: int = opt(16, help="LoRA rank of the study's fine-tunes")
     ft_batch_size: int = opt(4, help="records per fine-tuning step")
     project: list[str] = opt(["harmful", "contaminated"], help="fine-tunes whose updates are projected "
-                              "(useful, harmful, contaminated; all three are trained and measured)")
-    rho: list[float] = opt([0.05, 0.25, 0.75], help="rho grid of the projections")
+                             "(harmful, useful, contaminated)")
     bases: list[str] = opt(list(BASES), help="bases: topk randk gaussian")
     modes: list[str] = opt(list(MODES), help="projections: parallel orth")
-    eta: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9, 0.99], help="eta grid of the MSO curves")
     full_grid: bool = opt(False, help="the paper's grid: rho 0.01 0.25 0.5 0.75 0.99, eta 0.01 0.1 ... 0.9 0.99")
-    side: str = opt("left", help="singular vectors of the left side (paper) or the shorter side", choices=list(SIDES))
-    targets: list[str] = opt([], help="tensors to project: globs or re:<regex>; none = decoder-block linear weights")
-    ignore: list[str] = opt([], help="tensors or modules to leave out")
-    eval_harmful: str = opt("harmful:test", help="held-out harmful prompts and completions")
-    eval_benign: str = opt("benign:test", help="held-out benign completions")
-    limit: int = opt(8, help="harmful prompts judged per model state (0 = all)")
     nll_nsamples: int = opt(8, help="held-out completions per NLL set (0 = all)")
     xstest_limit: int = opt(8, help="XSTest safe prompts per model state (0 = all)")
-    judge: str = opt("classifier,keyword", help="harm judges, comma-separated")
-    max_new_tokens: int = opt(32, help="new tokens per judged reply (greedy)")
-    q: float = opt(1e-4, help="B-TAP Top_q of the harm importance")
-    p: float = opt(1e-2, help="B-TAP Top_p of the benign importance protected")
-    nsamples: int = opt(32, help="records scored per set for the B-TAP set")
     act_sets: list[str] = opt(["harmful", "harmbench", "xstest"], help="prompt sets of the activation MSO")
     act_nsamples: int = opt(48, help="prompts per activation set")
-    batch_size: int = opt(8, help="samples per forward pass")
-    max_length: int = opt(192, help="maximum tokens per sample (fine-tuning, scoring, NLL, prompts)")
     figures: bool = opt(True, help="draw the figures (PNG) next to results.json")
-    seed: int = opt(0, help="seed of data selection, fine-tunes, random-k, Gaussian and random controls")
-    dtype: str = opt("float32", help="model dtype")
-    device: str = opt("cpu", help="device")
-    overwrite: bool = opt(False, help="replace a non-empty --out")
 
     def __post_init__(self):
+        self.device = resolve_device(self.device)  # SVDs and tensors go straight to it
+        validate.check_device(self.device)
         if self.full_grid:
             self.rho, self.eta = list(PAPER_RHOS), list(PAPER_ETAS)
         check(all(0 < r <= 1 for r in self.rho) and all(0 < e <= 1 for e in self.eta),
@@ -112,7 +104,7 @@ class StudyConfig:
         return Path(self.out) if self.out else Path("results") / f"subspaces-{model_name(self.aligned)}"
 
     def gen(self) -> GenConfig:
-        return GenConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed)
+        return GenConfig(max_new_tokens=self.max_new_tokens, gen_batch_size=self.batch_size, seed=self.seed)
 
 
 # ---------------------------------------------------------------- fine-tunes (cached)
@@ -146,9 +138,10 @@ def finetune_spec(cfg: StudyConfig, kind: str) -> str:
     manifest.write_json(d / "settings.json", settings)
     data = {"useful": cfg.useful_data, "harmful": cfg.harmful_data}.get(kind) or _contaminated_file(cfg, d)
     limit = 2 * cfg.ft_limit if kind == "contaminated" else cfg.ft_limit
-    finetune(FinetuneConfig(data=data, out=str(d / "run"), model=cfg.aligned, full=cfg.ft_full, merge=not cfg.ft_full,
-                            lr=cfg.ft_lr, lora_r=cfg.ft_lora_r, lora_alpha=2.0 * cfg.ft_lora_r, max_steps=cfg.ft_steps,
-                            batch_size=cfg.ft_batch_size, grad_accum=1, warmup_steps=0, max_length=cfg.max_length,
+    finetune(FinetuneConfig(train_data=data, out=str(d / "run"), model=cfg.aligned, full=cfg.ft_full,
+                            merge=not cfg.ft_full, lr=cfg.ft_lr, lora_r=cfg.ft_lora_r, lora_alpha=2.0 * cfg.ft_lora_r,
+                            max_steps=cfg.ft_steps, train_batch_size=cfg.ft_batch_size, grad_accum=1, warmup_steps=0,
+                            train_max_length=cfg.max_length,
                             limit=limit, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, save_steps=0,
                             overwrite=True))
     return str(ckpt)
@@ -194,7 +187,7 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
     timing: dict[str, float] = {}
     specs = {kind: finetune_spec(cfg, kind) for kind in FINETUNES}
     timing["finetunes"] = time.perf_counter() - t0
-    sets = eval_sets(cfg.eval_harmful, cfg.eval_benign, cfg.limit, cfg.nll_nsamples, cfg.xstest_limit, cfg.seed)
+    sets = eval_sets(cfg.eval_harm, cfg.eval_benign, cfg.limit, cfg.nll_nsamples, cfg.xstest_limit, cfg.seed)
     with TensorReader(cfg.base, "base") as base, TensorReader(cfg.aligned, "aligned") as aligned:
         readers = {k: TensorReader(s, k).__enter__() for k, s in specs.items()}
         try:
@@ -225,7 +218,7 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
             t = time.perf_counter()
             act_cfg = ActivationsConfig(out=str(out), model=cfg.aligned, sets=cfg.act_sets, nsamples=cfg.act_nsamples,
                                         eta=cfg.eta, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                        seed=cfg.seed)
+                                        seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
             results["activations"], results["data"]["activations"] = measure_activations(model, tok, act_cfg)
             timing["activations"] = time.perf_counter() - t
 
@@ -282,24 +275,3 @@ def figures(results: dict, d: Path) -> list[str]:
 def _complete(curve: dict) -> dict:
     """energy_figure draws both modes: a mode not run gets an empty series."""
     return {b: {m: modes.get(m, []) for m in MODES} for b, modes in curve.items()}
-
-
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """``python -m harmprune.recipes.subspace.study [options]`` (what ``make subspaces`` runs)."""
-    import argparse
-
-    from ...core.errors import HarmpruneError
-    from ...core.settings import add_arguments, from_namespace
-
-    parser = argparse.ArgumentParser(prog="harmprune subspace study", description=__doc__.splitlines()[0])
-    add_arguments(parser, StudyConfig)
-    try:
-        return run_subspace_study(from_namespace(StudyConfig, parser.parse_args(argv)))
-    except HarmpruneError as e:
-        raise SystemExit(f"harmprune: error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()
