@@ -141,7 +141,7 @@ def test_prune_refuses_a_quantized_model(tiny_ckpt, tmp_path, monkeypatch):
                                                  "model_hash": models.model_hash(model),
                                                  "shapes": {k: list(v.shape) for k, v in harm.items()}})
     real_load = P.load_model
-    monkeypatch.setattr(P, "load_model", lambda *a, **k: (_int8(real_load(*a, **k)[0]), None))
+    monkeypatch.setattr(P, "load_model", lambda *a, **k: ModelHandle(_int8(real_load(*a, **k)[0]), None, tiny_ckpt))
     cfg = P.PruneConfig(model=tiny_ckpt, harm_scores=str(harm_dir), q=0.05, p=0.0, out=str(tmp_path / "pruned"))
     with pytest.raises(HarmpruneError, match="cannot prune a quantized model"):
         P.prune(cfg)

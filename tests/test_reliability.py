@@ -85,7 +85,7 @@ def scored(tiny_ckpt, data, tmp_path, capsys):
 
 
 def prune_args(ckpt, scored, out, *extra):
-    return ("prune", "--model", ckpt, "--harm", scored["harm"], "--benign", scored["benign"], "--q", 0.05,
+    return ("prune", "--model", ckpt, "--harm-scores", scored["harm"], "--benign-scores", scored["benign"], "--q", 0.05,
             "--p", 0.05, "--out", out, *extra)
 
 
@@ -98,8 +98,8 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the settings were validated")
 
     monkeypatch.setattr(models, "load_model", boom)
-    for mod in ("harmprune.attribution.score", "harmprune.pruning.prune", "harmprune.pruning.pipeline",
-                "harmprune.pruning.sweep", "harmprune.finetune.train"):
+    for mod in ("harmprune.attribution.score", "harmprune.pruning.prune", "harmprune.recipes.pipeline",
+                "harmprune.recipes.sweep", "harmprune.finetune.train"):
         monkeypatch.setattr(importlib.import_module(mod), "load_model", boom, raising=False)
 
 
@@ -456,7 +456,7 @@ def test_case10_unknown_or_absent_device(tiny_ckpt, data, scored, tmp_path, caps
     out = tmp_path / "o"
     for argv in (["score", "--model", tiny_ckpt, "--data", data, "--method", "snip", "--out", out],
                  list(prune_args(tiny_ckpt, scored, out)),
-                 ["finetune", "--model", tiny_ckpt, "--data", data, "--out", out],
+                 ["finetune", "--model", tiny_ckpt, "--train-data", data, "--out", out],
                  ["eval", "harm", "--model", tiny_ckpt, "--judge", "fake", "--out", out]):
         one_error(*run(capsys, *argv, "--device", device), needle)
     assert not out.exists() and not leftovers(tmp_path)
@@ -470,16 +470,16 @@ def test_case11_finetune_without_a_real_step_is_refused(tiny_ckpt, data, tmp_pat
 
     monkeypatch.setattr(train, "prepare_model", lambda *a, **k: pytest.fail("model loaded for a run that cannot train"))
     out = tmp_path / "ft"
-    one_error(*run(capsys, "finetune", "--model", tiny_ckpt, "--data", data, "--out", out, "--full",
-                   "--batch-size", 2, "--grad-accum", 8, "--warmup-steps", 5, "--device", "cpu"),
+    one_error(*run(capsys, "finetune", "--model", tiny_ckpt, "--train-data", data, "--out", out, "--full",
+                   "--train-batch-size", 2, "--grad-accum", 8, "--warmup-steps", 5, "--device", "cpu"),
               "1 optimizer step at learning rate 0", "--warmup-steps 0")
     assert not out.exists() and not leftovers(tmp_path)
 
 
 def test_case11_lr_never_leaving_warmup_is_a_warning(tiny_ckpt, data, tmp_path, capsys):
     out = tmp_path / "ft"
-    rc, errors, warnings = run(capsys, "finetune", "--model", tiny_ckpt, "--data", data, "--out", out, "--full",
-                               "--batch-size", 4, "--grad-accum", 1, "--warmup-steps", 5, "--max-length", 64,
+    rc, errors, warnings = run(capsys, "finetune", "--model", tiny_ckpt, "--train-data", data, "--out", out, "--full",
+                               "--train-batch-size", 4, "--grad-accum", 1, "--warmup-steps", 5, "--train-max-length", 64,
                                "--device", "cpu", "--save-steps", 0)
     assert rc == 0 and not errors and len(warnings) == 1 and "never leaves warm-up" in warnings[0]
     assert "2 optimizer steps <= --warmup-steps 5" in warnings[0] and not leftovers(tmp_path)
@@ -491,7 +491,7 @@ def test_case11_lr_never_leaving_warmup_is_a_warning(tiny_ckpt, data, tmp_path, 
 @pytest.mark.parametrize("q, p, needle", [(1, 0, "--q 1 selects every weight"), (0.05, 1, "--p 1 protects every")])
 def test_case12_extreme_fractions_warn(tiny_ckpt, scored, tmp_path, capsys, q, p, needle):
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", tiny_ckpt, "--harm", scored["harm"], "--benign", scored["benign"], "--q", q,
+    argv = ["prune", "--model", tiny_ckpt, "--harm-scores", scored["harm"], "--benign-scores", scored["benign"], "--q", q,
             "--p", p, "--out", out]
     rc, errors, warnings = run(capsys, *argv)
     assert rc == 0 and not errors and len(warnings) == 1 and needle in warnings[0]

@@ -1,4 +1,4 @@
-"""The score artifact (DESIGN.md): a directory with ``scores.safetensors`` + ``meta.json``.
+"""The score artifact (docs/design.md): a directory with ``scores.safetensors`` + ``meta.json``.
 
 One writer and one validated reader, shared by ``harmprune score``, the pipeline and ablation
 caches, and the pruner. Scores are keyed by full parameter name and have the weight's shape.

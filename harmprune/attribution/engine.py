@@ -188,7 +188,7 @@ def compute_scores(model: nn.Module, tokenizer, records, method: str, *, fmt: st
                    reduce: Reducer | None = None) -> tuple[Scores, dict]:
     """Scores of ``method`` for ``records`` (a list of ``core.data.Record``), no files involved.
 
-    Records are encoded with DESIGN.md's formatting (response-only loss), sorted by length so
+    Records are encoded with docs/design.md's formatting (response-only loss), sorted by length so
     batches carry little padding (scores are sums, order does not matter), and right-padded.
     Returns ``({"<module>.weight": float scores}, stats)``; stats adds ``skipped`` (records with
     no response token left after truncation), ``tokens`` (response tokens), ``format``.

@@ -1,6 +1,6 @@
 """Score formulas as pure tensor functions (no hooks, no I/O).
 
-Accumulators are float32 and summed over samples (DESIGN.md allows one positive constant factor):
+Accumulators are float32 and summed over samples (docs/design.md allows one positive constant factor):
 - ``snip``:     G    = Σ_x ∇_W L(x)        = Σ_x δ_xᵀ X_x    → S = W ⊙ G            (signed)
 - ``snip-abs``: |G|  = Σ_x |∇_W L(x)|      = Σ_x |δ_xᵀ X_x|  → S = |W| ⊙ |G|
 - ``wanda``:    Q_j  = Σ_t X_tj²  (chosen token positions)   → S = |W_ij| · sqrt(Q_j)

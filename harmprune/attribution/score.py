@@ -1,6 +1,6 @@
 """The ``harmprune score`` stage: load a model and data, score, write an attribution directory.
 
-Output (DESIGN.md): ``scores.safetensors`` (keys = full parameter names, weight-shaped, float32 by
+Output (docs/design.md): ``scores.safetensors`` (keys = full parameter names, weight-shaped, float32 by
 default) and ``meta.json`` (method, formula, direction, model and data fingerprints, counts,
 settings, versions, wall time, peak memory). Written atomically: a failure leaves no directory.
 

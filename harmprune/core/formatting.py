@@ -1,6 +1,6 @@
 """Turn records into token ids with response-only loss labels, and batch them.
 
-Contract (DESIGN.md): the prompt is everything before the response; its labels are -100 and the
+Contract (docs/design.md): the prompt is everything before the response; its labels are -100 and the
 loss is on response tokens only. ``chat`` renders the prompt with the tokenizer's chat template and
 generation prompt, and the response ends with EOS. ``raw`` is ``prompt + "\\n" + response`` with no
 template (B-TAP's pretrained format). Over-long sequences lose the end of the response, never the

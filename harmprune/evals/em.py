@@ -316,7 +316,7 @@ def report_markdown(summary: dict, meta: dict, samples: list[dict], examples: in
 
 
 def results_doc(cfg: EMConfig, summary: dict, info: dict) -> dict:
-    """results.json: task ``em`` (overall) and ``em/<question id>``, DESIGN.md shape."""
+    """results.json: task ``em`` (overall) and ``em/<question id>``, docs/design.md shape."""
     results = {"em": summary["overall"]}
     results.update({f"em/{q}": r for q, r in summary["per_question"].items()})
     return R.results_doc(to_dict(cfg), results, rule=RULE, interval=INTERVAL, **info)

@@ -1,6 +1,6 @@
 """Eval run directories and the statistics they report.
 
-A run directory holds (DESIGN.md, "Evaluation definitions"):
+A run directory holds (docs/design.md, "Evaluation definitions"):
 - ``results.json``: ``{"config": ..., "versions": ..., "results": {task: {metric: value,
   "<metric>_stderr": se}}, ...}``; extra top-level keys (``data``, ``model``, ``notes``...) are allowed.
 - ``samples.jsonl``: one JSON object per evaluated item (every prompt, response and judge output).

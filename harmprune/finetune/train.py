@@ -2,7 +2,7 @@
 
 ``finetune(FinetuneConfig(...))`` is both the Python API and ``harmprune finetune``. The loop is plain
 PyTorch: per optimizer step, ``grad_accum`` micro-batches of ``batch_size`` records; the loss is the
-mean NLL over all response tokens of the step (prompt tokens are -100, DESIGN.md). Data order is a
+mean NLL over all response tokens of the step (prompt tokens are -100, docs/design.md). Data order is a
 seeded permutation per epoch, so a run resumed from ``DIR/checkpoints/step-N`` replays exactly the
 steps an uninterrupted run would take.
 

@@ -7,7 +7,7 @@ says whether the reply refuses (None = this judge does not tell). A failed sampl
 
 Judges that can also *rate* (``hf``, ``openai``, ``fake``) implement ``rate(template, items)``:
 each item's fields fill ``{name}`` placeholders of the template, and the result is the judge's
-logprob-weighted 0-100 expectation (DESIGN.md, Betley et al.), None when the numbers 0..100 hold
+logprob-weighted 0-100 expectation (docs/design.md, Betley et al.), None when the numbers 0..100 hold
 less than 0.25 of the probability of the reply.
 
 Specs: ``keyword[:<list>]``, ``classifier``, ``hf:<model>``, ``openai:<model>``, ``fake[:<rule>]``.
