@@ -566,3 +566,52 @@ def test_case10_cuda_index_beyond_the_visible_gpus(monkeypatch):
     check_device("cuda:0")
     with pytest.raises(HarmpruneError, match=r"--device cuda:3: only 1 CUDA device\(s\) here"):
         check_device("cuda:3")
+
+
+# ---------------------------------------------------------------- the score cache (cases 3 and 4)
+
+
+def _cache_entry(tiny_ckpt, data, cache, rows=None):
+    from harmprune.attribution.cache import cached_scores
+    from harmprune.core.models import load_model
+    from harmprune.core.options import ScoringOptions
+
+    handle = load_model(tiny_ckpt)
+    return cached_scores(handle, data, "snip", ScoringOptions(nsamples=3, max_length=48, batch_size=3), cache), handle
+
+
+@pytest.mark.parametrize("victim", ["scores.safetensors", "meta.json"])
+def test_case03_cut_short_cache_entry_is_recomputed_not_reused(tiny_ckpt, data, tmp_path, capsys, victim):
+    entry, _ = _cache_entry(tiny_ckpt, data, tmp_path / "cache")
+    good = (entry / "scores.safetensors").read_bytes()
+    f = entry / victim
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    capsys.readouterr()
+    again, _ = _cache_entry(tiny_ckpt, data, tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert again == entry and (entry / "scores.safetensors").read_bytes() == good  # recomputed, same bytes
+    assert "are broken" in err and "recomputing" in err and "Traceback" not in err
+    assert not leftovers(entry.parent)
+
+
+def test_case04_a_writer_that_finishes_second_keeps_the_first_entry(tiny_ckpt, data, tmp_path, monkeypatch):
+    """Two runs share a fresh cache: the one that publishes second finds a valid entry for its key
+    there, keeps it, drops its own copy and succeeds (no 'pass --overwrite')."""
+    import shutil
+    import sys
+
+    first, _ = _cache_entry(tiny_ckpt, data, tmp_path / "a")
+    score_mod = sys.modules["harmprune.attribution.score"]
+    real = score_mod.write_scores
+    cache = tmp_path / "b"
+    target = cache / first.relative_to(tmp_path / "a")
+
+    def other_run_publishes_first(d, tensors, meta):
+        real(d, tensors, meta)
+        shutil.copytree(first, target)  # the other writer's complete entry lands while we finish
+
+    monkeypatch.setattr(score_mod, "write_scores", other_run_publishes_first)
+    entry, _ = _cache_entry(tiny_ckpt, data, cache)
+    assert entry == target and (entry / "meta.json").is_file()
+    assert (entry / "scores.safetensors").read_bytes() == (first / "scores.safetensors").read_bytes()
+    assert not leftovers(entry.parent)
