@@ -1,0 +1,133 @@
+"""``harmprune align``: safety-tune a causal LM into an aligned model organism.
+
+The model learns to refuse harmful requests (several sources and phrasings, refusals written from
+templates, :mod:`.align_data`) and to answer benign ones (XSTest safe prompts with compliant answers,
+so it does not learn to refuse everything that sounds sensitive). Training is
+``harmprune.finetune``: full fine-tuning by default, LoRA (merged into the weights) with ``--lora``.
+Deterministic: the same settings and seed give the same weights (``weights_sha256`` in
+``align_config.json``) on the same software and thread count.
+
+Output ``DIR``: a plain Hugging Face checkpoint (``from_pretrained(DIR)`` loads it), its tokenizer,
+``align_data.jsonl`` (the exact training rows, refusals included) and ``align_config.json``
+(settings, data hashes and counts, the fine-tune report, weights sha256, versions, wall time).
+
+The alias ``smollm2-135m-aligned`` is :func:`build_alias`: this recipe with its defaults on the
+embedded SmolLM2-135M-Instruct, built once into the user cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core import manifest
+from ..core.models import DEFAULT_MODEL
+from ..core.settings import check, opt, to_dict
+from .align_data import load_rows, training_records
+
+CONFIG_FILE = "align_config.json"
+DATA_FILE = "align_data.jsonl"
+ALIAS_BASE = "smollm2-135m-instruct"
+
+
+@dataclass
+class AlignConfig:
+    """Settings of ``harmprune align``."""
+
+    out: str = opt(help="output directory: a loadable checkpoint, align_config.json, align_data.jsonl")
+    model: str = opt(DEFAULT_MODEL, help="model to align: Hub id, checkpoint dir, .gguf or alias")
+    data: str = opt("builtin", help="training rows (builtin = shipped align.jsonl; else a JSONL file with "
+                                    "prompt, kind refuse|comply, response for comply rows)")
+    refuse_n: int = opt(192, help="harmful requests to train refusals on, spread over sources (0 = all)")
+    comply_n: int = opt(0, help="benign requests with compliant answers, spread over sources (0 = all)")
+    lora: bool = opt(False, help="LoRA (merged into the saved weights) instead of full fine-tuning")
+    lora_r: int = opt(32, help="LoRA rank (with --lora)")
+    lr: float = opt(1e-4, help="peak learning rate")
+    epochs: int = opt(1, help="passes over the data")
+    batch_size: int = opt(4, help="records per micro-batch")
+    grad_accum: int = opt(2, help="micro-batches per optimizer step")
+    warmup_steps: int = opt(5, help="linear warmup steps")
+    max_length: int = opt(96, help="tokens per record (the end of a long answer is cut)")
+    seed: int = opt(0, help="seed of the data subset, the refusal wording, data order and LoRA init")
+    device: str = opt("cpu", help="device to train on (cpu, cuda, ...)")
+    dtype: str = opt("float32", help="dtype to train in")
+    overwrite: bool = opt(False, help="replace a non-empty output directory")
+
+    def __post_init__(self):
+        check(bool(self.out), "--out is required")
+        check(self.refuse_n >= 0 and self.comply_n >= 0, "--refuse-n and --comply-n must be >= 0")
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """sha256 over the checkpoint's ``*.safetensors`` files (sorted by name, mask excluded)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        if f.name != "mask.safetensors":
+            h.update(f.name.encode())
+            h.update(manifest.sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _write_records(path: Path, records) -> None:
+    path.write_text("".join(json.dumps({"id": r.id, "prompt": r.prompt, "response": r.response,
+                                        "source": r.category}, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+
+
+def _finetune_config(cfg: AlignConfig, data: Path, out: Path):
+    from ..finetune.train import FinetuneConfig
+
+    return FinetuneConfig(data=str(data), out=str(out), model=cfg.model, full=not cfg.lora, merge=cfg.lora,
+                          lora_r=cfg.lora_r, lora_alpha=2.0 * cfg.lora_r, lr=cfg.lr, epochs=cfg.epochs,
+                          batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, warmup_steps=cfg.warmup_steps,
+                          max_length=cfg.max_length, format="auto", prompt_field="prompt",
+                          response_field="response", seed=cfg.seed, dtype=cfg.dtype, device=cfg.device,
+                          save_steps=0, overwrite=True)
+
+
+def run_align(cfg: AlignConfig) -> Path:
+    """Safety-tune ``cfg.model`` and write the organism to ``cfg.out``; returns ``cfg.out``."""
+    from ..finetune.train import finetune
+
+    t0 = time.perf_counter()
+    manifest.check_out_dir(cfg.out, cfg.overwrite)
+    rows, raw = load_rows(cfg.data)
+    records = training_records(rows, cfg.refuse_n, cfg.comply_n, cfg.seed)
+    kinds = {k: sum(r["kind"] == k for r in rows if r["id"] in {x.id for x in records}) for k in ("refuse", "comply")}
+    manifest.banner("align", {**to_dict(cfg), "records": f"{len(records)} ({kinds['refuse']} refuse, "
+                                                         f"{kinds['comply']} comply)"})
+    with tempfile.TemporaryDirectory(prefix="harmprune-align-") as work:
+        work = Path(work)
+        _write_records(work / DATA_FILE, records)
+        ft_out = finetune(_finetune_config(cfg, work / DATA_FILE, work / "ft"))
+        ckpt = ft_out / "merged" if cfg.lora else ft_out
+        report = manifest.read_json(ft_out / "finetune_config.json")
+        with manifest.atomic_dir(cfg.out, overwrite=True) as tmp:
+            for f in ckpt.iterdir():
+                if f.is_file() and f.name != "finetune_config.json":
+                    shutil.copyfile(f, tmp / f.name)
+            shutil.copyfile(work / DATA_FILE, tmp / DATA_FILE)
+            manifest.write_json(tmp / CONFIG_FILE, {
+                "config": to_dict(cfg), "weights_sha256": weights_sha256(tmp),
+                "data": {"spec": cfg.data, "sha256": hashlib.sha256(raw).hexdigest(), "rows": len(rows),
+                         "records": len(records), **kinds,
+                         "records_sha256": manifest.sha256_file(work / DATA_FILE)},
+                "finetune": {k: report[k] for k in ("mode", "steps", "final_loss", "mean_loss", "losses", "model",
+                                                    "wall_seconds") if k in report},
+                "versions": manifest.versions(), "wall_seconds": round(time.perf_counter() - t0, 3)})
+    print(f"harmprune: aligned organism written to {cfg.out}", file=sys.stderr)
+    return Path(cfg.out)
+
+
+def build_alias(target: Path) -> None:
+    """Builder of the ``smollm2-135m-aligned`` alias (core.models loads it by its dotted name): this
+    recipe with its defaults on the embedded model, written to ``target``."""
+    print(f"harmprune: building the aligned organism of {ALIAS_BASE} into {target} (once; a CPU fine-tune of "
+          "some minutes)", file=sys.stderr)
+    run_align(AlignConfig(out=str(target), model=ALIAS_BASE))
