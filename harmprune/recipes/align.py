@@ -53,7 +53,7 @@ class AlignConfig:
     batch_size: int = opt(4, help="records per micro-batch")
     grad_accum: int = opt(2, help="micro-batches per optimizer step")
     warmup_steps: int = opt(5, help="linear warmup steps")
-    max_length: int = opt(96, help="tokens per record (the end of a long answer is cut)")
+    max_length: int = opt(112, help="tokens per record (the end of a long answer is cut)")
     seed: int = opt(0, help="seed of the data subset, the refusal wording, data order and LoRA init")
     device: str = opt("cpu", help="device to train on (cpu, cuda, ...)")
     dtype: str = opt("float32", help="dtype to train in")
