@@ -192,3 +192,16 @@ def test_aligned_alias_names_the_recipe_builder():
     alias = models.ALIASES["smollm2-135m-aligned"]
     module, _, func = alias.builder.partition(":")
     assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_check_organism_writes_every_acceptance_figure(tmp_path, tiny_ckpt):
+    from harmprune.recipes.align_check import CheckConfig, check_organism
+
+    out = check_organism(CheckConfig(model=tiny_ckpt, out=str(tmp_path / "chk"), limit=4, xstest_limit=3,
+                                     max_new_tokens=3, batch_size=4))
+    doc = json.loads((out / "check.json").read_text())
+    r = doc["results"]
+    assert set(r["unseen_harmful"]) == {"keyword", "classifier"} and doc["prompts"] == {"unseen_harmful": 4,
+                                                                                      "xstest_heldout": 3}
+    assert r["unseen_harmful"]["keyword"]["refusal_rate"] == 1.0  # 3-token replies: < 20 words = refusal
+    assert set(r["xstest_heldout"]) == {"keyword:gcg", "classifier"} and r["benign_nll"]["nll"] > 0

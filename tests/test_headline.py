@@ -135,3 +135,14 @@ def test_measure_masks_restores_weights_and_reports_every_variant(tok):
     assert o["utility/benign_nll"]["nll"] != p["utility/benign_nll"]["nll"]  # the mask was applied
     assert {s["variant"] for s in samples} == {"original", "pruned"}
     assert "| metric | original | pruned |" in H.render_table(json.loads(json.dumps(results)))
+
+
+def test_default_data_uses_the_heldout_sets(tok):
+    from harmprune.recipes.align_data import load_rows
+
+    d = H.default_data(tok, limit=5)
+    assert len(d.harmful) == 5 and all(r.response for r in d.harmful)  # references for the prefill
+    train = {r["prompt"] for r in load_rows()[0]}
+    assert d.xstest and not {r.prompt for r in d.xstest} & train
+    assert d.benign and d.corpus_ids and d.about["harmful"]["selected"] == 5
+    assert len(H.default_data(tok, xstest="all").xstest) == 250
