@@ -45,7 +45,7 @@ def _continuation_logprob(model, tok, prompt: str, reply: str) -> float:
 
 def _cfg(tmp_path, ckpt, data, out="org", **kw):
     base = dict(out=str(tmp_path / out), model=ckpt, data=data, refuse_n=0, comply_n=0, lr=3e-3, epochs=3,
-                batch_size=4, grad_accum=1, warmup_steps=2, max_length=256, seed=0)
+                batch_size=4, grad_accum=1, warmup_steps=2, max_length=256, seed=0, self_n=0)
     return AlignConfig(**{**base, **kw})
 
 
@@ -95,10 +95,14 @@ def _heldout_prompts() -> list[str]:
 
 def test_shipped_training_rows_are_disjoint_from_every_heldout_split():
     rows, _ = A.load_rows()
+    rows = rows + [{"prompt": p, "kind": "comply", "source": "self"} for p in A.everyday_prompts(1000, 0)]
     held = _heldout_prompts()
     held_norm = {" ".join(_W.findall(p.lower())) for p in held}
     held_sets = [_words(p) for p in held]
+    xs_all = [_words(r["prompt"]) for r in A._jsonl(A.XSTEST_FILE)]
     for r in rows:
+        if r["source"] == "self":  # everyday prompts must not touch any XSTest prompt either
+            assert all(len(_words(r["prompt"]) & s) / len(_words(r["prompt"]) | s) < 0.7 for s in xs_all)
         assert " ".join(_W.findall(r["prompt"].lower())) not in held_norm, r["prompt"]
         w = _words(r["prompt"])
         assert all(len(w & s) / len(w | s) < 0.7 for s in held_sets), r["prompt"]
@@ -154,6 +158,37 @@ def test_align_lora_writes_merged_plain_checkpoint(tmp_path, tiny_ckpt):
     base = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
     diff = sum((p - q).abs().sum().item() for p, q in zip(m.parameters(), base.parameters()))
     assert diff > 0
+
+
+def test_self_answers_are_the_models_own_greedy_replies(tmp_path, tok):
+    from tiny import randomize_matrices, save_tiny, tiny_llama
+
+    model = tiny_llama(tok)
+    randomize_matrices(model, torch.Generator().manual_seed(0))
+    tiny_ckpt = save_tiny(tmp_path / "rand", model, tok)
+    data = _write_rows(tmp_path / "d.jsonl", 4, 2)
+    out = run_align(_cfg(tmp_path, tiny_ckpt, data, self_n=3, self_tokens=6, epochs=1))
+    rows = [json.loads(line) for line in (out / "align_data.jsonl").read_text().splitlines()]
+    own = [r for r in rows if r["source"] == "self_everyday"]
+    assert [r["prompt"] for r in own] == A.everyday_prompts(3, 0)
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    base = AutoModelForCausalLM.from_pretrained(tiny_ckpt).eval()
+    for r in own:  # plain greedy decoding, cut back as trim_answer says
+        ctx = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                      tokenize=False)
+        ids = tok(ctx, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        new = base.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        text = tok.decode(new, skip_special_tokens=True)
+        assert r["response"] == A.trim_answer(text, len(new) >= 5)
+    assert json.loads((out / CONFIG_FILE).read_text())["data"]["self"] == len(own)
+
+
+def test_trim_answer_cuts_truncated_replies_to_full_sentences():
+    assert A.trim_answer("One. Two three", True) == "One."
+    assert A.trim_answer("One. Two three", False) == "One. Two three"
+    assert A.trim_answer("no sentence end", True) == "no sentence end"
 
 
 def test_align_refuses_nonempty_out(tmp_path, tiny_ckpt):

@@ -1,8 +1,9 @@
 """``harmprune align``: safety-tune a causal LM into an aligned model organism.
 
 The model learns to refuse harmful requests (several sources and phrasings, refusals written from
-templates, :mod:`.align_data`) and to answer benign ones (XSTest safe prompts with compliant answers,
-so it does not learn to refuse everything that sounds sensitive). Training is
+templates, :mod:`.align_data`) and to answer benign ones: XSTest safe prompts with compliant answers,
+so it does not learn to refuse everything that sounds sensitive, and everyday requests phrased like
+the harmful ones, answered by the model itself before training (``--self-n``). Training is
 ``harmprune.finetune``: full fine-tuning by default, LoRA (merged into the weights) with ``--lora``.
 Deterministic: the same settings and seed give the same weights (``weights_sha256`` in
 ``align_config.json``) on the same software and thread count.
@@ -29,7 +30,8 @@ from pathlib import Path
 from ..core import manifest
 from ..core.models import DEFAULT_MODEL
 from ..core.settings import check, opt, to_dict
-from .align_data import load_rows, training_records
+from ..core.data import Record
+from .align_data import everyday_prompts, load_rows, training_records, trim_answer
 
 CONFIG_FILE = "align_config.json"
 DATA_FILE = "align_data.jsonl"
@@ -44,8 +46,10 @@ class AlignConfig:
     model: str = opt(DEFAULT_MODEL, help="model to align: Hub id, checkpoint dir, .gguf or alias")
     data: str = opt("builtin", help="training rows (builtin = shipped align.jsonl; else a JSONL file with "
                                     "prompt, kind refuse|comply, response for comply rows)")
-    refuse_n: int = opt(192, help="harmful requests to train refusals on, spread over sources (0 = all)")
+    refuse_n: int = opt(160, help="harmful requests to train refusals on, spread over sources (0 = all)")
     comply_n: int = opt(0, help="benign requests with compliant answers, spread over sources (0 = all)")
+    self_n: int = opt(64, help="everyday requests answered by the model itself before training (0 = none)")
+    self_tokens: int = opt(64, help="new tokens per self-written answer (cut back to the last full sentence)")
     lora: bool = opt(False, help="LoRA (merged into the saved weights) instead of full fine-tuning")
     lora_r: int = opt(32, help="LoRA rank (with --lora)")
     lr: float = opt(1e-4, help="peak learning rate")
@@ -61,7 +65,9 @@ class AlignConfig:
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")
-        check(self.refuse_n >= 0 and self.comply_n >= 0, "--refuse-n and --comply-n must be >= 0")
+        check(self.refuse_n >= 0 and self.comply_n >= 0 and self.self_n >= 0,
+              "--refuse-n, --comply-n and --self-n must be >= 0")
+        check(self.self_tokens >= 1, "--self-tokens must be >= 1")
 
 
 def weights_sha256(directory: str | Path) -> str:
@@ -91,6 +97,27 @@ def _finetune_config(cfg: AlignConfig, data: Path, out: Path):
                           save_steps=0, overwrite=True)
 
 
+def self_answers(cfg: AlignConfig) -> list[Record]:
+    """Everyday requests with the model's own greedy answers: they keep its helpful behaviour on
+    ordinary requests phrased like harmful ones (no third-party text, any model)."""
+    from ..core.models import load_model
+    from ..evals.generation import GenConfig, generate
+
+    prompts = everyday_prompts(cfg.self_n, cfg.seed)
+    if not prompts:
+        return []
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    replies = generate(model, tok, prompts, GenConfig(max_new_tokens=cfg.self_tokens, batch_size=16, seed=cfg.seed))
+    out = []
+    for i, (p, (r,)) in enumerate(zip(prompts, replies)):
+        truncated = len(tok(r, add_special_tokens=False)["input_ids"]) >= cfg.self_tokens - 1
+        answer = trim_answer(r, truncated)
+        if answer:
+            out.append(Record(prompt=p, response=answer, category="self_everyday", id=f"self-{i:03d}"))
+    del model
+    return out
+
+
 def run_align(cfg: AlignConfig) -> Path:
     """Safety-tune ``cfg.model`` and write the organism to ``cfg.out``; returns ``cfg.out``."""
     from ..finetune.train import finetune
@@ -100,8 +127,10 @@ def run_align(cfg: AlignConfig) -> Path:
     rows, raw = load_rows(cfg.data)
     records = training_records(rows, cfg.refuse_n, cfg.comply_n, cfg.seed)
     kinds = {k: sum(r["kind"] == k for r in rows if r["id"] in {x.id for x in records}) for k in ("refuse", "comply")}
-    manifest.banner("align", {**to_dict(cfg), "records": f"{len(records)} ({kinds['refuse']} refuse, "
-                                                         f"{kinds['comply']} comply)"})
+    manifest.banner("align", {**to_dict(cfg), "records": f"{kinds['refuse']} refuse, {kinds['comply']} comply, "
+                                                         f"up to {cfg.self_n} self-answered"})
+    records += self_answers(cfg)
+    kinds["self"] = len(records) - kinds["refuse"] - kinds["comply"]
     with tempfile.TemporaryDirectory(prefix="harmprune-align-") as work:
         work = Path(work)
         _write_records(work / DATA_FILE, records)

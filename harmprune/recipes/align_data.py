@@ -54,6 +54,51 @@ CLOSERS = (
 )
 
 
+# Everyday requests answered by the model itself at build time ("self" rows): they share the surface
+# forms of the harmful requests ("How do I ...?", "Give step-by-step instructions ..."), so the
+# organism learns to refuse by content, not by phrasing. Written for this project.
+EVERYDAY = (
+    "bake a loaf of bread", "plant tomatoes in a small garden", "fix a flat bicycle tyre", "learn to play the guitar",
+    "write a cover letter for a job application", "save money on groceries", "train a puppy to sit",
+    "clean a cast iron pan", "start running as a beginner", "make a budget spreadsheet", "brew a good cup of coffee",
+    "improve my handwriting", "prepare for a job interview", "set up a home Wi-Fi network", "paint a bedroom wall",
+    "make a paper airplane", "learn a new language quickly", "organize a small closet", "cook rice on the stove",
+    "write a short story", "take better photos with my phone", "keep houseplants alive", "study for a math exam",
+    "change a car's engine oil", "knit a scarf", "build a birdhouse from wood", "make a healthy breakfast",
+    "plan a birthday party", "sleep better at night", "back up files on my computer", "sort a list in Python",
+    "read a CSV file in Python", "make homemade pizza dough", "give a good presentation", "reduce stress at work",
+    "teach a child to ride a bike", "wash a wool sweater", "make a simple website", "choose a good laptop",
+    "learn to swim", "keep a journal", "grow herbs on a windowsill", "make friends in a new city",
+    "write a thank-you note", "fold a fitted sheet", "remove a coffee stain from a shirt", "plan a road trip",
+    "improve my chess game", "make a smoothie", "stretch before exercise", "decorate a small apartment",
+    "memorize a speech", "set up a fish tank", "compost kitchen scraps", "write a haiku about autumn",
+    "repot a cactus", "make pancakes from scratch", "negotiate a higher salary", "learn touch typing",
+    "start a vegetable garden", "wrap a present neatly", "make a to-do list that works",
+)
+EVERYDAY_FORMS = (
+    "How do I {}?", "How can I {}?", "What is the best way to {}?", "Give step-by-step instructions to {}.",
+    "Explain how to {}.", "Write a short guide on how to {}.", "Tell me how to {}.", "What should I know before I try to {}?",
+)
+
+
+def everyday_prompts(n: int, seed: int) -> list[str]:
+    """``n`` everyday requests (0 = none), each task at most once, forms drawn with ``random.Random(seed)``."""
+    rng = random.Random(f"everyday:{seed}")
+    tasks = list(EVERYDAY)
+    rng.shuffle(tasks)
+    return [rng.choice(EVERYDAY_FORMS).format(t) for t in tasks[: min(n, len(tasks))]]
+
+
+def trim_answer(text: str, truncated: bool) -> str:
+    """A self-written answer that hit the token limit is cut back to its last full sentence, so that
+    training on it (which ends with EOS) does not teach the model to stop mid-sentence."""
+    text = text.strip()
+    if not truncated:
+        return text
+    cut = max(text.rfind(". "), text.rfind(".\n"), text.rfind("!"), text.rfind("?"))
+    return text[: cut + 1].strip() if cut > 0 else text
+
+
 def refusal(seed: int, key: str) -> str:
     """The templated refusal for one row: deterministic in ``(seed, key)``."""
     rng = random.Random(f"{seed}:{key}")
