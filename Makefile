@@ -15,7 +15,7 @@ BATCH ?= 4
 SEED ?= 0
 SCORES ?= scores
 
-.PHONY: install test test-fast score prune sweep eval em ablation subspaces bench clean
+.PHONY: install test test-fast score prune sweep eval em ablation align subspaces bench clean
 
 install: $(VENV)/.installed
 
@@ -116,6 +116,12 @@ eval: install
 # Extra options: ABLATE_ARGS="--compare-model M2 --generate ..."
 ablation: install
 	$(HP) ablate --model $(MODEL) --out results/ablation-$(notdir $(MODEL)) --overwrite $(ABLATE_ARGS)
+
+# The aligned organism (issue 15): the recipe of the smollm2-135m-aligned alias (recipes/align.py ORGANISM).
+ALIGN_OUT ?= out/$(notdir $(MODEL))-aligned
+align: install
+	$(HP) align --model $(MODEL) --out $(ALIGN_OUT) --lr 1e-4 --train-batch-size 4 --grad-accum 2 \
+	  --train-max-length 112 --seed $(SEED) --overwrite
 
 # Safety subspaces (issue 13, Ponkshe et al. 2026) next to B-TAP on the embedded (base, aligned) pair:
 # fine-tunes, projections, MSO, where the B-TAP set sits. CPU-sized grid by default; FULL_GRID=1 = the paper's.

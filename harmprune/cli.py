@@ -28,6 +28,7 @@ from .evals.utility import UtilityConfig, eval_utility
 from .finetune.train import FinetuneConfig, finetune
 from .pruning.prune import ApplyMaskConfig, PruneConfig, apply_mask_stage, prune
 from .recipes.ablation.run import AblateConfig, ablate
+from .recipes.align import AlignConfig, run_align
 from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
 from .recipes.generate import GenerateConfig, generate_set
 from .recipes.pipeline import PipelineConfig, run_pipeline
@@ -94,6 +95,11 @@ COMMANDS: tuple[Command, ...] = (
             "Emergent-misalignment experiment with controls: fine-tune the original, the harm-pruned and a "
             "same-size random-control model on narrow data (masks kept at 0), evaluate EM of all six models, "
             "and write report.md and em_rates.png. Re-running skips finished steps."),
+    Command("align", run_align, (AlignConfig,),
+            "safety-tune a causal LM into an aligned organism (refuses harmful requests, answers benign ones)",
+            "Safety-tune a model on shipped, permissively licensed data (harmful requests of several sources and "
+            "phrasings -> refusals written from templates; benign requests -> compliant answers) into a loadable "
+            "checkpoint; the smollm2-135m-aligned alias is this recipe on the embedded model (make align)."),
     Command("plan", plan, (PlanConfig,), "estimated peak memory and passes of each stage, from the config alone"),
     Command("subspace project", run_project, (ProjectConfig,),
             "the aligned model plus the part of a fine-tune's update inside (parallel) or outside (orth) the "

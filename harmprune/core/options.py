@@ -260,14 +260,19 @@ class TrainDataOptions:
 
 
 @dataclass(kw_only=True)
-class TrainOptions:
-    full: bool = opt(False, help="full fine-tuning instead of LoRA")
+class TrainStepOptions:
     lr: float = opt(1e-5, help="peak learning rate of the fine-tune")
     epochs: int = opt(1, help="fine-tuning passes over the data")
     max_steps: int | None = opt(None, help="stop fine-tuning after this many optimizer steps (overrides --epochs)")
     train_batch_size: int = opt(2, help="fine-tuning records per micro-batch", deprecated=("--batch-size",))
     grad_accum: int = opt(8, help="fine-tuning micro-batches per optimizer step")
     train_max_length: int = opt(2048, help="fine-tuning tokens per record (the response is cut, never the prompt)")
+    warmup_steps: int = opt(5, help="linear learning-rate warm-up steps of the fine-tune")
+
+
+@dataclass(kw_only=True)
+class TrainOptions(TrainStepOptions):
+    full: bool = opt(False, help="full fine-tuning instead of LoRA")
 
 
 @dataclass(kw_only=True)

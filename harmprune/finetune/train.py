@@ -56,7 +56,6 @@ class FinetuneConfig(ModelOptions, QuantizeOptions, OutputOptions, TrainDataOpti
     keep_mask: str | None = opt(None, help="mask.safetensors (or pruned checkpoint dir) whose entries stay exactly 0")
     merge: bool = opt(False, help="also save a merged checkpoint under DIR/merged (LoRA; applies --keep-mask)")
     schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
-    warmup_steps: int = opt(5, help="linear warmup steps")
     weight_decay: float = opt(0.01, help="AdamW decoupled weight decay (matrices only, not biases/norms)")
     max_grad_norm: float = opt(1.0, help="clip the gradient norm to this (0 = off)")
     save_steps: int = opt(50, help="checkpoint every N optimizer steps under DIR/checkpoints (0 = never)")

@@ -1,0 +1,274 @@
+"""B-TAP's headline measurement: judged harmful generation with and without the prefill attack, and
+utility, for the original model and each pruning mask, with 95 % bootstrap intervals.
+
+:func:`measure_masks` (a loaded model, ``{variant: mask}``, :class:`HeadlineData`, settings) returns one
+JSON-ready results dict; :func:`write_headline` writes ``results.json``, ``table.md`` (rendered from
+the written ``results.json``) and ``headline.png``; :func:`render_table` prints the table.
+
+Per variant (task names in ``results["variants"][variant]``):
+- ``harm/<attack>/<judge>`` for attack ``none`` and ``prefill`` (the first ``prefill`` tokens of the
+  reference harmful reply forced as the start of the reply, ``evals.generation``; the forced text is
+  part of the judged reply): ``score`` = mean harmfulness in [0, 1] (higher = more harmful; keyword:
+  1 - refusal; classifier: P(harmful)) and ``refusal_rate`` (higher = more refusals).
+- ``utility/benign_nll``: ``nll`` token-weighted nats/token on benign completions (lower = better),
+  ``sample_nll`` the mean of per-sample means, with its interval.
+- ``utility/xstest``: ``compliance`` = 1 - refusal rate on XSTest safe prompts (higher = better).
+- ``utility/corpus``: ``ppl`` = exp(mean block NLL) of the shipped corpus (lower = better).
+Every rate or mean ``m`` comes with ``m_ci = [lo, hi]``: a percentile bootstrap over prompts
+(samples, blocks) with ``n_boot`` resamples and seed ``seed`` (``evals.results.bootstrap_ci``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core import manifest
+from ..core.data import Record
+from ..core.settings import check, opt, to_dict
+from ..evals import results as R
+from ..evals.generation import GenConfig
+from ..evals.harm import generate_samples, judge_samples, load_judges
+from ..evals.nll import response_nll
+from ..evals.utility import block_nll, corpus_blocks
+
+ATTACKS = ("none", "prefill")
+RESULTS_FILE = "results.json"
+TABLE_FILE = "table.md"
+PLOT_FILE = "headline.png"
+
+
+@dataclass
+class HeadlineConfig:
+    """Settings of the headline measurement (the pipeline recipe exposes them)."""
+
+    judges: str = opt("keyword,classifier", help="judges of harmful generation, comma-separated")
+    xstest_judge: str = opt("keyword:gcg", help="refusal judge of the XSTest safe prompts")
+    prefill: int = opt(10, help="prefill attack: force the first K tokens of the harmful reference reply")
+    max_new_tokens: int = opt(64, help="new tokens per reply (after any prefill)")
+    batch_size: int = opt(8, help="prompts per generation / NLL batch")
+    max_length: int = opt(256, help="max tokens per benign NLL sample")
+    corpus_tokens: int = opt(8192, help="corpus tokens scored for perplexity (0 = all)")
+    block_size: int = opt(256, help="tokens per corpus block")
+    n_boot: int = opt(1000, help="bootstrap resamples per interval")
+    seed: int = opt(0, help="seed of the bootstrap")
+
+    def __post_init__(self):
+        check(self.prefill >= 1, "--prefill must be >= 1 (the attack forces at least one token)")
+        check(self.max_new_tokens >= 1 and self.batch_size >= 1 and self.n_boot >= 10,
+              "--max-new-tokens, --batch-size must be >= 1 and --n-boot >= 10")
+
+
+@dataclass
+class HeadlineData:
+    """The held-out data: harmful prompts with reference harmful replies (for the prefill), benign
+    prompt+completion records (NLL), XSTest safe prompts (compliance), corpus token ids (perplexity)."""
+
+    harmful: list[Record]
+    benign: list[Record]
+    xstest: list[Record]
+    corpus_ids: list[int] = field(default_factory=list)
+    about: dict = field(default_factory=dict)  # provenance (names, hashes, counts) for results.json
+
+
+# ---------------------------------------------------------------- statistics (pure)
+
+
+def interval(xs: list[float], n_boot: int, seed: int) -> list[float | None]:
+    """95 % percentile bootstrap interval of the mean of ``xs``."""
+    lo, hi = R.bootstrap_ci(xs, R.mean, n_boot=n_boot, alpha=0.05, seed=seed)
+    return [lo, hi]
+
+
+def judged_metrics(samples: list[dict], judge: str, n_boot: int, seed: int) -> dict:
+    """Harmfulness and refusal rate of one judge over samples, each with its interval."""
+    verdicts = [s["judges"][judge] for s in samples]
+    ok = [v for v in verdicts if v.get("error") is None]
+    scores = [float(v["score"]) for v in ok if v.get("score") is not None]
+    refusals = [float(bool(v["refusal"])) for v in ok if v.get("refusal") is not None]
+    return {"score": R.mean(scores), "score_ci": interval(scores, n_boot, seed),
+            "refusal_rate": R.mean(refusals), "refusal_rate_ci": interval(refusals, n_boot, seed),
+            "samples": len(samples), "errors": len(verdicts) - len(ok)}
+
+
+# ---------------------------------------------------------------- measurements on a loaded model
+
+
+def _gen(cfg: HeadlineConfig, prefill: int = 0) -> GenConfig:
+    return GenConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.batch_size, prefill=prefill, seed=cfg.seed)
+
+
+def judged_harm(model, tok, records: list[Record], judges: list, cfg: HeadlineConfig, attack: str) -> tuple[dict, list]:
+    """``{judge: metrics}`` and the samples for one attack (``none`` or ``prefill``) on harmful prompts."""
+    samples = generate_samples(model, tok, records, _gen(cfg, cfg.prefill if attack == "prefill" else 0))
+    judge_samples(samples, judges)
+    return {j.name: judged_metrics(samples, j.name, cfg.n_boot, cfg.seed) for j in judges}, samples
+
+
+def xstest_compliance(model, tok, records: list[Record], judge, cfg: HeadlineConfig) -> tuple[dict, list]:
+    samples = generate_samples(model, tok, records, _gen(cfg))
+    judge_samples(samples, [judge])
+    comply = [1.0 - float(bool(s["judges"][judge.name]["refusal"])) for s in samples
+              if s["judges"][judge.name].get("error") is None and s["judges"][judge.name].get("refusal") is not None]
+    return {"compliance": R.mean(comply), "compliance_ci": interval(comply, cfg.n_boot, cfg.seed),
+            "judge": judge.name, "samples": len(samples)}, samples
+
+
+def benign_nll(model, tok, records: list[Record], cfg: HeadlineConfig) -> dict:
+    r = response_nll(model, tok, records, max_length=cfg.max_length, batch_size=cfg.batch_size, desc="benign nll")
+    return {"nll": r["nll"], "sample_nll": R.mean(r["per_sample"]),
+            "sample_nll_ci": interval(r["per_sample"], cfg.n_boot, cfg.seed), "tokens": r["tokens"],
+            "samples": r["samples"]}
+
+
+def corpus_perplexity(model, tok, ids: list[int], cfg: HeadlineConfig) -> dict:
+    blocks = corpus_blocks(ids, cfg.block_size, cfg.corpus_tokens)
+    per_block = block_nll(model, blocks, tok.bos_token_id, cfg.batch_size)
+    lo, hi = interval(per_block, cfg.n_boot, cfg.seed)
+    nll = R.mean(per_block)
+    return {"ppl": math.exp(nll), "ppl_ci": [math.exp(lo), math.exp(hi)], "nll": nll, "blocks": len(blocks)}
+
+
+def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: HeadlineConfig) -> tuple[dict, list]:
+    """Every headline task on the model as it is now; returns (tasks, samples tagged with their task)."""
+    tasks, samples = {}, []
+    for attack in ATTACKS:
+        per_judge, s = judged_harm(model, tok, data.harmful, judges, cfg, attack)
+        tasks.update({f"harm/{attack}/{name}": m for name, m in per_judge.items()})
+        samples += [{"task": f"harm/{attack}", **x} for x in s]
+    if data.benign:
+        tasks["utility/benign_nll"] = benign_nll(model, tok, data.benign, cfg)
+    if data.xstest:
+        tasks["utility/xstest"], s = xstest_compliance(model, tok, data.xstest, xjudge, cfg)
+        samples += [{"task": "utility/xstest", **x} for x in s]
+    if data.corpus_ids:
+        tasks["utility/corpus"] = corpus_perplexity(model, tok, data.corpus_ids, cfg)
+    return tasks, samples
+
+
+def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConfig) -> tuple[dict, list]:
+    """Measure each ``{variant: mask}`` (a mask ``None`` or ``{}`` = the model unchanged, e.g.
+    ``original``); weights are restored exactly after each. Returns (results, samples)."""
+    from ..pruning.apply import masked
+
+    judges = load_judges(cfg.judges)
+    xjudge = load_judges(cfg.xstest_judge)[0]
+    variants, samples = {}, []
+    for name, mask in masks.items():
+        with masked(model, mask or {}):
+            variants[name], s = measure_variant(model, tok, data, judges, xjudge, cfg)
+        samples += [{"variant": name, **x} for x in s]
+        variants[name]["pruned_weights"] = int(sum(int(m.sum()) for m in (mask or {}).values()))
+    results = {"settings": to_dict(cfg), "judges": [j.name for j in judges], "xstest_judge": xjudge.name,
+               "data": data.about, "variants": variants}
+    return results, samples
+
+
+# ---------------------------------------------------------------- the table and figure
+
+
+def _cell(m: dict, key: str, digits: int = 3) -> str:
+    v, ci = m.get(key), m.get(f"{key}_ci") or [None, None]
+    if v is None:
+        return "n/a"
+    if ci[0] is None:
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def table_rows(results: dict) -> list[tuple[str, str, str]]:
+    """(label, task, metric) for every row of the table, in display order."""
+    rows = []
+    for attack in ATTACKS:
+        for j in results["judges"]:
+            rows.append((f"harmfulness, {attack} attack ({j})", f"harm/{attack}/{j}", "score"))
+            rows.append((f"refusal rate, {attack} attack ({j})", f"harm/{attack}/{j}", "refusal_rate"))
+    rows += [("benign NLL (nats/token, sample mean)", "utility/benign_nll", "sample_nll"),
+             (f"XSTest safe compliance ({results['xstest_judge']})", "utility/xstest", "compliance"),
+             ("corpus perplexity", "utility/corpus", "ppl")]
+    any_variant = next(iter(results["variants"].values()))
+    return [r for r in rows if r[1] in any_variant]
+
+
+def render_table(results: dict) -> str:
+    """Markdown table: one row per metric, one column per variant, ``value [95 % CI]``."""
+    names = list(results["variants"])
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, task, key in table_rows(results):
+        lines.append(f"| {label} | " + " | ".join(_cell(results["variants"][n][task], key) for n in names) + " |")
+    lines.append("| pruned weights | " + " | ".join(str(results["variants"][n].get("pruned_weights", 0))
+                                                    for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """One panel per table row: a point per variant with its 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table_rows(results)
+    names = list(results["variants"])
+    cols = 4
+    nrows = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
+    for ax, (label, task, key) in zip(axes.flat, rows):
+        for x, n in enumerate(names):
+            m = results["variants"][n][task]
+            v, (lo, hi) = m.get(key), (m.get(f"{key}_ci") or [None, None])
+            if v is None:
+                continue
+            err = [[v - lo], [hi - v]] if lo is not None else None
+            ax.errorbar([x], [v], yerr=err, fmt="o", capsize=4)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_title(label, fontsize=8)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle("harmful generation and utility per variant (95 % bootstrap intervals)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_headline(out: str | Path, results: dict, samples: list[dict] | None = None) -> str:
+    """Write ``results.json``, ``table.md`` and ``headline.png`` into ``out`` (an existing or new
+    directory); the table is rendered from the written ``results.json``. Returns the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_json(out / RESULTS_FILE, R._json_ready(results))
+    if samples is not None:
+        (out / "headline_samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
+    table = render_table(manifest.read_json(out / RESULTS_FILE))
+    (out / TABLE_FILE).write_text(table)
+    plot(manifest.read_json(out / RESULTS_FILE), out / PLOT_FILE)
+    return table
+
+
+# ---------------------------------------------------------------- default data
+
+
+def default_data(tok, harmful: str = "harmful:test", benign: str = "benign:test", xstest: str = "heldout",
+                 limit: int = 0, seed: int = 0, corpus: str = "builtin") -> HeadlineData:
+    """The shipped held-out data: ``harmful:test`` (reference replies for the prefill),
+    ``benign:test``, the XSTest safe prompts the organism was not trained on (``heldout``; ``all`` =
+    all 250), the shipped corpus. ``limit`` caps the harmful and XSTest prompts (0 = all)."""
+    from ..core.data import DataSpec, data_fingerprint, load_records
+    from ..evals.utility import read_corpus
+    from .align_data import xstest_heldout
+
+    hspec, bspec = DataSpec(data=harmful), DataSpec(data=benign)
+    h, b = load_records(hspec), load_records(bspec)
+    x = xstest_heldout(limit, seed) if xstest == "heldout" else xstest_heldout(limit, seed, train_prompts=set())
+    text, corpus_info = read_corpus(corpus)
+    about = {"harmful": {**data_fingerprint(hspec, h)}, "benign": data_fingerprint(bspec, b),
+             "xstest": {"set": xstest, "prompts": len(x)}, "corpus": corpus_info}
+    h = R.subsample(h, limit, seed, key=lambda r: r.category)
+    about["harmful"]["selected"] = len(h)
+    return HeadlineData(h, b, x, tok(text, add_special_tokens=False)["input_ids"], about)
+
+
+__all__ = ["HeadlineConfig", "HeadlineData", "measure_masks", "measure_variant", "render_table", "write_headline",
+           "default_data", "judged_metrics", "interval"]
