@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from harmprune.pruning.checkpoint import load_mask
 from harmprune.recipes.pipeline import PipelineConfig, run_pipeline
 
 pytestmark = [pytest.mark.real, pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")]
@@ -25,7 +25,7 @@ def pruned(tmp_path_factory):
 
 def test_real_pipeline_checkpoint(pruned):
     cfg = json.loads((pruned / "prune_config.json").read_text())
-    mask = load_file(str(pruned / "mask.safetensors"))
+    mask = load_mask(pruned)  # compact (flat indices) on disk, bool masks in memory
     n = sum(int(m.sum()) for m in mask.values())
     assert n == cfg["before_after"]["rows"]["pruned"]["pruned"] > 0
     model = AutoModelForCausalLM.from_pretrained(pruned)
