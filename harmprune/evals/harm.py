@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..core import manifest, validate
+from ..core import validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
-from ..core.models import model_name, quantize_option
-from ..core.options import (AdapterOptions, DeviceMapOptions, FieldOptions, HarmJudgeOptions, JudgeOptions,
-                            LimitOptions, ModelOptions, OutputOptions, QuantizeOptions, ResumeOptions)
+from ..core.options import FieldOptions, HarmJudgeOptions, JudgeOptions, LimitOptions, ResumeOptions
 from ..core.settings import check, opt, to_dict
 from . import results as R
-from .backends import resolve_backend
 from .generation import GenConfig, generate, prefill_prefixes
 from .base import EvalBase, eval_backend, eval_quantize, load_eval_model, short_hash  # noqa: F401 (re-exported)
 from .judges import Verdict, get_judge

@@ -57,8 +57,6 @@ class ApplyMaskConfig(ModelOptions, OutputOptions):
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")
-
-    def __post_init__(self):
         validate.check_device(self.device)
 
 

@@ -14,7 +14,7 @@ from ..attribution.cache import cached_scores
 from ..core import manifest, validate
 from ..core.data import DataSpec, load_records
 from ..core.models import ModelHandle, load_model, model_name
-from ..core.options import (DEFAULT_P, DEFAULT_Q, BenignOptions, CacheOptions, EvalSetOptions,  # noqa: F401
+from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions,  # noqa: F401
                             HarmDataOptions, MethodOptions, ModelOptions, OutputOptions, PresetOptions, ScopeOptions,
                             ScoringOptions,
                             SelectionOptions, check_scoring, check_selection)

@@ -22,7 +22,7 @@ from .checkpoints import TensorReader, check_same_layout, checkpoint_info, layer
 
 from ...core import validate
 from ...core.models import resolve_device
-from ...core.options import PAPER_ETAS, OutputOptions, PairOptions, RuntimeOptions, SubspaceOptions, TargetOptions  # noqa: E402,F401
+from ...core.options import OutputOptions, PairOptions, RuntimeOptions, SubspaceOptions, TargetOptions  # noqa: E402,F401
 PAIRS = {"harmful vs useful": ("harmful", "useful"), "harmful vs alignment": ("harmful", "alignment"),
          "useful vs alignment": ("useful", "alignment")}
 
