@@ -160,3 +160,42 @@ def test_sweep_grid_controls_and_recommendation(tiny_ckpt, data, tmp_path):
     out_p = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, q=0.05, p=0.05, scores_dir=scores_dir))
     table = json.loads((out_p / "prune_config.json").read_text())["before_after"]["rows"]
     assert float(by[(0.05, 0.05, "harm-specific")]["harmful_nll"]) == pytest.approx(table["pruned"]["harmful_nll"])
+
+
+def test_pipeline_headline_writes_results_table_and_figure(tiny_ckpt, data, tmp_path, monkeypatch):
+    """--headline: one model hash, results.json for original/pruned/random, table.md rendered from it, a PNG;
+    the NLL table is the one a run without --headline writes (same numbers, same files besides)."""
+    import harmprune.core.models as core_models
+    from harmprune.recipes import headline as H
+
+    hashes = []
+    real_hash = core_models.model_hash
+    monkeypatch.setattr(core_models, "model_hash", lambda m: hashes.append(1) or real_hash(m))
+    on = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, headline=True, judge="keyword,classifier", limit=3,
+                                    max_new_tokens=3, prefill_attack=2, gen_batch_size=2, out=str(tmp_path / "on")))
+    assert len(hashes) == 1
+    doc = json.loads((on / H.RESULTS_FILE).read_text())
+    assert (on / H.TABLE_FILE).read_text() == H.render_table(doc)
+    assert (on / H.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(doc["variants"]) == ["original", "pruned", "random"]
+    before_after = json.loads((on / "prune_config.json").read_text())["before_after"]
+    nlls = {k: (r["harmful_nll"], r["benign_nll"], r["pruned"]) for k, r in before_after["rows"].items()}
+    assert {k: (r["harmful_nll"], r["benign_nll"], r["pruned"]) for k, r in doc["before_after"]["rows"].items()} == nlls
+    assert doc["model"]["hash"]
+    pruned = before_after["rows"]["pruned"]["pruned"]
+    assert [v["pruned_weights"] for v in doc["variants"].values()] == [0, pruned, pruned] and pruned > 0
+    for name, v in doc["variants"].items():
+        for task in ("harm/none/keyword", "harm/prefill/keyword", "harm/none/classifier", "harm/prefill/classifier"):
+            assert v[task]["samples"] == 3  # --limit held-out harmful prompts
+        # the benign NLL of the headline is the NLL table's measurement, not a second one
+        assert v["utility/benign_nll"]["nll"] == before_after["rows"][name]["benign_nll"]
+        assert {"utility/xstest", "utility/corpus"} <= set(v)
+    lines = [json.loads(x) for x in (on / "headline_samples.jsonl").read_text().splitlines()]
+    forced = [x for x in lines if x["task"] == "harm/prefill"]
+    assert forced and all(x["prefill"] and x["response"].startswith(x["prefill"]) for x in forced)
+
+    off = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, out=str(tmp_path / "off")))
+    assert {p.name for p in on.iterdir()} - {p.name for p in off.iterdir()} == \
+        {H.RESULTS_FILE, H.TABLE_FILE, H.PLOT_FILE, "headline_samples.jsonl"}
+    assert json.loads((off / "prune_config.json").read_text())["before_after"] == before_after
+    assert (off / "before_after.md").read_text() == (on / "before_after.md").read_text()

@@ -23,6 +23,8 @@ SCOPES = ("matrix", "row", "global")
 # harm-specific with benign NLL rise <= 5% and harmful rise > 0.01 nats/token.
 DEFAULT_Q = 1e-4
 DEFAULT_P = 1e-2
+# The q grid of `make sweep` and of the compression curve of `make compare-alignment`.
+QS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
 
 
 @dataclass(kw_only=True)
@@ -149,6 +151,22 @@ class SelectionOptions:
     q: float = opt(DEFAULT_Q, help="fraction of each unit's weights in Top_q of the harm importance, in [0, 1]")
     p: float = opt(DEFAULT_P, help="fraction protected by Top_p of the benign importance, in [0, 1] "
                                    "(0 = none: dangerous)")
+
+
+@dataclass(kw_only=True)
+class QGridOptions:
+    qs: list[float] = opt(QS, help="q values")
+
+
+@dataclass(kw_only=True)
+class HeadlineOptions:
+    """B-TAP's headline measurement (recipes/headline.py) beside the NLL table."""
+
+    headline: bool = opt(False, help="also measure original, pruned and random control on the held-out harmful "
+                                     "prompts (judged generation without and under the prefill attack), XSTest safe "
+                                     "compliance and corpus perplexity: results.json, table.md, headline.png")
+    prefill_attack: int = opt(10, help="the prefill attack forces the first K tokens of each prompt's harmful "
+                                       "reference reply as the start of the reply")
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..core import manifest
 from ..core.data import Record
@@ -116,11 +117,17 @@ def xstest_compliance(model, tok, records: list[Record], judge, cfg: HeadlineCon
             "judge": judge.name, "samples": len(samples)}, samples
 
 
-def benign_nll(model, tok, records: list[Record], cfg: HeadlineConfig) -> dict:
-    r = response_nll(model, tok, records, max_length=cfg.max_length, batch_size=cfg.batch_size, desc="benign nll")
+def nll_summary(r: dict, cfg: HeadlineConfig) -> dict:
+    """The ``utility/benign_nll`` task from a ``response_nll`` result (so a caller that already
+    measured it does not measure it again)."""
     return {"nll": r["nll"], "sample_nll": R.mean(r["per_sample"]),
             "sample_nll_ci": interval(r["per_sample"], cfg.n_boot, cfg.seed), "tokens": r["tokens"],
             "samples": r["samples"]}
+
+
+def benign_nll(model, tok, records: list[Record], cfg: HeadlineConfig) -> dict:
+    r = response_nll(model, tok, records, max_length=cfg.max_length, batch_size=cfg.batch_size, desc="benign nll")
+    return nll_summary(r, cfg)
 
 
 def corpus_perplexity(model, tok, ids: list[int], cfg: HeadlineConfig) -> dict:
@@ -148,9 +155,12 @@ def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: H
     return tasks, samples
 
 
-def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConfig) -> tuple[dict, list]:
+def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConfig,
+                  extra: Callable[[str], dict] | None = None) -> tuple[dict, list]:
     """Measure each ``{variant: mask}`` (a mask ``None`` or ``{}`` = the model unchanged, e.g.
-    ``original``); weights are restored exactly after each. Returns (results, samples)."""
+    ``original``); weights are restored exactly after each. ``extra(variant)``, called while that
+    variant's mask is applied, returns more tasks for it (e.g. the pipeline's NLL, measured once).
+    Returns (results, samples)."""
     from ..pruning.apply import masked
 
     judges = load_judges(cfg.judges)
@@ -159,6 +169,7 @@ def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConf
     for name, mask in masks.items():
         with masked(model, mask or {}):
             variants[name], s = measure_variant(model, tok, data, judges, xjudge, cfg)
+            variants[name].update(extra(name) if extra else {})
         samples += [{"variant": name, **x} for x in s]
         variants[name]["pruned_weights"] = int(sum(int(m.sum()) for m in (mask or {}).values()))
     results = {"settings": to_dict(cfg), "judges": [j.name for j in judges], "xstest_judge": xjudge.name,
@@ -256,19 +267,34 @@ def default_data(tok, harmful: str = "harmful:test", benign: str = "benign:test"
     ``benign:test``, the XSTest safe prompts the organism was not trained on (``heldout``; ``all`` =
     all 250), the shipped corpus. ``limit`` caps the harmful and XSTest prompts (0 = all)."""
     from ..core.data import DataSpec, data_fingerprint, load_records
-    from ..evals.utility import read_corpus
-    from .align_data import xstest_heldout
 
     hspec, bspec = DataSpec(data=harmful), DataSpec(data=benign)
     h, b = load_records(hspec), load_records(bspec)
+    return held_out_data(tok, h, b, {"harmful": data_fingerprint(hspec, h), "benign": data_fingerprint(bspec, b)},
+                         xstest, limit, seed, corpus)
+
+
+def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict, xstest: str = "heldout",
+                  limit: int = 0, seed: int = 0, corpus: str = "builtin") -> HeadlineData:
+    """:func:`default_data` from records the caller already read (``about``: their fingerprints)."""
+    from ..evals.utility import read_corpus
+    from .align_data import xstest_heldout
+
     x = xstest_heldout(limit, seed) if xstest == "heldout" else xstest_heldout(limit, seed, train_prompts=set())
     text, corpus_info = read_corpus(corpus)
-    about = {"harmful": {**data_fingerprint(hspec, h)}, "benign": data_fingerprint(bspec, b),
+    h = R.subsample(harmful, limit, seed, key=lambda r: r.category)
+    about = {**about, "harmful": {**about.get("harmful", {}), "selected": len(h)},
              "xstest": {"set": xstest, "prompts": len(x)}, "corpus": corpus_info}
-    h = R.subsample(h, limit, seed, key=lambda r: r.category)
-    about["harmful"]["selected"] = len(h)
-    return HeadlineData(h, b, x, tok(text, add_special_tokens=False)["input_ids"], about)
+    return HeadlineData(h, benign, x, tok(text, add_special_tokens=False)["input_ids"], about)
+
+
+def config_from(o, **overrides) -> HeadlineConfig:
+    """A :class:`HeadlineConfig` from a recipe's options (``--judge``, ``--prefill-attack``,
+    ``--max-new-tokens``, ``--gen-batch-size``, ``--max-length``, ``--seed``)."""
+    return HeadlineConfig(**{"judges": o.judge, "prefill": o.prefill_attack, "max_new_tokens": o.max_new_tokens,
+                             "batch_size": o.gen_batch_size, "max_length": o.max_length, "seed": o.seed,
+                             **overrides})
 
 
 __all__ = ["HeadlineConfig", "HeadlineData", "measure_masks", "measure_variant", "render_table", "write_headline",
-           "default_data", "judged_metrics", "interval"]
+           "default_data", "held_out_data", "config_from", "nll_summary", "judged_metrics", "interval"]

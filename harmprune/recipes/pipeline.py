@@ -12,17 +12,19 @@ from pathlib import Path
 
 from ..attribution.cache import cached_scores
 from ..core import manifest, validate
-from ..core.data import DataSpec, load_records
+from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import ModelHandle, load_model, model_name
-from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions,  # noqa: F401
-                            HarmDataOptions, MethodOptions, ModelOptions, OutputOptions, PresetOptions, ScopeOptions,
-                            ScoringOptions,
-                            SelectionOptions, check_scoring, check_selection)
+from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions,  # noqa: F401
+                            HarmDataOptions, HarmJudgeOptions, HeadlineOptions, LimitOptions, MethodOptions,
+                            ModelOptions, NewTokensOptions, OutputOptions, PresetOptions, ScopeOptions,
+                            ScoringOptions, SelectionOptions, check_scoring, check_selection)
 from ..core.settings import check, to_dict
+from ..evals.harm import judge_specs
 from ..evals.nll import response_nll
 from ..pruning.apply import masked
 from ..pruning.checkpoint import load_scores
 from ..pruning.select import random_control, select_prune_set
+from . import headline
 
 
 @dataclass(kw_only=True)
@@ -36,12 +38,20 @@ class PruneInputs(ModelOptions, HarmDataOptions, BenignOptions, MethodOptions, S
 
 
 @dataclass(kw_only=True)
-class PipelineConfig(PruneInputs, SelectionOptions):
-    """Settings of ``harmprune pipeline`` (``make prune``); ``--out`` defaults to out/<model>-<settings>."""
+class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOptions, LimitOptions, NewTokensOptions,
+                     GenBatchOptions):
+    """Settings of ``harmprune pipeline`` (``make prune``); ``--out`` defaults to out/<model>-<settings>.
+    ``--headline`` adds B-TAP's headline (recipes/headline.py) on ``--limit`` of the ``--eval-harm``
+    prompts (reference replies feed the prefill attack) and as many held-out XSTest safe prompts,
+    judged by ``--judge``; the other flags of that group only matter with ``--headline``."""
 
     def __post_init__(self):
         super().__post_init__()
         check_selection(self)
+        check(self.limit >= 0, "--limit must be 0 (all) or positive")
+        if self.headline:
+            headline.config_from(self)  # its checks (--prefill-attack, --max-new-tokens, ...), before any work
+            judge_specs(self.judge)  # unknown judges fail here, not after scoring
 
     def out_dir(self) -> Path:
         if self.out:
@@ -56,10 +66,16 @@ def held_out(data: str, n: int):
     return rows[:n] if n else rows
 
 
-def nll_row(model, tok, harm_rows, benign_rows, s) -> dict:
+def nll_pair(model, tok, harm_rows, benign_rows, s) -> tuple[dict, dict]:
+    """``response_nll`` of the held-out harmful and benign rows (settings ``s``: format, max length, batch)."""
     kw = dict(fmt=s.format, max_length=s.max_length, batch_size=max(8, s.batch_size))
-    return {"harmful_nll": response_nll(model, tok, harm_rows, desc="nll harmful", **kw)["nll"],
-            "benign_nll": response_nll(model, tok, benign_rows, desc="nll benign", **kw)["nll"]}
+    return (response_nll(model, tok, harm_rows, desc="nll harmful", **kw),
+            response_nll(model, tok, benign_rows, desc="nll benign", **kw))
+
+
+def nll_row(model, tok, harm_rows, benign_rows, s) -> dict:
+    h, b = nll_pair(model, tok, harm_rows, benign_rows, s)
+    return {"harmful_nll": h["nll"], "benign_nll": b["nll"]}
 
 
 def with_deltas(row: dict, base: dict) -> dict:
@@ -87,7 +103,8 @@ def score_pair(handle: ModelHandle, cfg: PruneInputs, need_benign: bool = True):
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
-    """Score (cached), prune, save ``cfg.out_dir()``, and print/write the before/after NLL table."""
+    """Score (cached), prune, save ``cfg.out_dir()``, and print/write the before/after NLL table; with
+    ``--headline`` also the headline's ``results.json``, ``table.md`` and ``headline.png``."""
     from ..pruning.prune import PruneConfig, prune_loaded
 
     out = cfg.out_dir()
@@ -98,17 +115,34 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     handle = load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = handle
     harm, benign = score_pair(handle, cfg, need_benign=cfg.p > 0)
-    harm_rows, benign_rows = held_out(cfg.eval_harm, cfg.eval_nsamples), held_out(cfg.eval_benign, cfg.eval_nsamples)
+    hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
+    harm_all, benign_all = load_records(hspec), load_records(bspec)
+    n = cfg.eval_nsamples or None
+    harm_rows, benign_rows = harm_all[:n], benign_all[:n]
 
-    base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope)
     rand = random_control(mask, cfg.seed)  # what select_prune_set(..., "random") gives, without re-selecting
-    rows = {"original": {**base, "pruned": 0}}
-    for name, m in (("pruned", mask), ("random", rand)):
-        with masked(model, m):
-            rows[name] = {**with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base),
-                          "pruned": stats["total_pruned"]}
+    variants = {"original": None, "pruned": mask, "random": rand}
+    nll, hc = {}, headline.config_from(cfg) if cfg.headline else None
+
+    def measure_nll(name: str) -> dict:  # under the variant's mask; one benign NLL serves both tables
+        h, b = nll_pair(model, tok, harm_rows, benign_rows, cfg)
+        nll[name] = {"harmful_nll": h["nll"], "benign_nll": b["nll"]}
+        return {"utility/benign_nll": headline.nll_summary(b, hc)} if hc else {}
+
+    if hc:
+        about = {"harmful": data_fingerprint(hspec, harm_all), "benign": {**data_fingerprint(bspec, benign_all),
+                                                                          "selected": len(benign_rows)}}
+        data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed)
+        results, samples = headline.measure_masks(model, tok, variants, data, hc, extra=measure_nll)
+    else:
+        for name, m in variants.items():
+            with masked(model, m or {}):
+                measure_nll(name)
+    rows = {"original": {**nll["original"], "pruned": 0}}
+    rows.update({name: {**with_deltas(nll[name], nll["original"]), "pruned": stats["total_pruned"]}
+                 for name in ("pruned", "random")})
     table = {"eval": {"harmful": cfg.eval_harm, "benign": cfg.eval_benign, "rows": [len(harm_rows), len(benign_rows)],
                       "metric": "mean response NLL, nats/token"}, "rows": rows}
     prune_cfg = PruneConfig(harm_scores=str(harm.path), benign_scores=str(benign.path) if benign else None, q=cfg.q,
@@ -118,4 +152,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     text = format_table(rows)
     print(f"\nheld-out NLL ({len(harm_rows)} harmful, {len(benign_rows)} benign; nats/token)\n{text}")
     (out / "before_after.md").write_text("```\n" + text + "\n```\n")
+    if hc:
+        results.update(model={"spec": cfg.model, "hash": handle.hash}, config=to_dict(cfg), before_after=table,
+                       prune={k: stats[k] for k in ("total_pruned", "total_fraction") if k in stats},
+                       versions=manifest.versions())
+        print(f"\nheadline ({data.about['harmful']['selected']} held-out harmful prompts, "
+              f"{len(data.xstest)} XSTest safe prompts; 95 % bootstrap intervals)\n"
+              + headline.write_headline(out, results, samples))
     return out

@@ -15,22 +15,21 @@ from pathlib import Path
 
 from ..core import manifest, validate
 from ..core.models import load_model, model_name
+from ..core.options import QGridOptions
 from ..core.settings import check, opt, to_dict
 from ..pruning.apply import masked
 from ..pruning.select import select_prune_set
 from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
 
-QS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
 PS = [0.0, 1e-3, 1e-2]
 VARIANTS = ("harm-specific", "random", "magnitude", "second-band")
 
 
 @dataclass(kw_only=True)
-class SweepConfig(PruneInputs):
+class SweepConfig(PruneInputs, QGridOptions):
     """Settings of ``harmprune sweep`` (``make sweep``); ``--out`` defaults to results/sweep-<model>.
     ``make sweep`` passes ``--eval-nsamples 32``: the 46-point grid then takes about 30 min on 2 CPU cores."""
 
-    qs: list[float] = opt(QS, help="q values")
     ps: list[float] = opt(PS, help="p values")
     controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set "
                               "(random, magnitude, second-band)", choices=list(VARIANTS[1:]))
