@@ -15,7 +15,7 @@ BATCH ?= 4
 SEED ?= 0
 SCORES ?= scores
 
-.PHONY: install test test-fast score prune sweep eval em ablation align subspaces bench clean
+.PHONY: install test test-fast score prune sweep eval em ablation align subspaces compare-alignment bench clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,18 @@ score: install
 
 # The main job: score harmful + benign data (cached under $(SCORES)), prune, save out/<model>-<settings>/,
 # print the held-out before/after NLL table. Q/P default to the values picked by `make sweep` (README).
+# It runs on the aligned organism unless MODEL is given (make prune MODEL=smollm2-135m-instruct = the
+# unaligned base: the NLL table only). On the organism (or with HEADLINE=1) it adds B-TAP's headline:
+# original / pruned / random control judged (keyword + classifier) on HEADLINE_LIMIT held-out harmful
+# prompts without and under the 10-token prefill attack, XSTest safe compliance, corpus perplexity, with
+# 95 % intervals (results.json, table.md, headline.png). CPU-sized: 40 prompts, 64 new tokens add about
+# 8 min on 2 cores to the NLL run; HEADLINE_LIMIT=0 = all 82 prompts (and all 68 held-out XSTest prompts).
+PRUNE_MODEL = $(if $(filter command line environment environment override override,$(origin MODEL)),$(MODEL),smollm2-135m-aligned)
+HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
+HEADLINE_LIMIT ?= 40
+HEADLINE_TOKENS ?= 64
+HEADLINE_ARGS = --headline --judge keyword,classifier --limit $(HEADLINE_LIMIT) --max-new-tokens $(HEADLINE_TOKENS) \
+  --gen-batch-size 8
 HARM ?= harmful
 BENIGN ?= benign
 BENIGN_METHOD ?= snip-abs
@@ -50,10 +62,11 @@ OUT ?=
 EVAL_N ?= 0
 
 prune: install
-	$(HP) pipeline --model $(MODEL) --harm $(HARM) --benign $(BENIGN) --method $(METHOD) \
+	$(HP) pipeline --model $(PRUNE_MODEL) --harm $(HARM) --benign $(BENIGN) --method $(METHOD) \
 	  --benign-method $(BENIGN_METHOD) $(if $(Q),--q $(Q)) $(if $(P),--p $(P)) --scope $(SCOPE) \
 	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) \
-	  --scores-dir $(SCORES) --eval-nsamples $(EVAL_N) $(if $(OUT),--out $(OUT)) --overwrite
+	  --scores-dir $(SCORES) --eval-nsamples $(EVAL_N) $(if $(OUT),--out $(OUT)) --overwrite \
+	  $(if $(filter 1 yes true,$(HEADLINE)),$(HEADLINE_ARGS))
 
 SWEEP_EVAL_N ?= 32
 sweep: install
