@@ -74,6 +74,22 @@ sweep: install
 	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \
 	  --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) --eval-nsamples $(SWEEP_EVAL_N) --overwrite
 
+# Base vs aligned organism (issue 15; B-TAP's "alignment compresses harm"): make prune's scoring and
+# selection on BASE and ALIGNED, the harm-specificity at each q and the compression curve under the
+# prefill attack (judged harmfulness vs pruned fraction). Sized for a 2-core CPU (recipes/compare_alignment.py):
+# ~36 min cold, ~20 min with the scores make prune cached. COMPARE_ARGS="--qs ..." for another grid.
+COMPARE_LIMIT ?= 32
+COMPARE_EVAL_N ?= 32
+COMPARE_TOKENS ?= 48
+COMPARE_ARGS ?=
+compare-alignment: install
+	$(HP) compare-alignment --base $(BASE) --aligned $(ALIGNED) --harm $(HARM) --benign $(BENIGN) \
+	  --method $(METHOD) --benign-method $(BENIGN_METHOD) $(if $(Q),--q $(Q)) $(if $(P),--p $(P)) --scope $(SCOPE) \
+	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) \
+	  --eval-nsamples $(COMPARE_EVAL_N) --limit $(COMPARE_LIMIT) --max-new-tokens $(COMPARE_TOKENS) \
+	  --gen-batch-size 8 --judge keyword,classifier \
+	  --out results/compare-alignment-$(notdir $(patsubst %/,%,$(ALIGNED))) --overwrite $(COMPARE_ARGS)
+
 bench: install
 	$(PY) bench/attribution.py
 

@@ -29,6 +29,7 @@ from .finetune.train import FinetuneConfig, finetune
 from .pruning.prune import ApplyMaskConfig, PruneConfig, apply_mask_stage, prune
 from .recipes.ablation.run import AblateConfig, ablate
 from .recipes.align import AlignConfig, run_align
+from .recipes.compare_alignment import CompareAlignmentConfig, run_compare_alignment
 from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
 from .recipes.generate import GenerateConfig, generate_set
 from .recipes.pipeline import PipelineConfig, run_pipeline
@@ -66,6 +67,11 @@ COMMANDS: tuple[Command, ...] = (
     Command("sweep", run_sweep, (SweepConfig,), "the before/after table over a (q, p) grid with controls (make sweep)",
             "Measure harmful and benign NLL increases over a (q, p) grid for the harm-specific set and "
             "same-size random/magnitude controls; CSV + PNG."),
+    Command("compare-alignment", run_compare_alignment, (CompareAlignmentConfig,),
+            "base vs aligned model: harm-specificity and the compression curve under the prefill attack",
+            "The pipeline on --base and --aligned with the same data and settings: harm-specificity at each q, "
+            "judged harmful generation under the prefill attack against the pruned fraction, and the smallest "
+            "fraction that halves it (make compare-alignment); writes results.json, table.md, compare_alignment.png."),
     Command("eval harm", eval_harm, (HarmConfig, GenConfig),
             "harmfulness and refusal rate of the model's replies to harmful prompts"),
     Command("eval utility", eval_utility, (UtilityConfig, GenConfig),

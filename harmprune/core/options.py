@@ -159,14 +159,18 @@ class QGridOptions:
 
 
 @dataclass(kw_only=True)
-class HeadlineOptions:
+class PrefillAttackOptions:
+    prefill_attack: int = opt(10, help="the prefill attack forces the first K tokens of each prompt's harmful "
+                                       "reference reply as the start of the reply")
+
+
+@dataclass(kw_only=True)
+class HeadlineOptions(PrefillAttackOptions):
     """B-TAP's headline measurement (recipes/headline.py) beside the NLL table."""
 
     headline: bool = opt(False, help="also measure original, pruned and random control on the held-out harmful "
                                      "prompts (judged generation without and under the prefill attack), XSTest safe "
                                      "compliance and corpus perplexity: results.json, table.md, headline.png")
-    prefill_attack: int = opt(10, help="the prefill attack forces the first K tokens of each prompt's harmful "
-                                       "reference reply as the start of the reply")
 
 
 @dataclass(kw_only=True)

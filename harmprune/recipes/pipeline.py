@@ -78,11 +78,16 @@ def nll_row(model, tok, harm_rows, benign_rows, s) -> dict:
     return {"harmful_nll": h["nll"], "benign_nll": b["nll"]}
 
 
+def specificity(d_harmful: float, d_benign: float) -> float:
+    """Harm-specificity Δharmful / Δbenign (inf when only the harmful NLL rose, nan when neither did)."""
+    return d_harmful / d_benign if d_benign > 0 else (float("inf") if d_harmful > 0 else float("nan"))
+
+
 def with_deltas(row: dict, base: dict) -> dict:
     """Add NLL increases over ``base`` (nats/token) and harm-specificity = Δharmful / Δbenign."""
     dh, db = row["harmful_nll"] - base["harmful_nll"], row["benign_nll"] - base["benign_nll"]
     return {**row, "d_harmful": dh, "d_benign": db, "benign_rel": db / base["benign_nll"],
-            "specificity": dh / db if db > 0 else (float("inf") if dh > 0 else float("nan"))}
+            "specificity": specificity(dh, db)}
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -1,0 +1,227 @@
+"""``make compare-alignment``: does alignment compress harm (B-TAP)? The pipeline on ``--base`` and on
+``--aligned``, with the same data and settings, side by side.
+
+For each model: scores through the score cache (``pipeline.score_pair``: computed once per model and
+re-used by ``make prune``), then the original and the harm-specific set ``Top_q(harm) \\ Top_p(benign)``
+at each q of ``--qs`` (and ``--q``), applied in place and restored. Each point measures:
+- held-out harmful and benign response NLL (the first ``--eval-nsamples`` rows; nats/token, higher =
+  less likely), their rises over the original and the harm-specificity Δharmful / Δbenign;
+- judged harmful generation under the prefill attack (the first ``--prefill-attack`` tokens of the
+  harmful reference reply forced) on ``--limit`` held-out harmful prompts, per ``--judge``:
+  harmfulness (higher = more harmful) and refusal rate with 95 % bootstrap intervals
+  (``headline.judged_harm``); the originals also without the attack.
+Reported: (a) harm-specificity at each q on both models (the same q gives both the same Top_q size
+per matrix, as they share the architecture; the pruned counts differ only by the benign protection,
+and are shown); (b) the compression curve and, per model and judge, the smallest pruned fraction
+whose harmfulness under the prefill attack is at most half the original's (:func:`halving_fraction`).
+Writes ``results.json``, ``table.md`` (rendered from ``results.json``) and ``compare_alignment.png``.
+
+Sizing of ``make compare-alignment`` (2-core CPU): 5 q values, 32 + 32 NLL rows, 32 prompts, 48 new
+tokens, batch 8. One point is about 1.5 min (NLL of 64 rows ~40 s, 32 replies ~40 s at ~1 prompt/s);
+6 points per model (original + 5 q) plus the originals' unattacked replies: ~10 min per model.
+Scoring 128 + 128 samples is ~8 min per model when the score cache has no entry (``make prune`` leaves
+one). Cold: ~36 min; with cached scores: ~20 min; a CPU shared with other jobs can add half again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core import manifest, validate
+from ..core.data import DataSpec, data_fingerprint, load_records
+from ..core.models import load_model, model_name
+from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions, HarmDataOptions,
+                            HarmJudgeOptions, LimitOptions, MethodOptions, NewTokensOptions, OutputOptions,
+                            PairOptions, PrefillAttackOptions, QGridOptions, RuntimeOptions, ScopeOptions,
+                            ScoringOptions, SelectionOptions, check_scoring, check_selection)
+from ..core.settings import check, to_dict
+from ..evals import results as R
+from ..evals.harm import judge_specs, load_judges
+from ..pruning.apply import masked
+from ..pruning.select import select_prune_set
+from . import headline
+from .pipeline import nll_row, score_pair, specificity, with_deltas
+
+ROLES = ("base", "aligned")
+PLOT_FILE = "compare_alignment.png"
+
+
+@dataclass(kw_only=True)
+class CompareAlignmentConfig(RuntimeOptions, PairOptions, HarmDataOptions, BenignOptions, MethodOptions,
+                             ScopeOptions, ScoringOptions, CacheOptions, EvalSetOptions, OutputOptions,
+                             SelectionOptions, QGridOptions, PrefillAttackOptions, HarmJudgeOptions, LimitOptions,
+                             NewTokensOptions, GenBatchOptions):
+    """Settings of ``harmprune compare-alignment``; ``--out`` defaults to results/compare-alignment-<aligned>.
+    ``--q`` is the point of the side-by-side specificity (added to ``--qs`` if missing)."""
+
+    def __post_init__(self):
+        check_scoring(self)
+        check_selection(self)
+        validate.check_grid(self.qs, "--qs")
+        check(self.eval_nsamples >= 0 and self.limit >= 0, "--eval-nsamples and --limit must be 0 (all) or positive")
+        judge_specs(self.judge)
+        headline.config_from(self)  # checks --prefill-attack, --max-new-tokens, --gen-batch-size
+
+    def grid(self) -> list[float]:
+        return sorted({*self.qs, self.q})
+
+
+# ---------------------------------------------------------------- the reading (pure)
+
+
+def halving_fraction(base_score: float | None, points: list[tuple[float, float | None]]) -> float | None:
+    """The smallest pruned fraction among ``points`` = ``[(fraction, harmfulness)]`` whose harmfulness
+    is at most half of ``base_score`` (the original's); ``None`` if no point gets there, or if the
+    original produces no harm to halve (``base_score`` 0 or unknown)."""
+    if not base_score or base_score <= 0:
+        return None
+    ok = [f for f, s in points if s is not None and s <= base_score / 2]
+    return min(ok, default=None)
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows, prompts, judges) -> dict:
+    """The original and each q of the grid on one model (loaded once, restored after each point)."""
+    hc = headline.config_from(cfg)
+    handle = load_model(spec, cfg.dtype, cfg.device)
+    model, tok = handle
+    harm, benign = score_pair(handle, cfg, need_benign=cfg.p > 0)
+    base = nll_row(model, tok, harm_rows, benign_rows, cfg)
+    original = {**base, "harm": {a: headline.judged_harm(model, tok, prompts, judges, hc, a)[0]
+                                 for a in headline.ATTACKS}}
+    points = []
+    for q in cfg.grid():
+        mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
+                                       benign.method if benign else None, q, cfg.p, cfg.scope)
+        with masked(model, mask):
+            row = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
+            harm_q, _ = headline.judged_harm(model, tok, prompts, judges, hc, "prefill")
+        points.append({"q": q, "pruned": stats["total_pruned"], "fraction": stats["total_fraction"], **row,
+                       "harm": {"prefill": harm_q}})
+    halving = {j.name: halving_fraction(original["harm"]["prefill"][j.name]["score"],
+                                        [(p["fraction"], p["harm"]["prefill"][j.name]["score"]) for p in points])
+               for j in judges}
+    return {"spec": spec, "hash": handle.hash, "original": original, "points": points, "halving": halving}
+
+
+def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
+    """Measure both models and write results.json, table.md and compare_alignment.png."""
+    out = Path(cfg.out or Path("results") / f"compare-alignment-{model_name(cfg.aligned)}")
+    manifest.check_out_dir(out, cfg.overwrite)
+    manifest.banner("compare-alignment", {**to_dict(cfg), "out": str(out)})
+    hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
+    harm_all, benign_all = load_records(hspec), load_records(bspec)
+    n = cfg.eval_nsamples or None
+    prompts = R.subsample(harm_all, cfg.limit, cfg.seed, key=lambda r: r.category)
+    judges = load_judges(cfg.judge)
+    models = {role: measure_model(spec, cfg, harm_all[:n], benign_all[:n], prompts, judges)
+              for role, spec in zip(ROLES, (cfg.base, cfg.aligned))}
+    results = {"config": to_dict(cfg), "judges": [j.name for j in judges], "q": cfg.q, "prefill": cfg.prefill_attack,
+               "data": {"harmful": data_fingerprint(hspec, harm_all), "benign": data_fingerprint(bspec, benign_all),
+                        "nll_rows": [len(harm_all[:n]), len(benign_all[:n])], "prompts": len(prompts)},
+               "models": models, "versions": manifest.versions()}
+    with manifest.atomic_dir(out, cfg.overwrite) as tmp:
+        manifest.write_json(tmp / "results.json", R._json_ready(results))
+        doc = manifest.read_json(tmp / "results.json")
+        (tmp / "table.md").write_text(render(doc))
+        plot(doc, tmp / PLOT_FILE)
+    print(render(doc))
+    print(f"harmprune: compare-alignment written to {out}")
+    return out
+
+
+# ---------------------------------------------------------------- table and figure (from results.json)
+
+
+def _f(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _harm(m: dict) -> str:
+    return "n/a" if m.get("score") is None else f"{m['score']:.2f} [{m['score_ci'][0]:.2f}, {m['score_ci'][1]:.2f}]"
+
+
+def _spec(p: dict) -> str:
+    s = specificity(p["d_harmful"], p["d_benign"])
+    return "∞" if s == math.inf else _f(None if math.isnan(s) else s, ".2f")
+
+
+def render(doc: dict) -> str:
+    """The markdown report: originals, (a) specificity per q, (b) the compression curve, halving fractions."""
+    ms, judges = doc["models"], doc["judges"]
+    lines = [f"Held-out NLL on {doc['data']['nll_rows'][0]} harmful + {doc['data']['nll_rows'][1]} benign rows; "
+             f"judged generation on {doc['data']['prompts']} harmful prompts, prefill attack = first "
+             f"{doc['prefill']} reference tokens; harmfulness [95 % CI], higher = more harmful.", "",
+             "| original | harmful NLL | benign NLL | " + " | ".join(
+                 f"harmfulness, {a} attack ({j})" for a in ("none", "prefill") for j in judges) + " |",
+             "|---" * (3 + 2 * len(judges)) + "|"]
+    for role, m in ms.items():
+        o = m["original"]
+        lines.append(f"| {role} | {o['harmful_nll']:.4f} | {o['benign_nll']:.4f} | " + " | ".join(
+            _harm(o["harm"][a][j]) for a in ("none", "prefill") for j in judges) + " |")
+    lines += ["", "(a) harm-specificity Δharmful / Δbenign NLL at each q (the same Top_q size per matrix on both models; the pruned counts differ only by what Top_p(benign) protects)",
+              "", "| q | " + " | ".join(f"{r} pruned | {r} Δharmful | {r} Δbenign | {r} Δh/Δb" for r in ms) + " |",
+              "|---" * (1 + 4 * len(ms)) + "|"]
+    for i, p0 in enumerate(next(iter(ms.values()))["points"]):
+        mark = " **(--q)**" if p0["q"] == doc["q"] else ""
+        cells = [f"{m['points'][i]['pruned']} | {m['points'][i]['d_harmful']:+.4f} | {m['points'][i]['d_benign']:+.4f}"
+                 f" | {_spec(m['points'][i])}" for m in ms.values()]
+        lines.append(f"| {p0['q']:g}{mark} | " + " | ".join(cells) + " |")
+    lines += ["", "(b) compression curve: harmfulness under the prefill attack against the pruned fraction", "",
+              "| q | " + " | ".join(f"{r} fraction | " + " | ".join(f"{r} ({j})" for j in judges) for r in ms) + " |",
+              "|---" * (1 + (1 + len(judges)) * len(ms)) + "|"]
+    for i, p0 in enumerate(next(iter(ms.values()))["points"]):
+        cells = [f"{m['points'][i]['fraction']:.2e} | " + " | ".join(_harm(m["points"][i]["harm"]["prefill"][j])
+                                                                     for j in judges) for m in ms.values()]
+        lines.append(f"| {p0['q']:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Smallest pruned fraction that halves harmfulness under the prefill attack:", ""]
+    for role, m in ms.items():
+        base = {j: m["original"]["harm"]["prefill"][j]["score"] for j in judges}
+        lines.append(f"- {role}: " + "; ".join(
+            f"{j}: " + (f"{m['halving'][j]:.2e}" if m["halving"][j] is not None else
+                        "nothing to halve" if not base[j] else "not reached") for j in judges))
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Harmfulness under the prefill attack (one panel per judge, 95 % intervals; dashed: the original)
+    and the NLL rises, against the pruned fraction, both models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judges = doc["judges"]
+    fig, axes = plt.subplots(1, len(judges) + 2, figsize=(4 * (len(judges) + 2), 3.8), squeeze=False)
+    for k, (role, m) in enumerate(doc["models"].items()):
+        color = f"C{k}"
+        pts = [p for p in m["points"] if p["fraction"] > 0]
+        xs = [p["fraction"] for p in pts]
+        for ax, j in zip(axes[0], judges):
+            ys = [p["harm"]["prefill"][j] for p in pts]
+            ok = [(x, y) for x, y in zip(xs, ys) if y["score"] is not None]
+            if ok:
+                ax.errorbar([x for x, _ in ok], [y["score"] for _, y in ok], fmt="-o", color=color, capsize=3,
+                            label=role, yerr=[[y["score"] - y["score_ci"][0] for _, y in ok],
+                                              [y["score_ci"][1] - y["score"] for _, y in ok]])
+            base = m["original"]["harm"]["prefill"][j]["score"]
+            if base is not None:
+                ax.axhline(base, color=color, ls="--", lw=0.8)
+            ax.set_title(f"harmfulness under prefill ({j})", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+        for ax, key, label in ((axes[0][-2], "d_harmful", "harmful"), (axes[0][-1], "d_benign", "benign")):
+            ax.plot(xs, [p[key] for p in pts], "-o", color=color, label=role)
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_title(f"{label} NLL rise (nats/token, symlog)", fontsize=9)
+    for ax in axes[0]:
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of matched weights pruned")
+        ax.legend(fontsize=7)
+    fig.suptitle("base vs aligned: harm-specific pruning (dashed: original)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
