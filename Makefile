@@ -44,12 +44,13 @@ score: install
 # unaligned base: the NLL table only). On the organism (or with HEADLINE=1) it adds B-TAP's headline:
 # original / pruned / random control judged (keyword + classifier) on HEADLINE_LIMIT held-out harmful
 # prompts without and under the 10-token prefill attack, XSTest safe compliance, corpus perplexity, with
-# 95 % intervals (results.json, table.md, headline.png). CPU-sized: 40 prompts, 64 new tokens add about
-# 8 min on 2 cores to the NLL run; HEADLINE_LIMIT=0 = all 82 prompts (and all 68 held-out XSTest prompts).
+# 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
+# tokens add ~12-20 min on 2 busy cores to the NLL run (README); HEADLINE_LIMIT=0 = all 82 harmful and 68
+# held-out XSTest prompts. The first use of smollm2-135m-aligned builds it into ~/.cache/harmprune (~14 min).
 PRUNE_MODEL = $(if $(filter command line environment environment override override,$(origin MODEL)),$(MODEL),smollm2-135m-aligned)
 HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
-HEADLINE_LIMIT ?= 40
-HEADLINE_TOKENS ?= 64
+HEADLINE_LIMIT ?= 32
+HEADLINE_TOKENS ?= 48
 HEADLINE_ARGS = --headline --judge keyword,classifier --limit $(HEADLINE_LIMIT) --max-new-tokens $(HEADLINE_TOKENS) \
   --gen-batch-size 8
 HARM ?= harmful

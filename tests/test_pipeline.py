@@ -3,7 +3,11 @@
 import csv
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +203,26 @@ def test_pipeline_headline_writes_results_table_and_figure(tiny_ckpt, data, tmp_
         {H.RESULTS_FILE, H.TABLE_FILE, H.PLOT_FILE, "headline_samples.jsonl"}
     assert json.loads((off / "prune_config.json").read_text())["before_after"] == before_after
     assert (off / "before_after.md").read_text() == (on / "before_after.md").read_text()
+
+
+def _make_n(target, *args):
+    """The harmprune command line ``make -n TARGET`` would run (continuation lines joined)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "HEADLINE", "BASE", "ALIGNED")}
+    out = subprocess.run(["make", "-n", target, "VENV=/nonexistent-venv", *args], cwd=Path(__file__).parents[1],
+                         env=env, capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+    return " ".join(next(ln for ln in out.splitlines() if f"harmprune {target}" in ln or " pipeline " in ln).split())
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_prune_runs_the_organism_with_the_headline_unless_a_model_is_given():
+    organism = _make_n("prune")
+    assert "--model smollm2-135m-aligned " in organism
+    headline = "--headline --judge keyword,classifier --limit 32 --max-new-tokens 48 --gen-batch-size 8"
+    assert organism.endswith(headline)
+    base = _make_n("prune", "MODEL=smollm2-135m-instruct")  # today's run: the same command, no headline
+    assert "--headline" not in base
+    assert base == organism.replace("smollm2-135m-aligned", "smollm2-135m-instruct").removesuffix(" " + headline)
+    assert _make_n("prune", "MODEL=smollm2-135m-instruct", "HEADLINE=1").endswith(headline)
+    assert "--headline" not in _make_n("prune", "HEADLINE=0")
+    cmp = _make_n("compare-alignment")
+    assert "--base smollm2-135m-instruct --aligned smollm2-135m-aligned" in cmp and "--judge keyword,classifier" in cmp
