@@ -45,9 +45,9 @@ score: install
 # original / pruned / random control judged (keyword + classifier) on HEADLINE_LIMIT held-out harmful
 # prompts without and under the 10-token prefill attack, XSTest safe compliance, corpus perplexity, with
 # 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
-# tokens add ~12-20 min on 2 busy cores to the NLL run (README); HEADLINE_LIMIT=0 = all 82 harmful and 68
+# tokens add ~14 min on 2 busy cores to the NLL run (~30 min in all, cold); HEADLINE_LIMIT=0 = all 82 harmful and 68
 # held-out XSTest prompts. The first use of smollm2-135m-aligned builds it into ~/.cache/harmprune (~14 min).
-PRUNE_MODEL = $(if $(filter command line environment environment override override,$(origin MODEL)),$(MODEL),smollm2-135m-aligned)
+PRUNE_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
 HEADLINE_LIMIT ?= 32
 HEADLINE_TOKENS ?= 48
@@ -78,7 +78,8 @@ sweep: install
 # Base vs aligned organism (issue 15; B-TAP's "alignment compresses harm"): make prune's scoring and
 # selection on BASE and ALIGNED, the harm-specificity at each q and the compression curve under the
 # prefill attack (judged harmfulness vs pruned fraction). Sized for a 2-core CPU (recipes/compare_alignment.py):
-# ~36 min cold, ~20 min with the scores make prune cached. COMPARE_ARGS="--qs ..." for another grid.
+# ~41 min cold, ~25 min with the scores make prune cached.
+COMPARE_QS ?= 3e-5 1e-4 3e-4 1e-3
 COMPARE_LIMIT ?= 32
 COMPARE_EVAL_N ?= 32
 COMPARE_TOKENS ?= 48
@@ -87,7 +88,7 @@ compare-alignment: install
 	$(HP) compare-alignment --base $(BASE) --aligned $(ALIGNED) --harm $(HARM) --benign $(BENIGN) \
 	  --method $(METHOD) --benign-method $(BENIGN_METHOD) $(if $(Q),--q $(Q)) $(if $(P),--p $(P)) --scope $(SCOPE) \
 	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) \
-	  --eval-nsamples $(COMPARE_EVAL_N) --limit $(COMPARE_LIMIT) --max-new-tokens $(COMPARE_TOKENS) \
+	  --qs $(COMPARE_QS) --eval-nsamples $(COMPARE_EVAL_N) --limit $(COMPARE_LIMIT) --max-new-tokens $(COMPARE_TOKENS) \
 	  --gen-batch-size 8 --judge keyword,classifier \
 	  --out results/compare-alignment-$(notdir $(patsubst %/,%,$(ALIGNED))) --overwrite $(COMPARE_ARGS)
 

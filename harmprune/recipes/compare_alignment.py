@@ -16,11 +16,13 @@ and are shown); (b) the compression curve and, per model and judge, the smallest
 whose harmfulness under the prefill attack is at most half the original's (:func:`halving_fraction`).
 Writes ``results.json``, ``table.md`` (rendered from ``results.json``) and ``compare_alignment.png``.
 
-Sizing of ``make compare-alignment`` (2-core CPU): 5 q values, 32 + 32 NLL rows, 32 prompts, 48 new
-tokens, batch 8. One point is about 1.5 min (NLL of 64 rows ~40 s, 32 replies ~40 s at ~1 prompt/s);
-6 points per model (original + 5 q) plus the originals' unattacked replies: ~10 min per model.
-Scoring 128 + 128 samples is ~8 min per model when the score cache has no entry (``make prune`` leaves
-one). Cold: ~36 min; with cached scores: ~20 min; a CPU shared with other jobs can add half again.
+Sizing of ``make compare-alignment`` (2-core CPU): q in {3e-5, 1e-4, 3e-4, 1e-3}, 32 + 32 NLL rows, 32
+prompts, 48 new tokens, generation batch 8. Rates measured on this CPU at load ~4 (2026-11-29,
+``OMP_NUM_THREADS=1``, ``nice``, SmolLM2-135M): one batch of 4 replies of 48 tokens 9-14 s, the response
+NLL of 4 rows 4.5-6.5 s. So one point (32 replies, NLL of 64 rows) takes ~2.2 min, a model (the
+original with and without the attack, 4 points) ~12 min, both ~25 min. Scoring 128 + 128 samples
+takes ~8 min per model when the score cache has no entry (``make prune`` leaves one): ~41 min cold,
+~25 min with cached scores; heavier contention adds to both.
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ def render(doc: dict) -> str:
         o = m["original"]
         lines.append(f"| {role} | {o['harmful_nll']:.4f} | {o['benign_nll']:.4f} | " + " | ".join(
             _harm(o["harm"][a][j]) for a in ("none", "prefill") for j in judges) + " |")
-    lines += ["", "(a) harm-specificity Δharmful / Δbenign NLL at each q (the same Top_q size per matrix on both models; the pruned counts differ only by what Top_p(benign) protects)",
+    lines += ["", "(a) harm-specificity Δharmful / Δbenign NLL at each q (the same Top_q size per matrix on both "
+              "models; the pruned counts differ only by what Top_p(benign) protects)",
               "", "| q | " + " | ".join(f"{r} pruned | {r} Δharmful | {r} Δbenign | {r} Δh/Δb" for r in ms) + " |",
               "|---" * (1 + 4 * len(ms)) + "|"]
     for i, p0 in enumerate(next(iter(ms.values()))["points"]):
