@@ -114,6 +114,8 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     """Measure both models and write results.json, table.md and compare_alignment.png."""
     out = Path(cfg.out or Path("results") / f"compare-alignment-{model_name(cfg.aligned)}")
     manifest.check_out_dir(out, cfg.overwrite)
+    for w in {w for q in cfg.grid() for w in validate.fraction_warnings(q, cfg.p, "--qs", "--p")}:
+        validate.warn(w)
     manifest.banner("compare-alignment", {**to_dict(cfg), "out": str(out)})
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
