@@ -3,9 +3,9 @@
 With ``--headline`` (``make prune`` on the aligned organism) it also measures B-TAP's headline for the
 original, the pruned model and the random control (``recipes/headline.py``: judged generation without
 and under the prefill attack, XSTest compliance, corpus perplexity, 95 % intervals), re-using the NLL
-table's benign measurement. One model handle serves every step (its hash is computed once). Scores go through the one score
-cache (``attribution.cache``), so re-running with other ``q``/``p`` re-uses them, and so can
-``sweep`` and ``ablate``.
+table's benign measurement. One model handle serves every step (its hash is computed once). Scores
+go through the one score cache (``attribution.cache``), so re-running with other ``q``/``p`` re-uses
+them, and so can ``sweep``, ``compare-alignment`` and ``ablate``.
 """
 
 from __future__ import annotations
