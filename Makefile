@@ -15,7 +15,7 @@ BATCH ?= 4
 SEED ?= 0
 SCORES ?= scores
 
-.PHONY: install test test-fast score prune sweep eval em ablation align subspaces bench clean
+.PHONY: install test test-fast score prune sweep eval em ablation align subspaces attack bench clean
 
 install: $(VENV)/.installed
 
@@ -135,3 +135,25 @@ subspaces: install
 	  --out results/subspaces-$(notdir $(patsubst %/,%,$(ALIGNED))) --seed $(SEED) $(if $(FULL_GRID),--full-grid) \
 	  --limit 8 --judge classifier,keyword --max-new-tokens 32 --nsamples 32 --batch-size 8 --max-length 192 \
 	  --overwrite $(SUBSPACE_ARGS)
+
+# B-TAP's other two attacks (issue 15) on a `make prune` output (PRUNED, required) and its random control,
+# each measured with the headline table into results/attack-<attack>-<model>/ (results.json, table.md, headline.png).
+#   make attack ATTACK=finetune PRUNED=out/<prune dir> [MODEL=the model it was pruned from]
+#   make attack ATTACK=refusal-ablation PRUNED=out/<prune dir> [REFUSAL_Q=0.01 REFUSAL_P=0.01]
+# CPU-sized defaults (README, "Attacks"): 24 held-out prompts per set, 48 new tokens; finetune: LoRA on 32
+# harmful train records, 16 steps of 4; refusal-ablation: scores as `make prune` (cached in $(SCORES)).
+ATTACK ?= finetune
+ATTACK_N ?= 24
+ATTACK_TOKENS ?= 48
+ATTACK_FT_N ?= 32
+ATTACK_STEPS ?= 16
+REFUSAL_Q ?= 0.01
+REFUSAL_P ?= 0.01
+ATTACK_ARGS ?=
+attack: install
+	$(HP) attack --attack $(ATTACK) --model $(MODEL) $(if $(PRUNED),--pruned $(PRUNED)) \
+	  --eval-nsamples $(ATTACK_N) --max-new-tokens $(ATTACK_TOKENS) --seed $(SEED) \
+	  --limit $(ATTACK_FT_N) --max-steps $(ATTACK_STEPS) --train-batch-size 4 --grad-accum 1 --train-max-length 256 \
+	  --lr 2e-4 --warmup-steps 2 --refusal-q $(REFUSAL_Q) --refusal-p $(REFUSAL_P) --benign $(BENIGN) \
+	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \
+	  --batch-size $(BATCH) --scores-dir $(SCORES) $(if $(OUT),--out $(OUT)) --overwrite $(ATTACK_ARGS)

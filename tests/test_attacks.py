@@ -46,7 +46,7 @@ def _cfg(ckpt, pruned_dir, tmp_path, **kw):
     base = dict(model=ckpt, pruned=str(pruned_dir), attack="finetune", out=str(tmp_path / "out"), device="cpu",
                 limit=4, max_steps=3, train_batch_size=2, grad_accum=1, train_max_length=200, warmup_steps=0,
                 lr=5e-2, lora_r=4, eval_nsamples=2, max_new_tokens=3, gen_batch_size=4, max_length=200,
-                nsamples=4, batch_size=4, scores_dir=str(tmp_path / "scores"))
+                nsamples=4, batch_size=4, corpus_tokens=512, scores_dir=str(tmp_path / "scores"))
     return A.AttackConfig(**{**base, **kw})
 
 

@@ -126,6 +126,11 @@ class ScoringOptions(PassOptions, TargetOptions, SeedOptions, CheckpointingOptio
 
 
 @dataclass(kw_only=True)
+class CorpusOptions:
+    corpus_tokens: int = opt(16384, help="score at most this many corpus tokens for perplexity (0 = all)")
+
+
+@dataclass(kw_only=True)
 class PrunedOptions:
     pruned: str | None = opt(None, help="existing pruned checkpoint (a make prune output directory); em-experiment "
                                         "runs the pipeline when it is not given")

@@ -42,7 +42,7 @@ from ..core import manifest, validate
 from ..core.data import DataSpec, Record, load_records
 from ..core.errors import HarmpruneError
 from ..core.models import load_model, model_name, resolve_device
-from ..core.options import (BenignOptions, CacheOptions, EvalHarmOptions, EvalSetOptions, GenBatchOptions,
+from ..core.options import (BenignOptions, CacheOptions, CorpusOptions, EvalHarmOptions, EvalSetOptions, GenBatchOptions,
                             LimitOptions, LoraOptions, ModelOptions, NewTokensOptions, OutputOptions, PrunedOptions,
                             ScopeOptions, ScoringOptions, TrainOptions, check_scoring, pick)
 from ..core.settings import check, opt, to_dict
@@ -62,8 +62,8 @@ REFUSAL_METHOD = "snip-abs"  # B-TAP scores refusal data with |SNIP|
 
 @dataclass(kw_only=True)
 class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, BenignOptions, EvalSetOptions,
-                   NewTokensOptions, GenBatchOptions, TrainOptions, LoraOptions, LimitOptions, ScoringOptions,
-                   CacheOptions, ScopeOptions):
+                   NewTokensOptions, GenBatchOptions, CorpusOptions, TrainOptions, LoraOptions, LimitOptions,
+                   ScoringOptions, CacheOptions, ScopeOptions):
     """Settings of ``harmprune attack``. ``--eval-nsamples`` caps every measured held-out set (harmful,
     XSTest, benign); ``--limit`` the fine-tuning records; the scoring options apply to the refusal and
     benign scores; ``--seed`` seeds the random control, data subsets, LoRA init and bootstrap."""
@@ -83,7 +83,8 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
         check_scoring(self)
         validate.check_fraction(self.refusal_q, "--refusal-q")
         validate.check_fraction(self.refusal_p, "--refusal-p")
-        check(self.eval_nsamples >= 0, "--eval-nsamples must be 0 (all) or positive")
+        check(self.eval_nsamples >= 0 and self.corpus_tokens >= 0, "--eval-nsamples and --corpus-tokens must be 0 (all) "
+              "or positive")
         check(self.max_new_tokens >= 1 and self.gen_batch_size >= 1, "--max-new-tokens, --gen-batch-size must be >= 1")
         if self.attack == "finetune":
             self.finetune_config()  # the training settings fail now, not after the first measurement
@@ -98,7 +99,7 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
 
     def headline_config(self) -> HeadlineConfig:
         return HeadlineConfig(max_new_tokens=self.max_new_tokens, batch_size=self.gen_batch_size,
-                              max_length=self.max_length, seed=self.seed)
+                              max_length=self.max_length, corpus_tokens=self.corpus_tokens, seed=self.seed)
 
 
 # ---------------------------------------------------------------- inputs
