@@ -139,13 +139,15 @@ def test_finetune_attack_end_to_end(ckpt, pruned, tmp_path):
     arms = doc["attack"]["finetune"]["arms"]
     assert arms["pruned+ft"]["losses"] == arms["pruned+ft-free"]["losses"]  # same start, same data, same steps
     assert doc["attack"]["finetune"]["data"]["records_used"] == 4
-    assert "| metric | original | original+ft | pruned+ft | pruned+ft-free | random+ft |" in (out / H.TABLE_FILE).read_text()
+    head = "| metric | original | original+ft | pruned+ft | pruned+ft-free | random+ft |"
+    assert head in (out / H.TABLE_FILE).read_text()
 
 
 def test_refusal_ablation_end_to_end(ckpt, pruned, tmp_path):
     d, mask = pruned
     benign = tmp_path / "benign.jsonl"
-    benign.write_text("".join(json.dumps({"prompt": f"recipe {i}", "response": f"mix {i} eggs"}) + "\n" for i in range(6)))
+    rows = [{"prompt": f"recipe {i}", "response": f"mix {i} eggs"} for i in range(6)]
+    benign.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _cfg(ckpt, d, tmp_path, attack="refusal-ablation", benign=str(benign), refusal_q=0.05, refusal_p=0.05)
     out = A.run_attack(cfg)
     doc = _table_from_json(out)

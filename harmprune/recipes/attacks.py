@@ -42,9 +42,9 @@ from ..core import manifest, validate
 from ..core.data import DataSpec, Record, load_records
 from ..core.errors import HarmpruneError
 from ..core.models import load_model, model_name, resolve_device
-from ..core.options import (BenignOptions, CacheOptions, CorpusOptions, EvalHarmOptions, EvalSetOptions, GenBatchOptions,
-                            LimitOptions, LoraOptions, ModelOptions, NewTokensOptions, OutputOptions, PrunedOptions,
-                            ScopeOptions, ScoringOptions, TrainOptions, check_scoring, pick)
+from ..core.options import (BenignOptions, CacheOptions, CorpusOptions, EvalHarmOptions, EvalSetOptions,
+                            GenBatchOptions, LimitOptions, LoraOptions, ModelOptions, NewTokensOptions, OutputOptions,
+                            PrunedOptions, ScopeOptions, ScoringOptions, TrainOptions, check_scoring, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
 from ..finetune.masking import bind_mask, masked_merge
@@ -72,7 +72,7 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
                            "weights)", choices=list(ATTACKS))
     refusal_q: float = opt(0.01, help="refusal-ablation: fraction of each unit's weights in Top_q of the refusal "
                                       "|SNIP|, in [0, 1]")
-    refusal_p: float = opt(0.01, help="refusal-ablation: fraction protected by Top_p of the benign importance, "
+    refusal_p: float = opt(0.1, help="refusal-ablation: fraction protected by Top_p of the benign importance, "
                                       "in [0, 1]")
 
     def __post_init__(self):
@@ -83,8 +83,8 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
         check_scoring(self)
         validate.check_fraction(self.refusal_q, "--refusal-q")
         validate.check_fraction(self.refusal_p, "--refusal-p")
-        check(self.eval_nsamples >= 0 and self.corpus_tokens >= 0, "--eval-nsamples and --corpus-tokens must be 0 (all) "
-              "or positive")
+        check(self.eval_nsamples >= 0 and self.corpus_tokens >= 0,
+              "--eval-nsamples and --corpus-tokens must be 0 (all) or positive")
         check(self.max_new_tokens >= 1 and self.gen_batch_size >= 1, "--max-new-tokens, --gen-batch-size must be >= 1")
         if self.attack == "finetune":
             self.finetune_config()  # the training settings fail now, not after the first measurement
