@@ -153,7 +153,8 @@ REFUSAL_P ?= 0.1
 ATTACK_ARGS ?=
 attack: install
 	$(HP) attack --attack $(ATTACK) --model $(MODEL) $(if $(PRUNED),--pruned $(PRUNED)) \
-	  --eval-nsamples $(ATTACK_N) --max-new-tokens $(ATTACK_TOKENS) --corpus-tokens 2048 --seed $(SEED) \
+	  --eval-nsamples $(ATTACK_N) --max-new-tokens $(ATTACK_TOKENS) --gen-batch-size 16 --corpus-tokens 2048 \
+	  --seed $(SEED) \
 	  --limit $(ATTACK_FT_N) --max-steps $(ATTACK_STEPS) --train-batch-size 4 --grad-accum 1 --train-max-length 192 \
 	  --lr $(ATTACK_LR) --warmup-steps 2 --refusal-q $(REFUSAL_Q) --refusal-p $(REFUSAL_P) --benign $(BENIGN) \
 	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \
