@@ -163,3 +163,12 @@ def test_refusal_ablation_end_to_end(ckpt, pruned, tmp_path):
     assert v["pruned+abl"]["pruned_weights"] == A.count(A.union(ablate, mask))
     assert v["random+abl"]["pruned_weights"] == A.count(A.union(ablate, rand))
     assert info["overlap_with_pruned"] == A.count(ablate) + A.count(mask) - A.count(A.union(ablate, mask))
+
+
+def test_cli_needs_a_pruned_dir(capsys, tmp_path):
+    from harmprune.cli import main
+
+    assert main(["attack", "--attack", "finetune"]) == 2
+    assert "--pruned DIR is required" in capsys.readouterr().err
+    assert main(["attack", "--attack", "refusal-ablation", "--pruned", str(tmp_path)]) == 2
+    assert "no mask.safetensors" in capsys.readouterr().err
