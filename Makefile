@@ -15,7 +15,7 @@ BATCH ?= 4
 SEED ?= 0
 SCORES ?= scores
 
-.PHONY: install test test-fast score prune sweep eval em ablation align subspaces compare-alignment bench clean
+.PHONY: install test test-fast score prune sweep eval em ablation align subspaces compare-alignment attack bench clean
 
 install: $(VENV)/.installed
 
@@ -166,3 +166,27 @@ subspaces: install
 	  --out results/subspaces-$(notdir $(patsubst %/,%,$(ALIGNED))) --seed $(SEED) $(if $(FULL_GRID),--full-grid) \
 	  --limit 8 --judge classifier,keyword --max-new-tokens 32 --nsamples 32 --batch-size 8 --max-length 192 \
 	  --overwrite $(SUBSPACE_ARGS)
+
+# B-TAP's other two attacks (issue 15) on a `make prune` output (PRUNED, required; MODEL = the model it was pruned
+# from) and its random control, each measured with the headline table into results/attack-<attack>-<model>/.
+#   make attack ATTACK=finetune PRUNED=out/<prune dir> MODEL=smollm2-135m-aligned
+#   make attack ATTACK=refusal-ablation PRUNED=out/<prune dir> MODEL=smollm2-135m-aligned [REFUSAL_Q= REFUSAL_P=]
+# CPU-sized (README, "Attacks"): 16 held-out prompts per set, 32 new tokens, 2048 corpus tokens; finetune: LoRA
+# on 32 harmful train records, 8 steps of 4 at 192 tokens; refusal-ablation: scores as `make prune` (cached).
+ATTACK ?= finetune
+ATTACK_N ?= 16
+ATTACK_TOKENS ?= 32
+ATTACK_FT_N ?= 32
+ATTACK_STEPS ?= 8
+ATTACK_LR ?= 2e-4
+REFUSAL_Q ?= 0.01
+REFUSAL_P ?= 0.1
+ATTACK_ARGS ?=
+attack: install
+	$(HP) attack --attack $(ATTACK) --model $(MODEL) $(if $(PRUNED),--pruned $(PRUNED)) \
+	  --eval-nsamples $(ATTACK_N) --max-new-tokens $(ATTACK_TOKENS) --gen-batch-size 16 --corpus-tokens 2048 \
+	  --seed $(SEED) \
+	  --limit $(ATTACK_FT_N) --max-steps $(ATTACK_STEPS) --train-batch-size 4 --grad-accum 1 --train-max-length 192 \
+	  --lr $(ATTACK_LR) --warmup-steps 2 --refusal-q $(REFUSAL_Q) --refusal-p $(REFUSAL_P) --benign $(BENIGN) \
+	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \
+	  --batch-size $(BATCH) --scores-dir $(SCORES) $(if $(OUT),--out $(OUT)) --overwrite $(ATTACK_ARGS)

@@ -30,6 +30,7 @@ from .pruning.prune import ApplyMaskConfig, PruneConfig, apply_mask_stage, prune
 from .recipes.ablation.run import AblateConfig, ablate
 from .recipes.align import AlignConfig, run_align
 from .recipes.compare_alignment import CompareAlignmentConfig, run_compare_alignment
+from .recipes.attacks import AttackConfig, run_attack
 from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
 from .recipes.generate import GenerateConfig, generate_set
 from .recipes.pipeline import PipelineConfig, run_pipeline
@@ -106,6 +107,12 @@ COMMANDS: tuple[Command, ...] = (
             "Safety-tune a model on shipped, permissively licensed data (harmful requests of several sources and "
             "phrasings -> refusals written from templates; benign requests -> compliant answers) into a loadable "
             "checkpoint; the smollm2-135m-aligned alias is this recipe on the embedded model (make align)."),
+    Command("attack", run_attack, (AttackConfig,),
+            "B-TAP's fine-tuning or refusal-ablation attack on original / harm-pruned / random control (make attack)",
+            "Attack the original model, a make prune output (--pruned) and its same-size random control, then "
+            "measure each with the headline table (judged harm with and without the prefill attack, utility). "
+            "finetune: LoRA on the shipped harmful train split, the pruned model with its mask kept and free to "
+            "re-learn; refusal-ablation: zero Top_q(refusal |SNIP|) minus Top_p(benign) in every model."),
     Command("plan", plan, (PlanConfig,), "estimated peak memory and passes of each stage, from the config alone"),
     Command("subspace project", run_project, (ProjectConfig,),
             "the aligned model plus the part of a fine-tune's update inside (parallel) or outside (orth) the "

@@ -128,6 +128,17 @@ class ScoringOptions(PassOptions, TargetOptions, SeedOptions, CheckpointingOptio
 
 
 @dataclass(kw_only=True)
+class CorpusOptions:
+    corpus_tokens: int = opt(16384, help="score at most this many corpus tokens for perplexity (0 = all)")
+
+
+@dataclass(kw_only=True)
+class PrunedOptions:
+    pruned: str | None = opt(None, help="existing pruned checkpoint (a make prune output directory); em-experiment "
+                                        "runs the pipeline when it is not given")
+
+
+@dataclass(kw_only=True)
 class PresetOptions:
     preset: str | None = opt(None, help="published settings (e.g. btap-llama3.1-8b; list: harmprune.recipes.presets); "
                                         "flags you type override them; prints what it set")

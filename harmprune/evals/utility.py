@@ -37,7 +37,8 @@ from .. import data as builtin_data
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import DataError, HarmpruneError
-from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions
+from ..core.options import (CorpusOptions, EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions,
+                            PresetOptions)
 from ..core.settings import check, opt
 from . import results as R
 from .generation import GenConfig
@@ -199,13 +200,12 @@ def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int, seed:
 
 
 @dataclass(kw_only=True)
-class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenignOptions, PresetOptions):
+class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenignOptions, PresetOptions, CorpusOptions):
     """Settings of ``harmprune eval utility`` (generation settings for over-refusal: GenConfig; NLL passes:
     ``--max-length`` and ``--batch-size``)."""
 
     parts: list[str] = opt(list(PARTS), help="parts to run: benign_nll corpus_nll over_refusal lm_eval")
     corpus: str = opt("builtin", help="plain-text UTF-8 corpus file for perplexity (builtin = shipped corpus.txt)")
-    corpus_tokens: int = opt(16384, help="score at most this many corpus tokens (0 = all)")
     block_size: int = opt(256, help="tokens per corpus block")
     refusal_prompts: str = opt("xstest", help="safe prompts for over-refusal: xstest (shipped) or a data file")
     refusal_judge: str = opt("keyword:gcg", help="refusal judge(s), comma-separated (e.g. keyword:gcg,classifier)")

@@ -25,8 +25,8 @@ from pathlib import Path
 from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, EvalSetOptions, JudgeOptions,
-                            LimitOptions, ModelOptions, OutputOptions, QuantizeOptions, RatingJudgeOptions,
-                            ScoringOptions, SelectionOptions, TrainDataOptions, TrainOptions, pick)
+                            LimitOptions, ModelOptions, OutputOptions, PrunedOptions, QuantizeOptions,
+                            RatingJudgeOptions, ScoringOptions, SelectionOptions, TrainDataOptions, TrainOptions, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import em
 from ..evals import results as R
@@ -38,12 +38,11 @@ DONE_FILES = {"prune": "prune_config.json", "finetune": "finetune_config.json", 
 @dataclass(kw_only=True)
 class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDataOptions, OutputOptions,
                          SelectionOptions, ScoringOptions, EvalSetOptions, TrainOptions, LimitOptions,
-                         EMQuestionOptions, EMSamplingOptions, BackendOptions, QuantizeOptions):
+                         EMQuestionOptions, EMSamplingOptions, BackendOptions, QuantizeOptions, PrunedOptions):
     """Settings of ``harmprune em-experiment``; ``--out`` defaults to results/em-<model>. Pruning (without
     ``--pruned``) runs the pipeline with ``--q``/``--p``/scoring options; ``--limit`` subsets the fine-tuning
     data; quantized loading applies to the EM evaluation only; ``--seed`` seeds everything."""
 
-    pruned: str | None = opt(None, help="existing pruned checkpoint (make prune output) instead of running the pipeline")
     random_control: str | None = opt(None, help="existing random-control checkpoint instead of pruning one")
 
     def __post_init__(self):
