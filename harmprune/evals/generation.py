@@ -24,7 +24,7 @@ from ..core.formatting import prompt_text, resolve_format
 from ..core.options import BackendOptions, FormatOptions, SamplingOptions, SeedOptions
 from ..core.settings import check, opt
 from . import backends as B
-from .backends import cut_at_eos, eos_ids, generate_tokens  # noqa: F401  (public names of this module too)
+from .backends import generate_tokens  # noqa: F401 (public name of this module too)
 
 BACKENDS = tuple(B.backend_names())  # hf, vllm, auto
 

@@ -26,7 +26,7 @@ from ..core.options import FieldOptions, HarmJudgeOptions, JudgeOptions, LimitOp
 from ..core.settings import check, opt, to_dict
 from . import results as R
 from .generation import GenConfig, generate, prefill_prefixes
-from .base import EvalBase, eval_backend, eval_quantize, load_eval_model, short_hash  # noqa: F401 (re-exported)
+from .base import EvalBase, eval_backend
 from .judges import Verdict, get_judge
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 

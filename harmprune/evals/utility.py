@@ -42,7 +42,6 @@ from ..core.settings import check, opt
 from . import results as R
 from .generation import GenConfig
 from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
-                   load_eval_model,
                    load_judges)
 from .nll import response_nll
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval

@@ -27,11 +27,10 @@ from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records, records_sha256
 from ..core.errors import HarmpruneError, require
 from ..core.formatting import IGNORE, collate, encode, resolve_format, token_nll
-from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, parse_dtype, resolve
+from ..core.models import load_model, load_tokenizer, model_hash, parse_dtype, resolve
 from ..core.options import (CheckpointingOptions, FieldOptions, FormatOptions, LimitOptions, LoraOptions,
                             ModelOptions, OutputOptions, QuantizeOptions, ResumeOptions, SeedOptions, TargetOptions,
-                            TrainDataOptions,
-                            TrainOptions)
+                            TrainDataOptions, TrainOptions)
 from ..core.settings import check, opt, to_dict
 from ..core.targets import select_linears
 from .masking import BoundMask, bind_mask, masked_merge

@@ -27,7 +27,7 @@ from fractions import Fraction
 
 import torch
 
-from ..attribution.formulas import METHODS, importance  # noqa: F401 (importance: the one sign convention)
+from ..attribution.formulas import importance  # the one sign convention
 
 SCOPES = ("matrix", "row", "global")
 CONTROLS = ("none", "random", "magnitude", "second-band")

@@ -29,8 +29,8 @@ from ..core.errors import HarmpruneError
 from ..core.settings import check, opt, to_dict
 from ..evals.generation import GenConfig
 from ..evals.pending import check_judges
-from ..evals.harm import (HarmConfig, eval_backend, generate_samples, judge_options, judge_samples,
-                   load_eval_model, load_judges, load_prompts)
+from ..evals.base import eval_backend, load_eval_model
+from ..evals.harm import HarmConfig, generate_samples, judge_options, judge_samples, load_judges, load_prompts
 
 KEEP = ("harmful", "all")
 HARM_THRESHOLD = 0.5

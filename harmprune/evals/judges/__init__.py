@@ -21,7 +21,6 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 from ... import data as builtin_data
