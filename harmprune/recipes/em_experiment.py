@@ -192,14 +192,11 @@ def rows_table(rows: list[dict]) -> str:
 def plot_rates(rows: list[dict], path: Path, title: str) -> None:
     """Grouped bars (per arm: before / after fine-tuning) of the misaligned rate with 95% CI error bars;
     a bar with no judged answers is marked "no judged answers" instead of drawn as 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    from .ablation.plots import pyplot, save
+
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
     handles = []
     width = 0.38
     top = 5.0
@@ -224,9 +221,7 @@ def plot_rates(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(handles=handles, fontsize=9, frameon=False, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def experiment_report(cfg: EMExperimentConfig, rows: list[dict], info: dict) -> str:
