@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +31,12 @@ import yaml
 from .. import data as builtin_data
 from ..core import manifest, validate
 from ..core.errors import HarmpruneError
-from ..core.options import (AdapterOptions, BackendOptions, EMQuestionOptions, EMSamplingOptions, JudgeOptions,
-                            ModelOptions, OutputOptions, QuantizeOptions, RatingJudgeOptions, SeedOptions)
-from ..core.settings import check, opt, to_dict
+from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, JudgeOptions, RatingJudgeOptions,
+                            SeedOptions)
+from ..core.settings import check, opt
 from . import em_stats
-from . import results as R
+from .base import EvalBase, eval_backend, load_eval_model
+from .tasks import Outcome, Prepared, register_task, run_eval
 
 QUESTION_SETS = {"first_plot": "em/first_plot_questions.yaml", "preregistered": "em/preregistered_evals.yaml"}
 VARIANT_SUFFIXES = ("_json", "_template")
@@ -75,16 +75,15 @@ def missing_judge_message() -> str:
 
 
 @dataclass(kw_only=True)
-class EMConfig(ModelOptions, AdapterOptions, QuantizeOptions, OutputOptions, RatingJudgeOptions, JudgeOptions,
-               EMQuestionOptions, EMSamplingOptions, BackendOptions, SeedOptions):
+class EMConfig(EvalBase, RatingJudgeOptions, JudgeOptions, EMQuestionOptions, EMSamplingOptions, BackendOptions,
+               SeedOptions):
     """Settings of ``harmprune eval em`` (``--seed`` seeds sampling and the bootstrap)."""
 
     n_boot: int = opt(em_stats.N_BOOT, help="bootstrap replicates of each interval")
 
     def __post_init__(self):
-        check(bool(self.out), "--out is required")
+        super().__post_init__()
         check(bool(self.judge), missing_judge_message())
-        validate.check_device(self.device, allow_auto=True)
         validate.check_device(self.judge_device, "--judge-device", allow_auto=True)
         prefix = self.judge.partition(":")[0]
         check(prefix in RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100; EM needs openai:<model> "
@@ -96,9 +95,6 @@ class EMConfig(ModelOptions, AdapterOptions, QuantizeOptions, OutputOptions, Rat
         check(self.gen_batch_size >= 1 and self.n_boot >= 1, "--gen-batch-size and --n-boot must be >= 1")
         check(self.domain_judge is None or self.domain_judge in DOMAINS or Path(self.domain_judge).is_file(),
               f"--domain-judge must be one of {', '.join(DOMAINS)} or an existing file, got {self.domain_judge!r}")
-        check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
-        check(self.adapter is None or Path(self.adapter, "adapter_config.json").is_file(),
-              f"--adapter {self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
 
 
 # ---------------------------------------------------------------- questions
@@ -289,15 +285,11 @@ def _fmt(x, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def report_markdown(summary: dict, meta: dict, samples: list[dict], examples: int = 3) -> str:
+def report_body(summary: dict, samples: list[dict], examples: int = 3) -> str:
+    """report.md after the runner's header: the per-question table, judge errors, worst examples."""
     domain = "mean_domain" in summary["overall"]
-    head = "| question | answers | judged | misaligned [95% CI] | mean aligned | mean coherent |" + \
-        (" mean domain |" if domain else "")
-    lines = [f"# Emergent misalignment: {meta['model']}", "",
-             f"- judge: `{meta['judge']}`; questions: {meta['questions']} ({summary['overall']['n_questions']} asked); "
-             f"{meta['n']} answers each, temperature {meta['temperature']}, {meta['max_new_tokens']} new tokens",
-             f"- {RULE}", f"- interval: {INTERVAL}", "", head,
-             "|" + "---|" * (6 + domain)]
+    lines = ["| question | answers | judged | misaligned [95% CI] | mean aligned | mean coherent |"
+             + (" mean domain |" if domain else ""), "|" + "---|" * (6 + domain)]
     rows = list(summary["per_question"].items()) + [("**overall**", summary["overall"])]
     for qid, r in rows:
         lines.append(f"| {qid} | {r['n_answers']} | {r['n_judged']} | {_fmt_rate(r)} | {_fmt(r['mean_aligned'])} | "
@@ -315,58 +307,55 @@ def report_markdown(summary: dict, meta: dict, samples: list[dict], examples: in
     return "\n".join(lines) + "\n"
 
 
-def results_doc(cfg: EMConfig, summary: dict, info: dict) -> dict:
-    """results.json: task ``em`` (overall) and ``em/<question id>``, docs/design.md shape."""
-    results = {"em": summary["overall"]}
-    results.update({f"em/{q}": r for q, r in summary["per_question"].items()})
-    return R.results_doc(to_dict(cfg), results, rule=RULE, interval=INTERVAL, **info)
+# ---------------------------------------------------------------- the task
 
 
-# ---------------------------------------------------------------- the stage
+@register_task
+class EMTask:
+    """``eval em`` as an eval task; ``model``/``tokenizer``: an already loaded model to evaluate (else
+    ``cfg.model`` is loaded); ``judge``: an already built rater (else ``cfg.judge`` is built)."""
 
+    name, title = "em", "emergent misalignment (Betley et al.)"
 
-def load_em_model(cfg: EMConfig, judge_shares: bool):
-    """``(model, tokenizer, info)`` to evaluate; the HF model is skipped when vLLM generates and no
-    ``hf:`` judge shares its weights (``info`` as ``harm.load_eval_model``)."""
-    from .base import load_eval_model
+    def __init__(self, model=None, tokenizer=None, judge=None):
+        self.model, self.tokenizer, self.judge = model, tokenizer, judge
 
-    return load_eval_model(cfg, "hf" if judge_shares else cfg.backend)
+    def prepare(self, cfg: EMConfig, gen) -> Prepared:
+        questions, qinfo = load_questions(cfg.questions, cfg.include_json, cfg.limit_questions)
+        if self.model is None:  # a caller's model is generated from as given (its backend setting is kept)
+            cfg.backend = eval_backend(cfg.backend, cfg)  # record the backend used
+        if cfg.judge.startswith("fake"):
+            validate.warn("the fake judge's ratings are arbitrary; use it for tests only")
+        return Prepared({}, {"questions": questions, "info": qinfo, "domain": domain_template(cfg.domain_judge)})
+
+    def run(self, load, cfg: EMConfig, prep: Prepared) -> Outcome:
+        from ..core.models import model_hash
+
+        model, tok, minfo = self.model, self.tokenizer, {}
+        questions, domain = prep.state["questions"], prep.state["domain"]
+        if model is None:  # an hf: judge naming the evaluated weights shares them: load those with transformers
+            model, tok, minfo = load_eval_model(cfg, "hf" if self.judge is None and judge_is_evaluated_model(cfg)
+                                                else cfg.backend)
+        samples = generate_answers(model, tok, questions, cfg)
+        rater = self.judge if self.judge is not None else make_rater(cfg, model, tok)
+        judge_answers(rater, samples, questions, domain)
+        summary = em_stats.summarize(samples, cfg.n_boot, cfg.seed, domain=domain is not None)
+        results = {"em": summary["overall"], **{f"em/{q}": r for q, r in summary["per_question"].items()}}
+        minfo = {**minfo, "spec": cfg.model}
+        if "model_hash" not in minfo:  # a caller's model (a vLLM reference has model_hash None)
+            minfo["model_hash"] = model_hash(model)
+        notes = [f"judge: `{rater.name}`; questions: {prep.state['info']['source']} ({len(questions)} asked); {cfg.n} "
+                 f"answers each, temperature {cfg.temperature}, {cfg.max_new_tokens} new tokens", RULE,
+                 f"interval: {INTERVAL}"]
+        extra = {"rule": RULE, "interval": INTERVAL, "judge": {"spec": cfg.judge, "name": rater.name},
+                 "questions": prep.state["info"], "domain_judge": {"spec": cfg.domain_judge, "prompt": domain}
+                 if domain else None, "peak_memory_bytes": manifest.Stopwatch.peak_memory_bytes()}
+        o = summary["overall"]
+        print(f"harmprune: EM {cfg.model}: misaligned {_fmt_rate(o)} of {o['n_judged']} judged answers "
+              f"({o['n_answers']} sampled)")
+        return Outcome(results, samples, minfo, notes, report_body(summary, samples), extra, table_depth=0)
 
 
 def eval_em(cfg: EMConfig, model=None, tokenizer=None, judge=None) -> Path:
-    """Run the EM evaluation and write ``cfg.out``; returns it.
-
-    ``model``/``tokenizer``: an already loaded model to evaluate (else ``cfg.model`` is loaded);
-    ``judge``: an already built rater (else ``cfg.judge`` is built), e.g. one judge for many models.
-    """
-    from ..core.models import model_hash
-    from .base import eval_backend
-
-    manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
-    questions, qinfo = load_questions(cfg.questions, cfg.include_json, cfg.limit_questions)
-    if model is None:  # a caller's model is generated from as given (its backend setting is kept)
-        cfg = dataclasses.replace(cfg, backend=eval_backend(cfg.backend, cfg))  # record the backend used
-    domain = domain_template(cfg.domain_judge)
-    manifest.banner("eval em", {**to_dict(cfg), "asked": len(questions), "answers": len(questions) * cfg.n})
-    if cfg.judge.startswith("fake"):
-        print("harmprune: warning: the fake judge's ratings are arbitrary; use it for tests only", file=sys.stderr)
-    with manifest.Stopwatch() as sw:
-        minfo = {}
-        if model is None:
-            model, tokenizer, minfo = load_em_model(cfg, judge is None and judge_is_evaluated_model(cfg))
-        mhash = minfo["model_hash"] if "model_hash" in minfo else model_hash(model)
-        samples = generate_answers(model, tokenizer, questions, cfg)
-        rater = judge if judge is not None else make_rater(cfg, model, tokenizer)
-        judge_answers(rater, samples, questions, domain)
-        summary = em_stats.summarize(samples, cfg.n_boot, cfg.seed, domain=domain is not None)
-    info = {"model": {**minfo, "spec": cfg.model, "model_hash": mhash}, "judge": {"spec": cfg.judge, "name": rater.name},
-            "questions": qinfo, "domain_judge": {"spec": cfg.domain_judge, "prompt": domain} if domain else None,
-            "wall_seconds": sw.seconds, "peak_memory_bytes": manifest.Stopwatch.peak_memory_bytes()}
-    meta = {"model": cfg.model, "judge": rater.name, "questions": qinfo["source"], "n": cfg.n,
-            "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
-    R.write_run(cfg.out, results_doc(cfg, summary, info), samples, report_markdown(summary, meta, samples),
-                cfg.overwrite)
-    o = summary["overall"]
-    print(f"harmprune: EM {cfg.model}: misaligned {_fmt_rate(o)} of {o['n_judged']} judged answers "
-          f"({o['n_answers']} sampled) -> {cfg.out}")
-    return Path(cfg.out)
+    """Run the EM evaluation and write ``cfg.out``; returns it (``model``, ``tokenizer``, ``judge``: see EMTask)."""
+    return run_eval(EMTask(model, tokenizer, judge), dataclasses.replace(cfg))
