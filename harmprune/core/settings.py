@@ -131,3 +131,10 @@ def check(cond: bool, msg: str) -> None:
     """Validation helper for __post_init__: raise a one-line HarmpruneError when cond is false."""
     if not cond:
         raise HarmpruneError(msg)
+
+
+def check_min(cfg, minimum: float, *names: str) -> None:
+    """Validation helper: each named field of ``cfg`` is None (not given) or at least ``minimum``."""
+    for name in names:
+        value = getattr(cfg, name)
+        check(value is None or value >= minimum, f"{_flag(name)} must be >= {minimum:g}, got {value}")

@@ -32,8 +32,8 @@ from .. import data as builtin_data
 from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, JudgeOptions, RatingJudgeOptions,
-                            SeedOptions)
-from ..core.settings import check, opt
+                            SeedOptions, check_sampling)
+from ..core.settings import check, check_min, opt
 from . import em_stats
 from .base import EvalBase, eval_backend, load_eval_model
 from .tasks import Outcome, Prepared, register_task, run_eval
@@ -88,11 +88,8 @@ class EMConfig(EvalBase, RatingJudgeOptions, JudgeOptions, EMQuestionOptions, EM
         prefix = self.judge.partition(":")[0]
         check(prefix in RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100; EM needs openai:<model> "
                                        "(with --judge-url), hf:<model> or fake (tests)")
-        check(self.n >= 1, "--n must be >= 1")
-        check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
-        check(self.temperature >= 0, "--temperature must be >= 0")
-        check(self.limit_questions is None or self.limit_questions >= 1, "--limit-questions must be >= 1")
-        check(self.gen_batch_size >= 1 and self.n_boot >= 1, "--gen-batch-size and --n-boot must be >= 1")
+        check_sampling(self)
+        check_min(self, 1, "limit_questions", "n_boot")
         check(self.domain_judge is None or self.domain_judge in DOMAINS or Path(self.domain_judge).is_file(),
               f"--domain-judge must be one of {', '.join(DOMAINS)} or an existing file, got {self.domain_judge!r}")
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..core.errors import HarmpruneError
 from ..core.formatting import prompt_text, resolve_format
-from ..core.options import BackendOptions, FormatOptions, SamplingOptions, SeedOptions
-from ..core.settings import check, opt
+from ..core.options import BackendOptions, FormatOptions, SamplingOptions, SeedOptions, check_sampling
+from ..core.settings import check, check_min, opt
 from . import backends as B
 from .backends import generate_tokens  # noqa: F401 (public name of this module too)
 
@@ -36,12 +36,8 @@ class GenConfig(SamplingOptions, FormatOptions, SeedOptions, BackendOptions):
     prefill: int = opt(0, help="force the first K tokens of the reference response as the start of the reply")
 
     def __post_init__(self):
-        check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
-        check(self.temperature >= 0, "--temperature must be >= 0")
-        check(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
-        check(self.n >= 1, "--n must be >= 1")
-        check(self.gen_batch_size >= 1, "--gen-batch-size must be >= 1")
-        check(self.prefill >= 0, "--prefill must be >= 0")
+        check_sampling(self)
+        check_min(self, 0, "prefill")
         check(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}")
 
     @property

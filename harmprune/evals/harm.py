@@ -23,7 +23,7 @@ from ..core import validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import HarmpruneError
 from ..core.options import FieldOptions, HarmJudgeOptions, JudgeOptions, LimitOptions, ResumeOptions
-from ..core.settings import check, opt, to_dict
+from ..core.settings import check, check_min, opt, to_dict
 from . import results as R
 from .generation import GenConfig, generate, prefill_prefixes
 from .base import EvalBase, eval_backend
@@ -140,11 +140,10 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.limit >= 0, "--limit must be 0 (all) or positive")
+        check_min(self, 0, "limit", "judge_retries")
         judge_specs(self.judge)
         validate.check_finite(self.judge_timeout, "--judge-timeout")
         check(self.judge_timeout > 0, "--judge-timeout must be > 0 seconds")
-        check(self.judge_retries >= 0, "--judge-retries must be >= 0")
         validate.check_fraction(self.max_judge_errors, "--max-judge-errors")
 
     def data_spec(self) -> DataSpec:

@@ -171,10 +171,6 @@ def read_samples(path: str | Path) -> list[dict]:
 def fmt(v, digits: int = 3) -> str:
     if v is None:
         return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
     if isinstance(v, float):
         return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"
     return str(v)

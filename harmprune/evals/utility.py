@@ -37,8 +37,9 @@ from .. import data as builtin_data
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.errors import DataError, HarmpruneError
-from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions
-from ..core.settings import check, opt
+from ..core.formatting import IGNORE, token_nll
+from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions, check_pass
+from ..core.settings import check, check_min, opt
 from . import results as R
 from .generation import GenConfig
 from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
@@ -74,9 +75,8 @@ def block_nll(model, blocks: list[list[int]], bos: int | None, batch_size: int =
         width = max(len(c) for c in chunk)
         ids = torch.tensor([c + [0] * (width - len(c)) for c in chunk], device=dev)
         mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunk], device=dev)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        tok = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
-        out += (tok.sum(1) / mask[:, 1:].sum(1).clamp_min(1)).tolist()
+        tok, scored = token_nll(model(input_ids=ids, attention_mask=mask).logits, ids.masked_fill(mask == 0, IGNORE))
+        out += (tok.sum(1) / scored.sum(1).clamp_min(1)).tolist()
     return out
 
 
@@ -215,10 +215,9 @@ class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenig
         super().__post_init__()
         bad = [p for p in self.parts if p not in PARTS]
         check(not bad, f"unknown --parts {', '.join(bad)}; choose from {', '.join(PARTS)}")
-        check(self.corpus_tokens >= 0 and self.limit >= 0 and self.lm_eval_limit >= 0,
-              "--corpus-tokens, --limit and --lm-eval-limit must be >= 0")
-        check(self.block_size >= 2, "--block-size must be at least 2")
-        check(self.max_length >= 2, "--max-length must be at least 2")
+        check_min(self, 0, "corpus_tokens", "limit", "lm_eval_limit")
+        check_min(self, 2, "block_size")
+        check_pass(self)
         judge_specs(self.refusal_judge)
 
 

@@ -26,7 +26,7 @@ from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, EvalSetOptions, JudgeOptions,
                             LimitOptions, ModelOptions, OutputOptions, QuantizeOptions, RatingJudgeOptions,
-                            ScoringOptions, SelectionOptions, TrainDataOptions, TrainOptions, pick)
+                            ScoringOptions, SelectionOptions, TrainDataOptions, TrainOptions, check_sampling, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import em
 from ..evals import results as R
@@ -54,7 +54,7 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
               f"--pruned {self.pruned}: not a pruned checkpoint (no {DONE_FILES['prune']})")
         check(self.random_control is None or Path(self.random_control, "mask.safetensors").is_file(),
               f"--random-control {self.random_control}: no mask.safetensors there")
-        check(self.n >= 1 and self.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
+        check_sampling(self)
         check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
 
     def out_dir(self) -> Path:

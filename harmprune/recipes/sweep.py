@@ -42,7 +42,6 @@ class SweepConfig(PruneInputs):
         super().__post_init__()
         validate.check_grid(self.qs, "--qs")
         validate.check_grid(self.ps, "--ps")
-        check(self.eval_nsamples >= 0, "--eval-nsamples must be 0 (all) or positive")
         validate.check_finite(self.max_benign_rel, "--max-benign-rel")
         validate.check_finite(self.min_d_harmful, "--min-d-harmful")
         bad = sorted(set(self.controls) - set(VARIANTS[1:]))

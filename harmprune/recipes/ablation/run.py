@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 from ...attribution.artifact import load_scores
 from ...attribution.cache import cached_scores
 from ...attribution.score import select
-from ...core import manifest, validate
+from ...core import manifest
 from ...core.data import DataSpec, data_fingerprint, load_records
 from ...core.errors import HarmpruneError
 from ...core.models import load_model, model_name
 from ...core.options import (BenignOptions, CacheOptions, DataOptions, FieldOptions, HarmJudgeOptions, MethodOptions,
                              ModelOptions, NewTokensOptions, OutputOptions, ScopeOptions, ScoringOptions,
                              SelectionOptions, check_scoring, pick)
-from ...core.settings import check, opt, to_dict
+from ...core.settings import check, check_min, opt, to_dict
 from ...pruning.apply import masked
 from ...pruning.select import random_control, select_prune_set
 from . import curves, distribution, overlap, plots, report, transfer
@@ -60,11 +60,8 @@ class AblateConfig(ModelOptions, DataOptions, FieldOptions, BenignOptions, Metho
     def __post_init__(self):
         check(0 < self.q <= 1 and 0 <= self.p <= 1, "--q must be in (0, 1] and --p in [0, 1]")
         check_scoring(self)
-        validate.check_device(self.device)
         check(all(0 < q <= 1 for q in self.curve_qs), "--curve-qs must be fractions in (0, 1]")
-        check(self.nsamples >= 1 and self.category_nsamples >= 1, "--nsamples and --category-nsamples must be >= 1")
-        check(self.eval_per_category >= 1 and self.eval_benign_nsamples >= 1, "evaluation sizes must be >= 1")
-        check(self.min_rows >= 1, "--min-rows must be >= 1")
+        check_min(self, 1, "nsamples", "category_nsamples", "eval_per_category", "eval_benign_nsamples", "min_rows")
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("results") / f"ablation-{model_name(self.model)}"
