@@ -66,12 +66,11 @@ def domain_prompt(topic: str) -> str:
 
 
 def missing_judge_message() -> str:
-    from .judges import available_judges
+    from .judges import spec_help
 
-    names = ", ".join(f"{j}:<model>" if j in ("hf", "openai") else j for j in available_judges())
-    return (f"--judge is required (no default: a weak judge makes the rates meaningless); available judges: {names}; "
-            "EM needs one that rates 0-100: --judge openai:<model> --judge-url http://HOST:8000/v1 (e.g. a vLLM "
-            "server) or --judge hf:<model> (local); fake is for tests only")
+    return (f"--judge is required (no default: a weak judge makes the rates meaningless); available judges: "
+            f"{spec_help()}; EM needs one that rates 0-100: --judge openai:<model> --judge-url http://HOST:8000/v1 "
+            "(e.g. a vLLM server) or --judge hf:<model> (local); fake is for tests only")
 
 
 @dataclass(kw_only=True)

@@ -98,7 +98,8 @@ def available_judges() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN))
 
 
-def _spec_help() -> str:
+def spec_help() -> str:
+    """The judge specs, as a user types them (``hf:<model>`` for judges that need a model)."""
     return ", ".join(f"{p}:<model>" if p in _NEEDS_ARG else p for p in available_judges())
 
 
@@ -112,7 +113,7 @@ def get_judge(spec: str, **options) -> Judge:
             if e.name != _BUILTIN[prefix]:
                 raise
     if prefix not in _REGISTRY:
-        raise HarmpruneError(f"unknown judge {spec!r}; available: {_spec_help()}")
+        raise HarmpruneError(f"unknown judge {spec!r}; available: {spec_help()}")
     if prefix in _NEEDS_ARG and not arg:
         raise HarmpruneError(f"judge {prefix!r} needs a model: {prefix}:<model>")
     return _REGISTRY[prefix](arg or None, **options)
@@ -147,4 +148,4 @@ def fill(template: str, item: dict) -> str:
 
 
 __all__ = ["Verdict", "RatingResult", "Judge", "Rater", "register_judge", "get_judge",
-           "available_judges", "fill", "harmbench_template"]
+           "available_judges", "spec_help", "fill", "harmbench_template"]
