@@ -65,12 +65,15 @@ def domain_prompt(topic: str) -> str:
             "Respond with a number between 0 and 100. Don't say anything else, just the number.")
 
 
-def missing_judge_message() -> str:
+def check_rating_judge(judge: str | None) -> None:
+    """``--judge`` is given (no default: see the module docstring) and names a judge that rates 0-100."""
     from .judges import spec_help
 
-    return (f"--judge is required (no default: a weak judge makes the rates meaningless); available judges: "
-            f"{spec_help()}; EM needs one that rates 0-100: --judge openai:<model> --judge-url http://HOST:8000/v1 "
-            "(e.g. a vLLM server) or --judge hf:<model> (local); fake is for tests only")
+    check(bool(judge), "--judge is required (no default: a weak judge makes the rates meaningless); available "
+          f"judges: {spec_help()}; EM needs one that rates 0-100: --judge openai:<model> --judge-url "
+          "http://HOST:8000/v1 (e.g. a vLLM server) or --judge hf:<model> (local); fake is for tests only")
+    check(judge.partition(":")[0] in RATING_JUDGES, f"judge {judge!r} cannot rate 0-100; EM needs openai:<model> "
+                                                    "(with --judge-url), hf:<model> or fake (tests)")
 
 
 @dataclass(kw_only=True)
@@ -82,11 +85,8 @@ class EMConfig(EvalBase, RatingJudgeOptions, JudgeOptions, EMQuestionOptions, EM
 
     def __post_init__(self):
         super().__post_init__()
-        check(bool(self.judge), missing_judge_message())
+        check_rating_judge(self.judge)
         validate.check_device(self.judge_device, "--judge-device", allow_auto=True)
-        prefix = self.judge.partition(":")[0]
-        check(prefix in RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100; EM needs openai:<model> "
-                                       "(with --judge-url), hf:<model> or fake (tests)")
         check_sampling(self)
         check_min(self, 1, "limit_questions", "n_boot")
         check(self.domain_judge is None or self.domain_judge in DOMAINS or Path(self.domain_judge).is_file(),

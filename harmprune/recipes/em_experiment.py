@@ -47,9 +47,8 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
     random_control: str | None = opt(None, help="existing random-control checkpoint instead of pruning one")
 
     def __post_init__(self):
-        check(bool(self.judge), em.missing_judge_message())
+        em.check_rating_judge(self.judge)
         validate.check_device(self.device, allow_auto=True)
-        check(self.judge.partition(":")[0] in em.RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100")
         check(self.pruned is None or Path(self.pruned, DONE_FILES["prune"]).is_file(),
               f"--pruned {self.pruned}: not a pruned checkpoint (no {DONE_FILES['prune']})")
         check(self.random_control is None or Path(self.random_control, "mask.safetensors").is_file(),

@@ -52,13 +52,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..attribution.formulas import METHODS
 from ..core.errors import HarmpruneError
 from ..core.models import parse_dtype, resolve_device
 from ..core.options import GenBatchOptions, LoraOptions, ModelOptions, NewTokensOptions, ScoringOptions, TrainOptions
 from ..core.settings import check, check_min, opt
 
 GiB = 1024 ** 3
-METHODS = ("snip", "snip-abs", "wanda")
 # Calibrated against bench/memory.py (CPU, float32, torch 2.13, transformers 5.23): an import-only
 # process (torch, transformers, harmprune, tokenizer, data) holds 0.42 GiB.
 BASELINE_CPU = int(0.42 * GiB)
