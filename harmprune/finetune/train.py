@@ -297,26 +297,21 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out: Path, model, opt, sched, state: TrainState, settings: dict) -> Path:
-    """Write ``step-N`` to a temporary name, rename it, then drop older checkpoints."""
+    """Write ``step-N`` atomically (``manifest.atomic_dir``), then drop older checkpoints."""
     from safetensors.torch import save_file
 
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save(sched.state_dict(), tmp / "scheduler.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    manifest.write_json(tmp / STATE_FILE, {"step": state.step, "losses": state.losses, "settings": settings})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in root.glob("step-*"):
+    final = out / CHECKPOINTS / f"step-{state.step}"
+    with manifest.atomic_dir(final, overwrite=True) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        manifest.write_json(tmp / STATE_FILE, {"step": state.step, "losses": state.losses, "settings": settings})
+    for old in final.parent.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
