@@ -144,12 +144,14 @@ def resolve(spec: str) -> tuple[str, str | None]:
     )
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, pad: bool = True):
+    """The model's tokenizer; ``pad``: give it a pad token (its EOS) for batching when it has none, else
+    leave it exactly as the model ships it (what a saved checkpoint keeps)."""
     from transformers import AutoTokenizer
 
     path, gguf = resolve(spec)
     tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
+    if pad and tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
