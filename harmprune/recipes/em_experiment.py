@@ -67,12 +67,12 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
         return resolve_device(self.device)
 
 
-def done(path: Path, kind: str) -> bool:
-    return (path / DONE_FILES[kind]).is_file()
-
-
-def _skip(what: str, path: Path) -> None:
+def done(path: Path, kind: str, what: str) -> bool:
+    """Whether a ``kind`` step finished in ``path`` before (then it is re-used, with a notice)."""
+    if not (path / DONE_FILES[kind]).is_file():
+        return False
     print(f"harmprune: em-experiment: {what} already done in {path}, re-using it", file=sys.stderr)
+    return True
 
 
 # ---------------------------------------------------------------- steps
@@ -82,8 +82,7 @@ def pruned_step(cfg: EMExperimentConfig, out: Path) -> Path:
     if cfg.pruned:
         return Path(cfg.pruned)
     target = out / "pruned"
-    if done(target, "prune"):
-        _skip("pruning", target)
+    if done(target, "prune", "pruning"):
         return target
     from .pipeline import PipelineConfig, run_pipeline
 
@@ -97,8 +96,7 @@ def random_step(cfg: EMExperimentConfig, out: Path, pruned: Path) -> Path:
     if cfg.random_control:
         return Path(cfg.random_control)
     target = out / "random"
-    if done(target, "prune"):
-        _skip("random control", target)
+    if done(target, "prune", "random control"):
         return target
     from ..pruning.prune import PruneConfig, prune
 
@@ -136,8 +134,7 @@ def finetune_step(cfg: EMExperimentConfig, out: Path, arm: str, base: str, mask:
 
     target = out / f"ft-{arm}"
     model_dir = target if cfg.full else target / "merged"
-    if done(target, "finetune"):
-        _skip(f"fine-tune of {arm}", target)
+    if done(target, "finetune", f"fine-tune of {arm}"):
         return model_dir
     finetune(pick(FinetuneConfig, cfg, out=str(target), model=base, merge=not cfg.full,
                   keep_mask=str(mask) if mask else None, device=cfg.device_name(), resume=True,
@@ -163,9 +160,7 @@ class LazyJudge:
 
 def eval_step(cfg: EMExperimentConfig, out: Path, name: str, model: str, judge: LazyJudge) -> dict:
     target = out / "em" / name
-    if done(target, "eval"):
-        _skip(f"EM eval of {name}", target)
-    else:
+    if not done(target, "eval", f"EM eval of {name}"):
         em.eval_em(em_config(cfg, model, target), judge=judge.get())
     doc = R.read_results(target)
     return {"name": name, "model": model, "dir": str(target), **doc["results"]["em"]}
