@@ -46,7 +46,7 @@ def _base_type(tp):
 class _DeprecatedFlag(argparse.Action):
     """An old flag name: stores into the new field and says once, in one line, what to use instead."""
 
-    def __init__(self, *args, new: str, inner=None, **kw):
+    def __init__(self, *args, new: str, **kw):
         self.new = new
         super().__init__(*args, **kw)
 

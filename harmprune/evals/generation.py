@@ -49,12 +49,10 @@ class GenConfig(SamplingOptions, FormatOptions, SeedOptions, BackendOptions):
 
 
 def _context_text(tokenizer, prompt: str, fmt: str, system: str | None) -> str:
-    if not system:
-        return prompt_text(tokenizer, prompt, fmt)
-    if fmt == "chat":
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return system + "\n\n" + prompt_text(tokenizer, prompt, fmt)
+    # the raw format has no place for a system prompt (core.formatting drops it): here it leads the text
+    if system and fmt != "chat":
+        return system + "\n\n" + prompt_text(tokenizer, prompt, fmt)
+    return prompt_text(tokenizer, prompt, fmt, system or None)
 
 
 def prefill_ids(tokenizer, reference: str, k: int) -> list[int]:
