@@ -196,19 +196,9 @@ def rate_safely(rater, template: str, items: list[dict]):
     """``rater.rate`` that never loses the run to one item: on an exception the items are rated one
     by one and a failing item gets a RatingResult with ``error``. HarmpruneError (e.g. an unreachable
     endpoint) still ends the run: every later item would fail the same way."""
-    from .judges import RatingResult
+    from .judges import RatingResult, one_by_one_on_failure
 
-    try:
-        res = list(rater.rate(template, items))
-        if len(res) != len(items):
-            raise RuntimeError(f"the judge returned {len(res)} ratings for {len(items)} items")
-        return res
-    except HarmpruneError:
-        raise
-    except Exception as e:
-        if len(items) == 1:
-            return [RatingResult(error=f"{type(e).__name__}: {e}")]
-        return [rate_safely(rater, template, [it])[0] for it in items]
+    return one_by_one_on_failure(lambda its: rater.rate(template, its), items, lambda why: RatingResult(error=why))
 
 
 def rate_metric(rater, samples: list[dict], templates: list[str], key: str) -> None:

@@ -21,13 +21,12 @@ from tqdm.auto import tqdm
 
 from ..core import validate
 from ..core.data import DataSpec, data_fingerprint, load_records
-from ..core.errors import HarmpruneError
 from ..core.options import FieldOptions, HarmJudgeOptions, JudgeOptions, LimitOptions, ResumeOptions
 from ..core.settings import check, check_min, opt, to_dict
 from . import results as R
 from .generation import GenConfig, generate, prefill_prefixes
 from .base import EvalBase, eval_backend
-from .judges import Verdict, get_judge
+from .judges import Verdict, get_judge, one_by_one_on_failure
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
 JUDGE_CHUNK = 64  # samples per judge call: progress and error isolation without per-sample overhead
@@ -48,23 +47,8 @@ def load_judges(spec: str, **options) -> list:
 
 
 def _judge_chunk(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
-    try:
-        out = judge.judge(prompts, responses)
-        if len(out) == len(prompts):
-            return out
-    except HarmpruneError:  # the user's to fix (e.g. unreachable endpoint): one line, stop
-        raise
-    except Exception:  # noqa: BLE001 - isolate the failing sample(s) below
-        pass
-    out = []
-    for p, r in zip(prompts, responses):
-        try:
-            out.append(judge.judge([p], [r])[0])
-        except HarmpruneError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one bad sample must not end the run
-            out.append(Verdict(error=f"{type(e).__name__}: {e}"))
-    return out
+    return one_by_one_on_failure(lambda pairs: judge.judge([p for p, _ in pairs], [r for _, r in pairs]),
+                                 list(zip(prompts, responses)), lambda why: Verdict(error=why))
 
 
 def judge_all(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
