@@ -246,10 +246,10 @@ def make_rater(cfg: EMConfig, model=None, tok=None):
     """The judge object; an ``hf:`` judge naming the evaluated model re-uses the loaded weights."""
     import torch
 
+    from .harm import judge_options
     from .judges import get_judge
 
-    device = cfg.judge_device if cfg.judge_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    opts = {"url": cfg.judge_url, "device": device, "dtype": cfg.judge_dtype}
+    opts = judge_options(cfg)  # --judge-timeout and --judge-retries included
     if judge_is_evaluated_model(cfg) and isinstance(model, torch.nn.Module):
         opts.update(judge_model=model, judge_tokenizer=tok)
     rater = get_judge(cfg.judge, **opts)

@@ -136,10 +136,12 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
 
 
 def judge_options(cfg) -> dict:
-    """Options of the judges a command loads: endpoint, request timeout and retries, device of local judges."""
+    """Options of the judges a command loads: endpoint, request timeout and retries, device and dtype of
+    local judges."""
     from ..core.models import resolve_device
 
-    opts = {"url": getattr(cfg, "judge_url", None), "device": resolve_device(getattr(cfg, "judge_device", "auto"))}
+    opts = {"url": getattr(cfg, "judge_url", None), "device": resolve_device(getattr(cfg, "judge_device", "auto")),
+            "dtype": getattr(cfg, "judge_dtype", "float32")}
     for key, name in (("timeout", "judge_timeout"), ("max_retries", "judge_retries")):
         if getattr(cfg, name, None) is not None:
             opts[key] = getattr(cfg, name)
