@@ -149,6 +149,7 @@ def judge_options(cfg) -> dict:
 
 
 def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> tuple[list, dict]:
+    """Up to ``limit`` records of ``spec`` (0 = all; seeded, spread over categories) and their fingerprint."""
     records = load_records(spec, require_response=need_response)
     fingerprint = data_fingerprint(spec, records)
     chosen = R.subsample(records, limit, seed, key=lambda r: r.category)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import data as builtin_data
 from ..core import manifest
-from ..core.data import DataSpec, data_fingerprint, load_records
+from ..core.data import DataSpec
 from ..core.errors import DataError, HarmpruneError
 from ..core.formatting import IGNORE, token_nll
 from ..core.options import EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions, check_pass
@@ -43,7 +43,7 @@ from ..core.settings import check, check_min, opt
 from . import results as R
 from .generation import GenConfig
 from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
-                   load_judges)
+                   load_judges, load_prompts)
 from .nll import response_nll
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
@@ -236,19 +236,12 @@ class UtilityTask:
                  if "over_refusal" in parts else []}
         data = {}
         if "benign_nll" in parts:
-            spec = DataSpec(data=cfg.eval_benign)
-            benign = load_records(spec)
-            data["benign"] = data_fingerprint(spec, benign)
-            state["benign"] = R.subsample(benign, cfg.limit, gen.seed, key=lambda r: r.category)
-            data["benign"]["selected"] = len(state["benign"])
+            state["benign"], data["benign"] = load_prompts(DataSpec(data=cfg.eval_benign), cfg.limit, gen.seed, True)
         if "corpus_nll" in parts:
             state["text"], data["corpus"] = read_corpus(cfg.corpus)
         if "over_refusal" in parts:
-            spec = _refusal_spec(cfg)
-            safe = load_records(spec, require_response=False)
-            data["refusal_prompts"] = {**data_fingerprint(spec, safe), "name": cfg.refusal_prompts}
-            state["safe"] = R.subsample(safe, cfg.limit, gen.seed, key=lambda r: r.category)
-            data["refusal_prompts"]["selected"] = len(state["safe"])
+            state["safe"], data["refusal_prompts"] = load_prompts(_refusal_spec(cfg), cfg.limit, gen.seed, False)
+            data["refusal_prompts"]["name"] = cfg.refusal_prompts
             # NLL needs the HF model anyway; only the over-refusal replies use the backend
             gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))
         return Prepared(data, state, gen)
