@@ -7,7 +7,6 @@ benign scores ``make prune`` already computed are re-used.
 
 from __future__ import annotations
 
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -111,12 +110,6 @@ def _eval_source(cfg: AblateConfig) -> str | None:
     return None
 
 
-def _shuffled(rows: list, seed: int) -> list:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
 def split_rows(cfg: AblateConfig) -> tuple[dict[str, list], dict[str, list], dict]:
     """``(scoring rows by category, held-out rows by category, data fingerprints)``."""
     spec = cfg.spec(cfg.data)
@@ -130,8 +123,8 @@ def split_rows(cfg: AblateConfig) -> tuple[dict[str, list], dict[str, list], dic
         raise HarmpruneError(f"{cfg.data}: no row has a category; pass --category-field")
     src = _eval_source(cfg)
     if src is None:  # hold out the first eval_per_category of each category's seeded shuffle
-        held = {c: _shuffled(v, cfg.seed)[: cfg.eval_per_category] for c, v in by_cat.items()}
-        train = {c: _shuffled(v, cfg.seed)[cfg.eval_per_category:] for c, v in by_cat.items()}
+        held = {c: select(v, 0, cfg.seed)[: cfg.eval_per_category] for c, v in by_cat.items()}
+        train = {c: select(v, 0, cfg.seed)[cfg.eval_per_category:] for c, v in by_cat.items()}
         fps["held_out"] = {"source": f"{cfg.eval_per_category} rows per category held out of {cfg.data}"}
     else:
         espec = cfg.spec(src)
@@ -271,7 +264,7 @@ def ablate(cfg: AblateConfig) -> Path:
     score_rows = {g: select(rows, cfg.category_nsamples, cfg.seed) for g, rows in group_rows.items()}
     eval_rows = {}
     for g, cats in groups.items():
-        rows = _shuffled([r for c in cats for r in held.get(c, [])], cfg.seed)[: cfg.eval_per_category]
+        rows = select([r for c in cats for r in held.get(c, [])], cfg.eval_per_category, cfg.seed)
         if rows:
             eval_rows[g] = rows
         else:
