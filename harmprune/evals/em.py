@@ -107,16 +107,11 @@ class Question:
 def questions_source(spec: str) -> tuple[str, bytes]:
     """(display name, bytes) of a shipped question set or a YAML file."""
     if spec in QUESTION_SETS:
-        data = builtin_data.read_bytes(QUESTION_SETS[spec])
-        return spec, data
+        return spec, builtin_data.read_bytes(QUESTION_SETS[spec])
     path = Path(spec)
     if not path.is_file():
         raise HarmpruneError(f"--questions {spec!r}: not {', '.join(QUESTION_SETS)} and no such file")
     return str(path), path.read_bytes()
-
-
-def is_variant(qid: str) -> bool:
-    return qid.endswith(VARIANT_SUFFIXES)
 
 
 def parse_questions(name: str, data: bytes, default_prompts: dict[str, str] | None = None) -> list[Question]:
@@ -146,7 +141,7 @@ def load_questions(spec: str, include_variants: bool = False, limit: int | None 
     if spec not in QUESTION_SETS:  # custom files may omit the judge prompts: use Betley et al.'s
         default = parse_questions("first_plot", questions_source("first_plot")[1])[0].judge_prompts
     every = parse_questions(name, data, default)
-    kept = [q for q in every if include_variants or not is_variant(q.id)]
+    kept = [q for q in every if include_variants or not q.id.endswith(VARIANT_SUFFIXES)]
     kept = kept[:limit] if limit else kept
     if not kept:
         raise HarmpruneError(f"{name}: no question left after the filters (--include-json, --limit-questions)")

@@ -46,18 +46,15 @@ def load_judges(spec: str, **options) -> list:
     return [get_judge(s, **options) for s in judge_specs(spec)]
 
 
-def _judge_chunk(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
-    return one_by_one_on_failure(lambda pairs: judge.judge([p for p, _ in pairs], [r for _, r in pairs]),
-                                 list(zip(prompts, responses)), lambda why: Verdict(error=why))
-
-
 def judge_all(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
     """One Verdict per pair; a judge exception becomes that sample's ``error`` (never fatal)."""
     out: list[Verdict] = []
-    with tqdm(total=len(prompts), desc=f"judge {judge.name}", unit="sample", file=sys.stderr) as bar:
-        for s in range(0, len(prompts), JUDGE_CHUNK):
-            out += _judge_chunk(judge, prompts[s : s + JUDGE_CHUNK], responses[s : s + JUDGE_CHUNK])
-            bar.update(min(JUDGE_CHUNK, len(prompts) - s))
+    pairs = list(zip(prompts, responses))
+    with tqdm(total=len(pairs), desc=f"judge {judge.name}", unit="sample", file=sys.stderr) as bar:
+        for s in range(0, len(pairs), JUDGE_CHUNK):
+            out += one_by_one_on_failure(lambda ps: judge.judge([p for p, _ in ps], [r for _, r in ps]),
+                                         pairs[s : s + JUDGE_CHUNK], lambda why: Verdict(error=why))
+            bar.update(min(JUDGE_CHUNK, len(pairs) - s))
     return out
 
 

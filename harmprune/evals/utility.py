@@ -221,10 +221,6 @@ class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenig
         judge_specs(self.refusal_judge)
 
 
-def _refusal_spec(cfg: UtilityConfig) -> DataSpec:
-    return DataSpec(data=str(builtin_data.path("xstest_safe.jsonl")) if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
-
-
 @register_task
 class UtilityTask:
     name, title = "utility", "does the (pruned) model keep its general abilities"
@@ -240,7 +236,9 @@ class UtilityTask:
         if "corpus_nll" in parts:
             state["text"], data["corpus"] = read_corpus(cfg.corpus)
         if "over_refusal" in parts:
-            state["safe"], data["refusal_prompts"] = load_prompts(_refusal_spec(cfg), cfg.limit, gen.seed, False)
+            xstest = str(builtin_data.path("xstest_safe.jsonl"))
+            spec = DataSpec(data=xstest if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
+            state["safe"], data["refusal_prompts"] = load_prompts(spec, cfg.limit, gen.seed, False)
             data["refusal_prompts"]["name"] = cfg.refusal_prompts
             # NLL needs the HF model anyway; only the over-refusal replies use the backend
             gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))

@@ -68,10 +68,6 @@ def _numel(scores, name: str) -> int:
     return math.prod(shapes[name]) if shapes is not None else scores[name].numel()
 
 
-def _total(scores) -> int:
-    return sum(_numel(scores, n) for n in scores)
-
-
 SUPER_WEIGHT_WARNING = (
     "p = 0: no benign protection; signed SNIP's top entries include the model's 'super weights', "
     "whose removal can break the model (measured: benign NLL x25 on SmolLM2-135M at q = 1e-5)"
@@ -146,7 +142,7 @@ def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def _global_topk(imp: Masks, frac: float) -> Masks:
-    total = _total(imp)
+    total = sum(_numel(imp, n) for n in imp)
     k = count_k(frac, total)
     if k <= 0 or k >= total:
         return {n: torch.full_like(t, k > 0, dtype=torch.bool) for n, t in imp.items()}

@@ -56,10 +56,6 @@ def to_row(sample: dict, judges: list[str]) -> dict:
             "source_id": sid, "sample": sample["sample"]}
 
 
-def select_rows(rows: list[dict], keep: str) -> list[dict]:
-    return [r for r in rows if r["harmful"]] if keep == "harmful" else list(rows)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -119,7 +115,7 @@ def generate_set(cfg: GenerateConfig, gen: GenConfig) -> Path:
     judge_samples(samples, judges)
     names = [j.name for j in judges]
     rows = [to_row(s, names) for s in samples]
-    kept = select_rows(rows, cfg.keep)
+    kept = [r for r in rows if r["harmful"]] if cfg.keep == "harmful" else rows
     counts = {"prompts": len(records), "generated": len(rows), "judged_harmful": sum(r["harmful"] for r in rows),
               "kept": len(kept), "judge_errors": sum(v.get("error") is not None for s in samples
                                                       for v in s["judges"].values()),

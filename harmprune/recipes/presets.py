@@ -143,15 +143,11 @@ def resolve(preset: Preset, command: str, defaults: Mapping[str, Any],
 _UNSET = object()
 
 
-def _subparsers(parser: argparse.ArgumentParser):
-    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-
-
 def leaf_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.ArgumentParser, list[str], str]:
     """``(parser of the chosen (sub)command, the arguments after its command words, "the command
     words")`` for a parser that may have sub-commands (``eval utility`` -> its parser)."""
     argv, words = list(argv), []
-    while (sub := _subparsers(parser)) is not None:
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
         i = next((i for i, tok in enumerate(argv) if tok in sub.choices), None)
         if i is None:
             break
