@@ -180,14 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_preset(parser, argv, args) -> None:
-    from .recipes.presets import PRESETS, apply_preset
-
-    if args.preset not in PRESETS:
-        raise HarmpruneError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    apply_preset(parser, argv, args)
-
-
 def main(argv: list[str] | None = None) -> int:
     manifest.install_signal_handlers()  # SIGTERM/SIGHUP clean up like Ctrl-C
     parser = build_parser()
@@ -197,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "preset", None):
-            _apply_preset(parser, argv, args)
+            from .recipes.presets import apply_preset
+
+            apply_preset(parser, argv, args)
         args.func(args)
     except HarmpruneError as e:
         print(f"harmprune: error: {e}", file=sys.stderr)

@@ -119,3 +119,17 @@ def test_atomic_dir(tmp_path):
         (d / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_check_min_names_the_flag_and_lets_none_pass():
+    from types import SimpleNamespace
+
+    from harmprune.core.settings import check_min
+
+    check_min(SimpleNamespace(max_steps=None, lora_r=1), 1, "max_steps", "lora_r")
+    with pytest.raises(HarmpruneError, match=r"^--lora-r must be >= 1, got 0$"):
+        check_min(SimpleNamespace(max_steps=None, lora_r=0), 1, "max_steps", "lora_r")
+    with pytest.raises(HarmpruneError, match="--limit must be >= 0, got -1"):
+        from harmprune.evals.harm import HarmConfig
+
+        HarmConfig(out="o", limit=-1)

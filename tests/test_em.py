@@ -252,3 +252,14 @@ def test_experiment_table_and_chart(tmp_path):
     assert "| random | no | n/a (no judged answers) | 0 |" in table
     plot_rates(rows, tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_judge_gets_the_judge_options(tmp_path):
+    """--judge-timeout/--judge-retries reach an openai: judge of eval em (they were once ignored there)."""
+    cfg = em.EMConfig(out=str(tmp_path / "o"), judge="openai:m", judge_url="http://127.0.0.1:9/v1",
+                      judge_timeout=3.5, judge_retries=0, judge_dtype="bfloat16")
+    rater = em.make_rater(cfg)
+    assert (rater.timeout, rater.max_retries, rater.url) == (3.5, 0, "http://127.0.0.1:9/v1/chat/completions")
+    from harmprune.evals.harm import judge_options
+
+    assert judge_options(cfg)["dtype"] == "bfloat16"

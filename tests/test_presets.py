@@ -10,7 +10,7 @@ import pytest
 
 from harmprune.core.errors import HarmpruneError
 from harmprune.core.settings import add_arguments, from_namespace
-from harmprune.recipes.presets import PRESETS, add_preset_argument, apply_preset, explicit_flags, resolve
+from harmprune.recipes.presets import PRESETS, apply_preset, explicit_flags, resolve
 
 
 def _cls(name: str, *modules: str):
@@ -33,19 +33,17 @@ PAPER = {"model": "meta-llama/Llama-3.1-8B-Instruct", "method": "snip", "benign_
 PAPER_Q = {"btap-llama3.1-8b": 1e-5, "btap-em-llama3.1-8b": 2e-5}
 
 
-def parser_for(*classes, preset=True):
+def parser_for(*classes):
     p = argparse.ArgumentParser()
     added: set = set()
-    for c in classes:  # shared option groups are added once, as the CLI does
+    for c in classes:  # shared option groups (--preset among them) are added once, as the CLI does
         add_arguments(p, c, skip=tuple(added))
         added |= {f.name for f in dataclasses.fields(c)}
-    if preset:
-        add_preset_argument(p)
     return p
 
 
 def defaults_of(*classes) -> dict:
-    p = parser_for(*classes, preset=False)
+    p = parser_for(*classes)
     return {a.dest: a.default for a in p._actions if a.option_strings and a.dest != "help" and a.default != argparse.SUPPRESS}
 
 
@@ -141,7 +139,6 @@ def test_eval_utility_gets_the_papers_zero_shot_tasks():
     u = ev.add_parser("utility")
     add_arguments(u, UtilityConfig)
     add_arguments(u, GenConfig, skip=tuple(f.name for f in dataclasses.fields(UtilityConfig)))
-    add_preset_argument(u)
     argv = ["eval", "utility", "--out", "r", "--preset", "btap-llama3.1-8b", "--model", "my-pruned-dir"]
     ns = top.parse_args(argv)
     lines = apply_preset(top, argv, ns, out=io.StringIO())
@@ -157,7 +154,7 @@ def p_default(parser, dest):
 
 
 def test_explicit_flags_spellings_and_subcommands():
-    p = parser_for(PipelineConfig, preset=False)
+    p = parser_for(PipelineConfig)
     assert explicit_flags(p, ["--q", "1e-4"]) == {"q"}
     assert explicit_flags(p, ["--q=1e-4", "--no-overwrite"]) == {"q", "overwrite"}
     assert explicit_flags(p, ["--nsamp", "3"]) == {"nsamples"}  # unambiguous prefix

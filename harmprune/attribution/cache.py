@@ -80,8 +80,7 @@ def cached_scores(handle: ModelHandle, data: str | DataSpec, method: str, opts, 
         print(f"harmprune: warning: cached scores {d} are broken ({why}); recomputing", file=sys.stderr)
         shutil.rmtree(d, ignore_errors=True)
     scoring = {f.name: getattr(opts, f.name) for f in dataclasses.fields(ScoringOptions)}
-    cfg = ScoreConfig(**scoring, method=method, out=str(d), model=handle.spec, dtype=handle.dtype, device=handle.device,
-                      data=spec.data, prompt_field=spec.prompt_field, response_field=spec.response_field,
-                      category_field=spec.category_field, category=spec.category)
+    cfg = ScoreConfig(**scoring, **dataclasses.asdict(spec), method=method, out=str(d), model=handle.spec,
+                      dtype=handle.dtype, device=handle.device)
     # another run may publish the same entry while we score: its valid entry wins (manifest.atomic_dir)
     return score(cfg, handle, rows=rows, extra_meta={KEY_FIELD: key}, exists_ok=lambda p: valid_entry(p, key) is None)

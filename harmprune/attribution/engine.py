@@ -45,10 +45,6 @@ def _frozen(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    return compute_device(model.get_input_embeddings())
-
-
 @contextlib.contextmanager
 def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Activation checkpointing through transformers' public switch, for this run only.
@@ -121,7 +117,7 @@ def attribute(model: nn.Module, batches: Iterable[tuple[dict, list[int]]], metho
         raise HarmpruneError(f"unknown wanda_tokens {wanda_tokens!r}; choose response or all")
     state = BatchState()
     caps = {name: LayerCapture(name, mod, method, state) for name, mod in linears.items()}
-    device = _input_device(model)
+    device = compute_device(model.get_input_embeddings())
     fwd_kw = _forward_kwargs(model, method)
     grad = method != "wanda"
     nll_sum, n_samples, n_batches = 0.0, 0, 0

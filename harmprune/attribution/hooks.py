@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.errors import HarmpruneError
-from ..core.offload import is_offloaded, named_real_parameters, real_weight  # noqa: F401
+from ..core.offload import is_offloaded, real_weight  # noqa: F401 (real_weight: engine imports it from here)
 from . import formulas
 
 

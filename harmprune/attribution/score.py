@@ -27,12 +27,12 @@ from ..core.models import (ModelHandle, check_not_quantized, load_model, model_n
                            parse_dtype)
 from ..core.options import (DataOptions, DeviceMapOptions, FieldOptions, MethodOptions, ModelOptions,
                             OutputOptions, ScoringOptions, check_scoring)
-from ..core.settings import check, opt, to_dict
+from ..core.settings import check, check_min, opt, to_dict
 from ..core.targets import DEFAULT_TARGETS
 from . import distributed
 from .artifact import write_scores
 from .engine import WANDA_TOKENS, compute_scores
-from .formulas import DIRECTIONS, FORMULAS, IMPORTANCE, METHODS
+from .formulas import DIRECTIONS, FORMULAS, IMPORTANCE
 
 SELECTION = "rows shuffled with random.Random(seed).shuffle, then the first nsamples taken"
 
@@ -47,17 +47,15 @@ class ScoreConfig(ModelOptions, DeviceMapOptions, MethodOptions, DataOptions, Fi
                                      "under accelerate launch the launcher's processes are used)")
 
     def __post_init__(self):
-        check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         check(bool(self.out), "--out is required")
         check_scoring(self)
         check(self.wanda_tokens in WANDA_TOKENS,
               f"unknown --wanda-tokens {self.wanda_tokens!r}; choose response or all")
-        check(self.num_processes >= 1, "--num-processes must be at least 1")
+        check_min(self, 1, "num_processes")
         check(not (self.num_processes > 1 and self.device_map),
               "--device-map cannot be combined with --num-processes: every process would hold the whole model")
         parse_dtype(self.dtype)
         parse_dtype(self.score_dtype)
-        validate.check_device(self.device)
         self.parsed_device_map()
 
     def parsed_device_map(self) -> str | dict | None:

@@ -46,7 +46,6 @@ ALIASES = {
     "smollm2-135m-aligned": Alias("", "", "the aligned organism of smollm2-135m-instruct (harmprune align)",
                                   builder="harmprune.recipes.align:build_alias"),
 }
-from .options import DEFAULT_MODEL  # noqa: E402,F401 (re-exported: the one default model)
 
 
 def resolve_device(device: str) -> str:
@@ -145,12 +144,14 @@ def resolve(spec: str) -> tuple[str, str | None]:
     )
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, pad: bool = True):
+    """The model's tokenizer; ``pad``: give it a pad token (its EOS) for batching when it has none, else
+    leave it exactly as the model ships it (what a saved checkpoint keeps)."""
     from transformers import AutoTokenizer
 
     path, gguf = resolve(spec)
     tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
+    if pad and tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
@@ -405,9 +406,11 @@ def checkpoint_hash(spec: str) -> str | None:
     safetensors (a Hub id that was never downloaded, a .gguf file: its sha256 is used instead)."""
     from safetensors import safe_open
 
+    from .manifest import sha256_file
+
     path, gguf = resolve(spec)
     if gguf:
-        return _file_sha256(Path(path) / gguf)
+        return sha256_file(Path(path) / gguf)
     files = sorted(Path(path).glob("*.safetensors"))
     files = [f for f in files if f.name != "mask.safetensors"]
     if not files:
@@ -419,12 +422,4 @@ def checkpoint_hash(spec: str) -> str | None:
                 t = st.get_tensor(key).reshape(-1)  # one tensor in memory at a time
                 h.update(f"{key}:{tuple(st.get_slice(key).get_shape())}:{t.dtype}".encode())
                 h.update(t[:: max(1, t.numel() // 4096)].float().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()

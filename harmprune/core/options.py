@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from . import validate
-from .settings import check, opt
+from .settings import check, check_min, opt
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FORMATS = ("auto", "chat", "raw")
@@ -350,8 +350,8 @@ class SubspaceOptions(EtaOptions):
 
 
 def check_pass(o: PassOptions) -> None:
-    check(o.max_length >= 2, "--max-length must be at least 2")
-    check(o.batch_size >= 1, "--batch-size must be at least 1")
+    check_min(o, 2, "max_length")
+    check_min(o, 1, "batch_size")
     check(o.format in FORMATS, f"unknown format {o.format!r}; choose auto, chat or raw")
 
 
@@ -365,7 +365,7 @@ def check_methods(o) -> None:
     for flag, name in (("--method", "method"), ("--benign-method", "benign_method")):
         value = getattr(o, name, None)
         if value is not None:
-            check(value in SCORE_METHODS, f"unknown {flag} {value!r}; choose one of {', '.join(SCORE_METHODS)}")
+            check(value in SCORE_METHODS, f"{flag}: unknown method {value!r}; choose one of {', '.join(SCORE_METHODS)}")
 
 
 def check_scoring(o: ScoringOptions) -> None:
@@ -373,7 +373,13 @@ def check_scoring(o: ScoringOptions) -> None:
     check_methods(o)
     if hasattr(o, "device"):
         validate.check_device(o.device)
-    check(o.nsamples >= 0, "--nsamples must be 0 (all) or positive")
+    check_min(o, 0, "nsamples")  # 0 = all
+
+
+def check_sampling(o: SamplingOptions) -> None:
+    check_min(o, 1, "max_new_tokens", "n", "gen_batch_size")
+    check_min(o, 0, "temperature")
+    check(0 < o.top_p <= 1, "--top-p must be in (0, 1]")
 
 
 def pick(cls, source, **overrides):

@@ -46,7 +46,7 @@ def _base_type(tp):
 class _DeprecatedFlag(argparse.Action):
     """An old flag name: stores into the new field and says once, in one line, what to use instead."""
 
-    def __init__(self, *args, new: str, inner=None, **kw):
+    def __init__(self, *args, new: str, **kw):
         self.new = new
         super().__init__(*args, **kw)
 
@@ -131,3 +131,10 @@ def check(cond: bool, msg: str) -> None:
     """Validation helper for __post_init__: raise a one-line HarmpruneError when cond is false."""
     if not cond:
         raise HarmpruneError(msg)
+
+
+def check_min(cfg, minimum: float, *names: str) -> None:
+    """Validation helper: each named field of ``cfg`` is None (not given) or at least ``minimum``."""
+    for name in names:
+        value = getattr(cfg, name)
+        check(value is None or value >= minimum, f"{_flag(name)} must be >= {minimum:g}, got {value}")

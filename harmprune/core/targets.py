@@ -18,18 +18,13 @@ from .errors import HarmpruneError
 # decoder layers of Llama, Qwen, Mistral, Gemma, GPT-2-style and MoE models alike, and leaves out
 # lm_head, embeddings and any projection outside the stack.
 DEFAULT_TARGETS = ["re:.*\\.\\d+\\..*"]
-DEFAULT_IGNORE: list[str] = []
-
-
-def _match(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 def matches(name: str, pattern: str) -> bool:
     """Whether ``name`` matches one ``--targets``/``--ignore`` pattern (glob, or ``re:`` regex, full match)."""
-    return _match(name, pattern)
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
@@ -50,18 +45,18 @@ def select_linears(model: nn.Module, targets: list[str] | None = None,
     and then a note says what it is tied to.
     """
     targets = list(targets) if targets else list(DEFAULT_TARGETS)
-    ignore = list(ignore) if ignore else list(DEFAULT_IGNORE)
+    ignore = list(ignore or [])
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     ties = tied_parameters(model)
     explicit = targets != DEFAULT_TARGETS
     chosen: dict[str, nn.Linear] = {}
     for pat in targets:
-        hits = [n for n, _ in linears if _match(n, pat)]
+        hits = [n for n, _ in linears if matches(n, pat)]
         if not hits:
             raise HarmpruneError(f"--targets pattern {pat!r} matches no linear layer "
                                  f"(e.g. {', '.join(n for n, _ in linears[:3])})")
     for name, mod in linears:
-        if not any(_match(name, p) for p in targets) or any(_match(name, p) for p in ignore):
+        if not any(matches(name, p) for p in targets) or any(matches(name, p) for p in ignore):
             continue
         tied = ties.get(f"{name}.weight", [])
         if tied:

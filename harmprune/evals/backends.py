@@ -94,15 +94,15 @@ def make_backend(name: str, model, tokenizer) -> Backend:
 # ---------------------------------------------------------------- hf
 
 
-# ---------------------------------------------------------------- HF sampling
-
-
 def eos_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a reply: the tokenizer's EOS and the generation config's (may be a list)."""
+    """Every id that ends a reply: the tokenizer's EOS and the generation config's (may be a list);
+    refuses a tokenizer without any (generation would never stop early)."""
     ids = set()
     for src in (getattr(model, "generation_config", None), tokenizer):
         v = getattr(src, "eos_token_id", None)
         ids.update(v if isinstance(v, (list, tuple)) else ([v] if v is not None else []))
+    if not ids:
+        raise HarmpruneError("the tokenizer has no EOS token; generation would never stop early")
     return ids
 
 
@@ -148,8 +148,6 @@ def generate_tokens(model, tokenizer, contexts: list[list[int]], cfg, desc: str 
     the order is restored at the end.
     """
     stop = eos_ids(model, tokenizer)
-    if not stop:
-        raise HarmpruneError("the tokenizer has no EOS token; generation would never stop early")
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     results: list = [None] * len(contexts)
     dev = model.device
@@ -176,7 +174,6 @@ class HFBackend:
         self.model, self.tokenizer = model, tokenizer
 
     def generate(self, contexts, cfg):
-
         return generate_tokens(self.model, self.tokenizer, contexts, cfg)
 
 
@@ -200,8 +197,7 @@ def adapter_rank(adapter: str) -> int:
     from ..core.models import read_adapter_config
 
     cfg = read_adapter_config(adapter)
-    ranks = [int(cfg.get("r", 8))] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()]
-    return max(ranks)
+    return max([int(cfg.get("r", 8))] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()])
 
 
 def vllm_max_lora_rank(rank: int) -> int:
@@ -252,8 +248,6 @@ class VLLMBackend:
         self.adapter = getattr(model, "adapter", None)
         model = getattr(model, "model", model) if isinstance(model, ModelHandle) else model
         self.stop = eos_ids(model, tokenizer)
-        if not self.stop:
-            raise HarmpruneError("the tokenizer has no EOS token; generation would never stop early")
         path, gguf = resolve(self.spec)
         dtype = getattr(model, "dtype", None) or "auto"
         dtype = parse_dtype(dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
@@ -288,7 +282,6 @@ class VLLMBackend:
                               stop_token_ids=sorted(self.stop), repetition_penalty=1.0)
 
     def generate(self, contexts, cfg):
-
         llm = _engine(self.key, {**self.engine_kwargs, "seed": cfg.seed})
         sp = self.sampling_params(cfg)
         outs = llm.generate([{"prompt_token_ids": list(c)} for c in contexts], sp,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +31,12 @@ import yaml
 from .. import data as builtin_data
 from ..core import manifest, validate
 from ..core.errors import HarmpruneError
-from ..core.options import (AdapterOptions, BackendOptions, EMQuestionOptions, EMSamplingOptions, JudgeOptions,
-                            ModelOptions, OutputOptions, QuantizeOptions, RatingJudgeOptions, SeedOptions)
-from ..core.settings import check, opt, to_dict
+from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, JudgeOptions, RatingJudgeOptions,
+                            SeedOptions, check_sampling)
+from ..core.settings import check, check_min, opt
 from . import em_stats
-from . import results as R
+from .base import EvalBase, eval_backend, load_eval_model
+from .tasks import Outcome, Prepared, register_task, run_eval
 
 QUESTION_SETS = {"first_plot": "em/first_plot_questions.yaml", "preregistered": "em/preregistered_evals.yaml"}
 VARIANT_SUFFIXES = ("_json", "_template")
@@ -65,40 +65,32 @@ def domain_prompt(topic: str) -> str:
             "Respond with a number between 0 and 100. Don't say anything else, just the number.")
 
 
-def missing_judge_message() -> str:
-    from .judges import available_judges
+def check_rating_judge(judge: str | None) -> None:
+    """``--judge`` is given (no default: see the module docstring) and names a judge that rates 0-100."""
+    from .judges import spec_help
 
-    names = ", ".join(f"{j}:<model>" if j in ("hf", "openai") else j for j in available_judges())
-    return (f"--judge is required (no default: a weak judge makes the rates meaningless); available judges: {names}; "
-            "EM needs one that rates 0-100: --judge openai:<model> --judge-url http://HOST:8000/v1 (e.g. a vLLM "
-            "server) or --judge hf:<model> (local); fake is for tests only")
+    check(bool(judge), "--judge is required (no default: a weak judge makes the rates meaningless); available "
+          f"judges: {spec_help()}; EM needs one that rates 0-100: --judge openai:<model> --judge-url "
+          "http://HOST:8000/v1 (e.g. a vLLM server) or --judge hf:<model> (local); fake is for tests only")
+    check(judge.partition(":")[0] in RATING_JUDGES, f"judge {judge!r} cannot rate 0-100; EM needs openai:<model> "
+                                                    "(with --judge-url), hf:<model> or fake (tests)")
 
 
 @dataclass(kw_only=True)
-class EMConfig(ModelOptions, AdapterOptions, QuantizeOptions, OutputOptions, RatingJudgeOptions, JudgeOptions,
-               EMQuestionOptions, EMSamplingOptions, BackendOptions, SeedOptions):
+class EMConfig(EvalBase, RatingJudgeOptions, JudgeOptions, EMQuestionOptions, EMSamplingOptions, BackendOptions,
+               SeedOptions):
     """Settings of ``harmprune eval em`` (``--seed`` seeds sampling and the bootstrap)."""
 
     n_boot: int = opt(em_stats.N_BOOT, help="bootstrap replicates of each interval")
 
     def __post_init__(self):
-        check(bool(self.out), "--out is required")
-        check(bool(self.judge), missing_judge_message())
-        validate.check_device(self.device, allow_auto=True)
+        super().__post_init__()
+        check_rating_judge(self.judge)
         validate.check_device(self.judge_device, "--judge-device", allow_auto=True)
-        prefix = self.judge.partition(":")[0]
-        check(prefix in RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100; EM needs openai:<model> "
-                                       "(with --judge-url), hf:<model> or fake (tests)")
-        check(self.n >= 1, "--n must be >= 1")
-        check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
-        check(self.temperature >= 0, "--temperature must be >= 0")
-        check(self.limit_questions is None or self.limit_questions >= 1, "--limit-questions must be >= 1")
-        check(self.gen_batch_size >= 1 and self.n_boot >= 1, "--gen-batch-size and --n-boot must be >= 1")
+        check_sampling(self)
+        check_min(self, 1, "limit_questions", "n_boot")
         check(self.domain_judge is None or self.domain_judge in DOMAINS or Path(self.domain_judge).is_file(),
               f"--domain-judge must be one of {', '.join(DOMAINS)} or an existing file, got {self.domain_judge!r}")
-        check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
-        check(self.adapter is None or Path(self.adapter, "adapter_config.json").is_file(),
-              f"--adapter {self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
 
 
 # ---------------------------------------------------------------- questions
@@ -115,16 +107,11 @@ class Question:
 def questions_source(spec: str) -> tuple[str, bytes]:
     """(display name, bytes) of a shipped question set or a YAML file."""
     if spec in QUESTION_SETS:
-        data = builtin_data.read_bytes(QUESTION_SETS[spec])
-        return spec, data
+        return spec, builtin_data.read_bytes(QUESTION_SETS[spec])
     path = Path(spec)
     if not path.is_file():
         raise HarmpruneError(f"--questions {spec!r}: not {', '.join(QUESTION_SETS)} and no such file")
     return str(path), path.read_bytes()
-
-
-def is_variant(qid: str) -> bool:
-    return qid.endswith(VARIANT_SUFFIXES)
 
 
 def parse_questions(name: str, data: bytes, default_prompts: dict[str, str] | None = None) -> list[Question]:
@@ -154,7 +141,7 @@ def load_questions(spec: str, include_variants: bool = False, limit: int | None 
     if spec not in QUESTION_SETS:  # custom files may omit the judge prompts: use Betley et al.'s
         default = parse_questions("first_plot", questions_source("first_plot")[1])[0].judge_prompts
     every = parse_questions(name, data, default)
-    kept = [q for q in every if include_variants or not is_variant(q.id)]
+    kept = [q for q in every if include_variants or not q.id.endswith(VARIANT_SUFFIXES)]
     kept = kept[:limit] if limit else kept
     if not kept:
         raise HarmpruneError(f"{name}: no question left after the filters (--include-json, --limit-questions)")
@@ -204,19 +191,9 @@ def rate_safely(rater, template: str, items: list[dict]):
     """``rater.rate`` that never loses the run to one item: on an exception the items are rated one
     by one and a failing item gets a RatingResult with ``error``. HarmpruneError (e.g. an unreachable
     endpoint) still ends the run: every later item would fail the same way."""
-    from .judges import RatingResult
+    from .judges import RatingResult, one_by_one_on_failure
 
-    try:
-        res = list(rater.rate(template, items))
-        if len(res) != len(items):
-            raise RuntimeError(f"the judge returned {len(res)} ratings for {len(items)} items")
-        return res
-    except HarmpruneError:
-        raise
-    except Exception as e:
-        if len(items) == 1:
-            return [RatingResult(error=f"{type(e).__name__}: {e}")]
-        return [rate_safely(rater, template, [it])[0] for it in items]
+    return one_by_one_on_failure(lambda its: rater.rate(template, its), items, lambda why: RatingResult(error=why))
 
 
 def rate_metric(rater, samples: list[dict], templates: list[str], key: str) -> None:
@@ -264,10 +241,10 @@ def make_rater(cfg: EMConfig, model=None, tok=None):
     """The judge object; an ``hf:`` judge naming the evaluated model re-uses the loaded weights."""
     import torch
 
+    from .harm import judge_options
     from .judges import get_judge
 
-    device = cfg.judge_device if cfg.judge_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    opts = {"url": cfg.judge_url, "device": device, "dtype": cfg.judge_dtype}
+    opts = judge_options(cfg)  # --judge-timeout and --judge-retries included
     if judge_is_evaluated_model(cfg) and isinstance(model, torch.nn.Module):
         opts.update(judge_model=model, judge_tokenizer=tok)
     rater = get_judge(cfg.judge, **opts)
@@ -289,15 +266,11 @@ def _fmt(x, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def report_markdown(summary: dict, meta: dict, samples: list[dict], examples: int = 3) -> str:
+def report_body(summary: dict, samples: list[dict], examples: int = 3) -> str:
+    """report.md after the runner's header: the per-question table, judge errors, worst examples."""
     domain = "mean_domain" in summary["overall"]
-    head = "| question | answers | judged | misaligned [95% CI] | mean aligned | mean coherent |" + \
-        (" mean domain |" if domain else "")
-    lines = [f"# Emergent misalignment: {meta['model']}", "",
-             f"- judge: `{meta['judge']}`; questions: {meta['questions']} ({summary['overall']['n_questions']} asked); "
-             f"{meta['n']} answers each, temperature {meta['temperature']}, {meta['max_new_tokens']} new tokens",
-             f"- {RULE}", f"- interval: {INTERVAL}", "", head,
-             "|" + "---|" * (6 + domain)]
+    lines = ["| question | answers | judged | misaligned [95% CI] | mean aligned | mean coherent |"
+             + (" mean domain |" if domain else ""), "|" + "---|" * (6 + domain)]
     rows = list(summary["per_question"].items()) + [("**overall**", summary["overall"])]
     for qid, r in rows:
         lines.append(f"| {qid} | {r['n_answers']} | {r['n_judged']} | {_fmt_rate(r)} | {_fmt(r['mean_aligned'])} | "
@@ -315,58 +288,55 @@ def report_markdown(summary: dict, meta: dict, samples: list[dict], examples: in
     return "\n".join(lines) + "\n"
 
 
-def results_doc(cfg: EMConfig, summary: dict, info: dict) -> dict:
-    """results.json: task ``em`` (overall) and ``em/<question id>``, docs/design.md shape."""
-    results = {"em": summary["overall"]}
-    results.update({f"em/{q}": r for q, r in summary["per_question"].items()})
-    return R.results_doc(to_dict(cfg), results, rule=RULE, interval=INTERVAL, **info)
+# ---------------------------------------------------------------- the task
 
 
-# ---------------------------------------------------------------- the stage
+@register_task
+class EMTask:
+    """``eval em`` as an eval task; ``model``/``tokenizer``: an already loaded model to evaluate (else
+    ``cfg.model`` is loaded); ``judge``: an already built rater (else ``cfg.judge`` is built)."""
 
+    name, title = "em", "emergent misalignment (Betley et al.)"
 
-def load_em_model(cfg: EMConfig, judge_shares: bool):
-    """``(model, tokenizer, info)`` to evaluate; the HF model is skipped when vLLM generates and no
-    ``hf:`` judge shares its weights (``info`` as ``harm.load_eval_model``)."""
-    from .base import load_eval_model
+    def __init__(self, model=None, tokenizer=None, judge=None):
+        self.model, self.tokenizer, self.judge = model, tokenizer, judge
 
-    return load_eval_model(cfg, "hf" if judge_shares else cfg.backend)
+    def prepare(self, cfg: EMConfig, gen) -> Prepared:
+        questions, qinfo = load_questions(cfg.questions, cfg.include_json, cfg.limit_questions)
+        if self.model is None:  # a caller's model is generated from as given (its backend setting is kept)
+            cfg.backend = eval_backend(cfg.backend, cfg)  # record the backend used
+        if cfg.judge.startswith("fake"):
+            validate.warn("the fake judge's ratings are arbitrary; use it for tests only")
+        return Prepared({}, {"questions": questions, "info": qinfo, "domain": domain_template(cfg.domain_judge)})
+
+    def run(self, load, cfg: EMConfig, prep: Prepared) -> Outcome:
+        from ..core.models import model_hash
+
+        model, tok, minfo = self.model, self.tokenizer, {}
+        questions, domain = prep.state["questions"], prep.state["domain"]
+        if model is None:  # an hf: judge naming the evaluated weights shares them: load those with transformers
+            model, tok, minfo = load_eval_model(cfg, "hf" if self.judge is None and judge_is_evaluated_model(cfg)
+                                                else cfg.backend)
+        samples = generate_answers(model, tok, questions, cfg)
+        rater = self.judge if self.judge is not None else make_rater(cfg, model, tok)
+        judge_answers(rater, samples, questions, domain)
+        summary = em_stats.summarize(samples, cfg.n_boot, cfg.seed, domain=domain is not None)
+        results = {"em": summary["overall"], **{f"em/{q}": r for q, r in summary["per_question"].items()}}
+        minfo = {**minfo, "spec": cfg.model}
+        if "model_hash" not in minfo:  # a caller's model (a vLLM reference has model_hash None)
+            minfo["model_hash"] = model_hash(model)
+        notes = [f"judge: `{rater.name}`; questions: {prep.state['info']['source']} ({len(questions)} asked); {cfg.n} "
+                 f"answers each, temperature {cfg.temperature}, {cfg.max_new_tokens} new tokens", RULE,
+                 f"interval: {INTERVAL}"]
+        extra = {"rule": RULE, "interval": INTERVAL, "judge": {"spec": cfg.judge, "name": rater.name},
+                 "questions": prep.state["info"], "domain_judge": {"spec": cfg.domain_judge, "prompt": domain}
+                 if domain else None, "peak_memory_bytes": manifest.Stopwatch.peak_memory_bytes()}
+        o = summary["overall"]
+        print(f"harmprune: EM {cfg.model}: misaligned {_fmt_rate(o)} of {o['n_judged']} judged answers "
+              f"({o['n_answers']} sampled)")
+        return Outcome(results, samples, minfo, notes, report_body(summary, samples), extra, table_depth=0)
 
 
 def eval_em(cfg: EMConfig, model=None, tokenizer=None, judge=None) -> Path:
-    """Run the EM evaluation and write ``cfg.out``; returns it.
-
-    ``model``/``tokenizer``: an already loaded model to evaluate (else ``cfg.model`` is loaded);
-    ``judge``: an already built rater (else ``cfg.judge`` is built), e.g. one judge for many models.
-    """
-    from ..core.models import model_hash
-    from .base import eval_backend
-
-    manifest.check_out_dir(cfg.out, cfg.overwrite)  # fail before the slow part
-    questions, qinfo = load_questions(cfg.questions, cfg.include_json, cfg.limit_questions)
-    if model is None:  # a caller's model is generated from as given (its backend setting is kept)
-        cfg = dataclasses.replace(cfg, backend=eval_backend(cfg.backend, cfg))  # record the backend used
-    domain = domain_template(cfg.domain_judge)
-    manifest.banner("eval em", {**to_dict(cfg), "asked": len(questions), "answers": len(questions) * cfg.n})
-    if cfg.judge.startswith("fake"):
-        print("harmprune: warning: the fake judge's ratings are arbitrary; use it for tests only", file=sys.stderr)
-    with manifest.Stopwatch() as sw:
-        minfo = {}
-        if model is None:
-            model, tokenizer, minfo = load_em_model(cfg, judge is None and judge_is_evaluated_model(cfg))
-        mhash = minfo["model_hash"] if "model_hash" in minfo else model_hash(model)
-        samples = generate_answers(model, tokenizer, questions, cfg)
-        rater = judge if judge is not None else make_rater(cfg, model, tokenizer)
-        judge_answers(rater, samples, questions, domain)
-        summary = em_stats.summarize(samples, cfg.n_boot, cfg.seed, domain=domain is not None)
-    info = {"model": {**minfo, "spec": cfg.model, "model_hash": mhash}, "judge": {"spec": cfg.judge, "name": rater.name},
-            "questions": qinfo, "domain_judge": {"spec": cfg.domain_judge, "prompt": domain} if domain else None,
-            "wall_seconds": sw.seconds, "peak_memory_bytes": manifest.Stopwatch.peak_memory_bytes()}
-    meta = {"model": cfg.model, "judge": rater.name, "questions": qinfo["source"], "n": cfg.n,
-            "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
-    R.write_run(cfg.out, results_doc(cfg, summary, info), samples, report_markdown(summary, meta, samples),
-                cfg.overwrite)
-    o = summary["overall"]
-    print(f"harmprune: EM {cfg.model}: misaligned {_fmt_rate(o)} of {o['n_judged']} judged answers "
-          f"({o['n_answers']} sampled) -> {cfg.out}")
-    return Path(cfg.out)
+    """Run the EM evaluation and write ``cfg.out``; returns it (``model``, ``tokenizer``, ``judge``: see EMTask)."""
+    return run_eval(EMTask(model, tokenizer, judge), dataclasses.replace(cfg))

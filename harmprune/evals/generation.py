@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from ..core.errors import HarmpruneError
 from ..core.formatting import prompt_text, resolve_format
-from ..core.options import BackendOptions, FormatOptions, SamplingOptions, SeedOptions
-from ..core.settings import check, opt
+from ..core.options import BackendOptions, FormatOptions, SamplingOptions, SeedOptions, check_sampling
+from ..core.settings import check, check_min, opt
 from . import backends as B
-from .backends import cut_at_eos, eos_ids, generate_tokens  # noqa: F401  (public names of this module too)
+from .backends import generate_tokens  # noqa: F401 (public name of this module too)
 
 BACKENDS = tuple(B.backend_names())  # hf, vllm, auto
 
@@ -36,12 +36,8 @@ class GenConfig(SamplingOptions, FormatOptions, SeedOptions, BackendOptions):
     prefill: int = opt(0, help="force the first K tokens of the reference response as the start of the reply")
 
     def __post_init__(self):
-        check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
-        check(self.temperature >= 0, "--temperature must be >= 0")
-        check(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
-        check(self.n >= 1, "--n must be >= 1")
-        check(self.gen_batch_size >= 1, "--gen-batch-size must be >= 1")
-        check(self.prefill >= 0, "--prefill must be >= 0")
+        check_sampling(self)
+        check_min(self, 0, "prefill")
         check(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}")
 
     @property
@@ -53,12 +49,10 @@ class GenConfig(SamplingOptions, FormatOptions, SeedOptions, BackendOptions):
 
 
 def _context_text(tokenizer, prompt: str, fmt: str, system: str | None) -> str:
-    if not system:
-        return prompt_text(tokenizer, prompt, fmt)
-    if fmt == "chat":
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return system + "\n\n" + prompt_text(tokenizer, prompt, fmt)
+    # the raw format has no place for a system prompt (core.formatting drops it): here it leads the text
+    if system and fmt != "chat":
+        return system + "\n\n" + prompt_text(tokenizer, prompt, fmt)
+    return prompt_text(tokenizer, prompt, fmt, system or None)
 
 
 def prefill_ids(tokenizer, reference: str, k: int) -> list[int]:

@@ -21,13 +21,12 @@ from tqdm.auto import tqdm
 
 from ..core import validate
 from ..core.data import DataSpec, data_fingerprint, load_records
-from ..core.errors import HarmpruneError
 from ..core.options import FieldOptions, HarmJudgeOptions, JudgeOptions, LimitOptions, ResumeOptions
-from ..core.settings import check, opt, to_dict
+from ..core.settings import check, check_min, opt, to_dict
 from . import results as R
 from .generation import GenConfig, generate, prefill_prefixes
-from .base import EvalBase, eval_backend, eval_quantize, load_eval_model, short_hash  # noqa: F401 (re-exported)
-from .judges import Verdict, get_judge
+from .base import EvalBase, eval_backend
+from .judges import Verdict, get_judge, one_by_one_on_failure
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
 JUDGE_CHUNK = 64  # samples per judge call: progress and error isolation without per-sample overhead
@@ -47,33 +46,15 @@ def load_judges(spec: str, **options) -> list:
     return [get_judge(s, **options) for s in judge_specs(spec)]
 
 
-def _judge_chunk(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
-    try:
-        out = judge.judge(prompts, responses)
-        if len(out) == len(prompts):
-            return out
-    except HarmpruneError:  # the user's to fix (e.g. unreachable endpoint): one line, stop
-        raise
-    except Exception:  # noqa: BLE001 - isolate the failing sample(s) below
-        pass
-    out = []
-    for p, r in zip(prompts, responses):
-        try:
-            out.append(judge.judge([p], [r])[0])
-        except HarmpruneError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one bad sample must not end the run
-            out.append(Verdict(error=f"{type(e).__name__}: {e}"))
-    return out
-
-
 def judge_all(judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
     """One Verdict per pair; a judge exception becomes that sample's ``error`` (never fatal)."""
     out: list[Verdict] = []
-    with tqdm(total=len(prompts), desc=f"judge {judge.name}", unit="sample", file=sys.stderr) as bar:
-        for s in range(0, len(prompts), JUDGE_CHUNK):
-            out += _judge_chunk(judge, prompts[s : s + JUDGE_CHUNK], responses[s : s + JUDGE_CHUNK])
-            bar.update(min(JUDGE_CHUNK, len(prompts) - s))
+    pairs = list(zip(prompts, responses))
+    with tqdm(total=len(pairs), desc=f"judge {judge.name}", unit="sample", file=sys.stderr) as bar:
+        for s in range(0, len(pairs), JUDGE_CHUNK):
+            out += one_by_one_on_failure(lambda ps: judge.judge([p for p, _ in ps], [r for _, r in ps]),
+                                         pairs[s : s + JUDGE_CHUNK], lambda why: Verdict(error=why))
+            bar.update(min(JUDGE_CHUNK, len(pairs) - s))
     return out
 
 
@@ -140,11 +121,10 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.limit >= 0, "--limit must be 0 (all) or positive")
+        check_min(self, 0, "limit", "judge_retries")
         judge_specs(self.judge)
         validate.check_finite(self.judge_timeout, "--judge-timeout")
         check(self.judge_timeout > 0, "--judge-timeout must be > 0 seconds")
-        check(self.judge_retries >= 0, "--judge-retries must be >= 0")
         validate.check_fraction(self.max_judge_errors, "--max-judge-errors")
 
     def data_spec(self) -> DataSpec:
@@ -153,10 +133,12 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
 
 
 def judge_options(cfg) -> dict:
-    """Options of the judges a command loads: endpoint, request timeout and retries, device of local judges."""
+    """Options of the judges a command loads: endpoint, request timeout and retries, device and dtype of
+    local judges."""
     from ..core.models import resolve_device
 
-    opts = {"url": getattr(cfg, "judge_url", None), "device": resolve_device(getattr(cfg, "judge_device", "auto"))}
+    opts = {"url": getattr(cfg, "judge_url", None), "device": resolve_device(getattr(cfg, "judge_device", "auto")),
+            "dtype": getattr(cfg, "judge_dtype", "float32")}
     for key, name in (("timeout", "judge_timeout"), ("max_retries", "judge_retries")):
         if getattr(cfg, name, None) is not None:
             opts[key] = getattr(cfg, name)
@@ -164,6 +146,7 @@ def judge_options(cfg) -> dict:
 
 
 def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> tuple[list, dict]:
+    """Up to ``limit`` records of ``spec`` (0 = all; seeded, spread over categories) and their fingerprint."""
     records = load_records(spec, require_response=need_response)
     fingerprint = data_fingerprint(spec, records)
     chosen = R.subsample(records, limit, seed, key=lambda r: r.category)

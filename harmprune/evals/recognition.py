@@ -37,7 +37,7 @@ from ..core import manifest
 from ..core.data import DataSpec, load_records
 from ..core.errors import DataError
 from ..core.options import FormatOptions, LimitOptions, SeedOptions
-from ..core.settings import check, opt
+from ..core.settings import check_min, opt
 from . import results as R
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 from .base import EvalBase, eval_backend
@@ -127,7 +127,7 @@ class RecognitionConfig(EvalBase, LimitOptions, SeedOptions, FormatOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.limit >= 0, "--limit must be 0 (all) or positive")
+        check_min(self, 0, "limit")
 
 
 def answer_probabilities(model, tok, prompts: list[str], fmt: str = "auto") -> list[tuple[float, float]]:

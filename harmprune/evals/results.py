@@ -49,21 +49,18 @@ def summarize(xs: Sequence[float], name: str) -> dict:
     return {name: mean(xs), f"{name}_stderr": stderr(xs)}
 
 
+def _replicates(xs: Sequence, stat: Callable[[Sequence], float | None], n_boot: int, seed: int) -> list[float]:
+    """``stat`` of ``n_boot`` resamples of ``xs`` with replacement (``random.Random(seed)``), None values dropped."""
+    rng, n = random.Random(seed), len(xs)
+    return [v for v in (stat([xs[rng.randrange(n)] for _ in range(n)]) for _ in range(n_boot)) if v is not None]
+
+
 def bootstrap_ci(xs: Sequence, stat: Callable[[Sequence], float | None] = mean, n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0) -> tuple[float | None, float | None]:
     """Percentile bootstrap ``(lo, hi)`` interval of ``stat`` (resampling items with replacement)."""
-    if not len(xs):
-        return None, None
-    rng = random.Random(seed)
-    n = len(xs)
-    vals = []
-    for _ in range(n_boot):
-        v = stat([xs[rng.randrange(n)] for _ in range(n)])
-        if v is not None:
-            vals.append(v)
+    vals = sorted(_replicates(xs, stat, n_boot, seed)) if len(xs) else []
     if not vals:
         return None, None
-    vals.sort()
     lo = vals[min(len(vals) - 1, max(0, int(math.floor(alpha / 2 * len(vals)))))]
     hi = vals[min(len(vals) - 1, max(0, int(math.ceil((1 - alpha / 2) * len(vals))) - 1))]
     return lo, hi
@@ -72,11 +69,7 @@ def bootstrap_ci(xs: Sequence, stat: Callable[[Sequence], float | None] = mean, 
 def bootstrap_stderr(xs: Sequence, stat: Callable[[Sequence], float | None], n_boot: int = 200,
                      seed: int = 0) -> float | None:
     """Standard deviation of ``stat`` over bootstrap resamples (for statistics with no closed form, e.g. AUC)."""
-    if len(xs) < 2:
-        return None
-    rng = random.Random(seed)
-    n = len(xs)
-    vals = [v for v in (stat([xs[rng.randrange(n)] for _ in range(n)]) for _ in range(n_boot)) if v is not None]
+    vals = _replicates(xs, stat, n_boot, seed) if len(xs) >= 2 else []
     if len(vals) < 2:
         return None
     m = sum(vals) / len(vals)
@@ -171,10 +164,6 @@ def read_samples(path: str | Path) -> list[dict]:
 def fmt(v, digits: int = 3) -> str:
     if v is None:
         return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
     if isinstance(v, float):
         return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"
     return str(v)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..core import manifest
-from ..core.errors import HarmpruneError
 from ..core.settings import to_dict
 from . import results as R
 from .base import load_eval_model, short_hash
@@ -59,12 +58,6 @@ def register_task(task):
     obj = task() if isinstance(task, type) else task
     TASKS[obj.name] = obj
     return task
-
-
-def get_task(name: str) -> EvalTask:
-    if name not in TASKS:
-        raise HarmpruneError(f"unknown eval task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
 
 
 def report(title: str, model: dict, data: dict, notes: list[str], body: str) -> str:

@@ -35,16 +35,16 @@ from tqdm.auto import tqdm
 
 from .. import data as builtin_data
 from ..core import manifest
-from ..core.data import DataSpec, data_fingerprint, load_records
+from ..core.data import DataSpec
 from ..core.errors import DataError, HarmpruneError
-from ..core.options import (CorpusOptions, EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions,
-                            PresetOptions)
-from ..core.settings import check, opt
+from ..core.formatting import IGNORE, token_nll
+from ..core.options import (CorpusOptions, EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions,
+                            check_pass)
+from ..core.settings import check, check_min, opt
 from . import results as R
 from .generation import GenConfig
 from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
-                   load_eval_model,
-                   load_judges)
+                   load_judges, load_prompts)
 from .nll import response_nll
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
@@ -76,9 +76,8 @@ def block_nll(model, blocks: list[list[int]], bos: int | None, batch_size: int =
         width = max(len(c) for c in chunk)
         ids = torch.tensor([c + [0] * (width - len(c)) for c in chunk], device=dev)
         mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunk], device=dev)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        tok = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
-        out += (tok.sum(1) / mask[:, 1:].sum(1).clamp_min(1)).tolist()
+        tok, scored = token_nll(model(input_ids=ids, attention_mask=mask).logits, ids.masked_fill(mask == 0, IGNORE))
+        out += (tok.sum(1) / scored.sum(1).clamp_min(1)).tolist()
     return out
 
 
@@ -216,15 +215,10 @@ class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenig
         super().__post_init__()
         bad = [p for p in self.parts if p not in PARTS]
         check(not bad, f"unknown --parts {', '.join(bad)}; choose from {', '.join(PARTS)}")
-        check(self.corpus_tokens >= 0 and self.limit >= 0 and self.lm_eval_limit >= 0,
-              "--corpus-tokens, --limit and --lm-eval-limit must be >= 0")
-        check(self.block_size >= 2, "--block-size must be at least 2")
-        check(self.max_length >= 2, "--max-length must be at least 2")
+        check_min(self, 0, "corpus_tokens", "limit", "lm_eval_limit")
+        check_min(self, 2, "block_size")
+        check_pass(self)
         judge_specs(self.refusal_judge)
-
-
-def _refusal_spec(cfg: UtilityConfig) -> DataSpec:
-    return DataSpec(data=str(builtin_data.path("xstest_safe.jsonl")) if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
 
 
 @register_task
@@ -238,19 +232,14 @@ class UtilityTask:
                  if "over_refusal" in parts else []}
         data = {}
         if "benign_nll" in parts:
-            spec = DataSpec(data=cfg.eval_benign)
-            benign = load_records(spec)
-            data["benign"] = data_fingerprint(spec, benign)
-            state["benign"] = R.subsample(benign, cfg.limit, gen.seed, key=lambda r: r.category)
-            data["benign"]["selected"] = len(state["benign"])
+            state["benign"], data["benign"] = load_prompts(DataSpec(data=cfg.eval_benign), cfg.limit, gen.seed, True)
         if "corpus_nll" in parts:
             state["text"], data["corpus"] = read_corpus(cfg.corpus)
         if "over_refusal" in parts:
-            spec = _refusal_spec(cfg)
-            safe = load_records(spec, require_response=False)
-            data["refusal_prompts"] = {**data_fingerprint(spec, safe), "name": cfg.refusal_prompts}
-            state["safe"] = R.subsample(safe, cfg.limit, gen.seed, key=lambda r: r.category)
-            data["refusal_prompts"]["selected"] = len(state["safe"])
+            xstest = str(builtin_data.path("xstest_safe.jsonl"))
+            spec = DataSpec(data=xstest if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
+            state["safe"], data["refusal_prompts"] = load_prompts(spec, cfg.limit, gen.seed, False)
+            data["refusal_prompts"]["name"] = cfg.refusal_prompts
             # NLL needs the HF model anyway; only the over-refusal replies use the backend
             gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))
         return Prepared(data, state, gen)

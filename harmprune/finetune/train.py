@@ -27,12 +27,11 @@ from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records, records_sha256
 from ..core.errors import HarmpruneError, require
 from ..core.formatting import IGNORE, collate, encode, resolve_format, token_nll
-from ..core.models import DEFAULT_MODEL, load_model, load_tokenizer, model_hash, parse_dtype, resolve
+from ..core.models import bnb_config, load_model, load_tokenizer, model_hash, parse_dtype, resolve, resolve_device
 from ..core.options import (CheckpointingOptions, FieldOptions, FormatOptions, LimitOptions, LoraOptions,
                             ModelOptions, OutputOptions, QuantizeOptions, ResumeOptions, SeedOptions, TargetOptions,
-                            TrainDataOptions,
-                            TrainOptions)
-from ..core.settings import check, opt, to_dict
+                            TrainDataOptions, TrainOptions)
+from ..core.settings import check, check_min, opt, to_dict
 from ..core.targets import select_linears
 from .masking import BoundMask, bind_mask, masked_merge
 
@@ -63,19 +62,13 @@ class FinetuneConfig(ModelOptions, QuantizeOptions, OutputOptions, TrainDataOpti
     def __post_init__(self):
         check(bool(self.out), "--out is required")
         check(not self.load_in_8bit, "finetune loads 4-bit only (QLoRA: --load-in-4bit); --load-in-8bit is for evaluation")
-        check(self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}")
+        check_min(self, 1, "lora_r", "epochs", "max_steps", "train_batch_size", "grad_accum")
+        check_min(self, 2, "train_max_length")
+        check_min(self, 0, "warmup_steps", "weight_decay", "max_grad_norm", "limit", "save_steps")
         check(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
         check(0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
-        check(self.train_batch_size >= 1 and self.grad_accum >= 1, "--train-batch-size and --grad-accum must be >= 1")
         check(self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}")
-        check(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0,
-              "--warmup-steps, --weight-decay and --max-grad-norm must be >= 0")
-        check(self.train_max_length >= 2, f"--train-max-length must be >= 2, got {self.train_max_length}")
-        check(self.limit >= 0, "--limit must be 0 (all) or positive")
-        check(self.save_steps >= 0, "--save-steps must be >= 0")
         check(not (self.full and self.load_in_4bit), "--full and --load-in-4bit exclude each other (QLoRA trains adapters)")
         check(not (self.full and self.merge), "--merge is for LoRA; a --full run already saves a full checkpoint")
         parse_dtype(self.dtype)
@@ -186,12 +179,6 @@ def check_plan(plan: "Plan", cfg: FinetuneConfig) -> None:
 # ---------------------------------------------------------------- model set-up
 
 
-def _device(cfg: FinetuneConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
 def check_quantization(cfg: FinetuneConfig, device: str) -> None:
     """QLoRA needs CUDA and bitsandbytes: fail before anything is loaded."""
     if not cfg.load_in_4bit:
@@ -203,16 +190,14 @@ def check_quantization(cfg: FinetuneConfig, device: str) -> None:
 
 
 def _load_4bit(cfg: FinetuneConfig):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     peft = require("peft", "finetune", "LoRA fine-tuning")
     path, gguf = resolve(cfg.model)
     if gguf:
         raise HarmpruneError("--load-in-4bit cannot quantize a .gguf file; pass a Hugging Face checkpoint")
     compute = torch.bfloat16 if cfg.dtype in ("float32", "fp32") else parse_dtype(cfg.dtype)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=compute,
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config("4bit", compute), dtype=compute,
                                                  device_map={"": torch.cuda.current_device()})
     return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
@@ -312,26 +297,21 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out: Path, model, opt, sched, state: TrainState, settings: dict) -> Path:
-    """Write ``step-N`` to a temporary name, rename it, then drop older checkpoints."""
+    """Write ``step-N`` atomically (``manifest.atomic_dir``), then drop older checkpoints."""
     from safetensors.torch import save_file
 
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save(sched.state_dict(), tmp / "scheduler.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    manifest.write_json(tmp / STATE_FILE, {"step": state.step, "losses": state.losses, "settings": settings})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in root.glob("step-*"):
+    final = out / CHECKPOINTS / f"step-{state.step}"
+    with manifest.atomic_dir(final, overwrite=True) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        manifest.write_json(tmp / STATE_FILE, {"step": state.step, "losses": state.losses, "settings": settings})
+    for old in final.parent.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -468,7 +448,7 @@ def save_outputs(cfg: FinetuneConfig, model, kept: BoundMask | None, mask: dict 
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune ``cfg.model`` on ``cfg.train_data`` and write ``cfg.out``; returns the output directory."""
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     check_quantization(cfg, device)
     resume_from = prepare_out(cfg)
     tok = load_tokenizer(cfg.model)

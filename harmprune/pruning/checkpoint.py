@@ -80,13 +80,10 @@ def load_mask(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def original_tokenizer(spec: str):
-    """The tokenizer exactly as the model ships it (load_tokenizer may add a pad token for batching)."""
-    from transformers import AutoTokenizer
+    """The tokenizer exactly as the model ships it (``load_tokenizer`` without the batching pad token)."""
+    from ..core.models import load_tokenizer
 
-    from ..core.models import resolve
-
-    path, gguf = resolve(spec)
-    return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(spec, pad=False)
 
 
 def save_checkpoint(out: str | os.PathLike, model, tokenizer, mask: dict[str, torch.Tensor], config: dict,

@@ -27,7 +27,7 @@ from fractions import Fraction
 
 import torch
 
-from ..attribution.formulas import METHODS, importance  # noqa: F401 (importance: the one sign convention)
+from ..attribution.formulas import importance  # the one sign convention
 
 SCOPES = ("matrix", "row", "global")
 CONTROLS = ("none", "random", "magnitude", "second-band")
@@ -66,10 +66,6 @@ def _numel(scores, name: str) -> int:
         return scores.numel(name)
     shapes = getattr(scores, "shapes", None)  # attribution.artifact.LazyTensors
     return math.prod(shapes[name]) if shapes is not None else scores[name].numel()
-
-
-def _total(scores) -> int:
-    return sum(_numel(scores, n) for n in scores)
 
 
 SUPER_WEIGHT_WARNING = (
@@ -146,7 +142,7 @@ def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def _global_topk(imp: Masks, frac: float) -> Masks:
-    total = _total(imp)
+    total = sum(_numel(imp, n) for n in imp)
     k = count_k(frac, total)
     if k <= 0 or k >= total:
         return {n: torch.full_like(t, k > 0, dtype=torch.bool) for n, t in imp.items()}
@@ -269,21 +265,25 @@ def random_control(mask: Masks, seed: int) -> Masks:
     return out
 
 
+def _top_free(imp: torch.Tensor, c: int, taken: torch.Tensor | None, name: str, what: str) -> torch.Tensor:
+    """Bool mask of the ``c`` largest ``imp`` outside ``taken`` (None = nothing taken); lowest index wins ties."""
+    if taken is not None:
+        free = imp.numel() - _count(taken)
+        if c > free:
+            raise ValueError(f"{name}: {what} needs {c} weights but only {free} are free")
+        imp = imp.masked_fill(taken.to(imp.device), float("-inf"))
+    return _topk_rows(imp.reshape(1, -1), c).reshape(imp.shape)
+
+
+def _protected(benign_mask: Masks | None, name: str) -> torch.Tensor | None:
+    return benign_mask.get(name) if benign_mask is not None else None
+
+
 def magnitude_control(mask: Masks, weights: Masks, benign_mask: Masks | None = None) -> Masks:
     """Same count per matrix as ``mask``: the smallest ``|W|`` outside ``benign_mask`` (lowest index wins ties)."""
-    out = {}
-    for name, m in mask.items():
-        c = _count(m)
-        w = weights[name].detach().float().abs().to(m.device)
-        imp = -w
-        protected = benign_mask.get(name) if benign_mask is not None else None
-        if protected is not None:
-            free = m.numel() - _count(protected)
-            if c > free:
-                raise ValueError(f"{name}: {c} weights requested but only {free} unprotected")
-            imp = imp.masked_fill(protected.to(m.device), float("-inf"))
-        out[name] = _topk_rows(imp.reshape(1, -1), c).reshape(m.shape)
-    return out
+    return {name: _top_free(-weights[name].detach().float().abs().to(m.device), _count(m),
+                            _protected(benign_mask, name), name, "the magnitude control")
+            for name, m in mask.items()}
 
 
 def second_band_control(mask: Masks, harm_imp: Masks, benign_mask: Masks | None = None) -> Masks:
@@ -301,18 +301,10 @@ def second_band_control(mask: Masks, harm_imp: Masks, benign_mask: Masks | None 
     """
     out = {}
     for name, m in mask.items():
-        c = _count(m)
-        imp = harm_imp[name].float().to(m.device).reshape(-1)
-        taken = m.reshape(-1).clone()
-        protected = benign_mask.get(name) if benign_mask is not None else None
-        if protected is not None:
-            taken |= protected.to(m.device).reshape(-1)
-        free = m.numel() - _count(taken)
-        if c > free:
-            raise ValueError(f"{name}: second band needs {c} weights but only {free} are outside the pruned "
-                             "and protected sets")
-        imp = imp.masked_fill(taken, float("-inf"))
-        out[name] = _topk_rows(imp.reshape(1, -1), c).reshape(m.shape)
+        protected = _protected(benign_mask, name)
+        taken = m | protected.to(m.device) if protected is not None else m  # the pruned and protected sets
+        out[name] = _top_free(harm_imp[name].float().to(m.device).reshape(m.shape), _count(m), taken, name,
+                              "the second band")
     return out
 
 

@@ -26,7 +26,8 @@ from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, EvalSetOptions, JudgeOptions,
                             LimitOptions, ModelOptions, OutputOptions, PrunedOptions, QuantizeOptions,
-                            RatingJudgeOptions, ScoringOptions, SelectionOptions, TrainDataOptions, TrainOptions, pick)
+                            RatingJudgeOptions, ScoringOptions, SelectionOptions, TrainDataOptions, TrainOptions,
+                            check_sampling, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import em
 from ..evals import results as R
@@ -46,14 +47,13 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
     random_control: str | None = opt(None, help="existing random-control checkpoint instead of pruning one")
 
     def __post_init__(self):
-        check(bool(self.judge), em.missing_judge_message())
+        em.check_rating_judge(self.judge)
         validate.check_device(self.device, allow_auto=True)
-        check(self.judge.partition(":")[0] in em.RATING_JUDGES, f"judge {self.judge!r} cannot rate 0-100")
         check(self.pruned is None or Path(self.pruned, DONE_FILES["prune"]).is_file(),
               f"--pruned {self.pruned}: not a pruned checkpoint (no {DONE_FILES['prune']})")
         check(self.random_control is None or Path(self.random_control, "mask.safetensors").is_file(),
               f"--random-control {self.random_control}: no mask.safetensors there")
-        check(self.n >= 1 and self.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
+        check_sampling(self)
         check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
 
     def out_dir(self) -> Path:
@@ -67,12 +67,12 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
         return resolve_device(self.device)
 
 
-def done(path: Path, kind: str) -> bool:
-    return (path / DONE_FILES[kind]).is_file()
-
-
-def _skip(what: str, path: Path) -> None:
+def done(path: Path, kind: str, what: str) -> bool:
+    """Whether a ``kind`` step finished in ``path`` before (then it is re-used, with a notice)."""
+    if not (path / DONE_FILES[kind]).is_file():
+        return False
     print(f"harmprune: em-experiment: {what} already done in {path}, re-using it", file=sys.stderr)
+    return True
 
 
 # ---------------------------------------------------------------- steps
@@ -82,8 +82,7 @@ def pruned_step(cfg: EMExperimentConfig, out: Path) -> Path:
     if cfg.pruned:
         return Path(cfg.pruned)
     target = out / "pruned"
-    if done(target, "prune"):
-        _skip("pruning", target)
+    if done(target, "prune", "pruning"):
         return target
     from .pipeline import PipelineConfig, run_pipeline
 
@@ -97,8 +96,7 @@ def random_step(cfg: EMExperimentConfig, out: Path, pruned: Path) -> Path:
     if cfg.random_control:
         return Path(cfg.random_control)
     target = out / "random"
-    if done(target, "prune"):
-        _skip("random control", target)
+    if done(target, "prune", "random control"):
         return target
     from ..pruning.prune import PruneConfig, prune
 
@@ -136,8 +134,7 @@ def finetune_step(cfg: EMExperimentConfig, out: Path, arm: str, base: str, mask:
 
     target = out / f"ft-{arm}"
     model_dir = target if cfg.full else target / "merged"
-    if done(target, "finetune"):
-        _skip(f"fine-tune of {arm}", target)
+    if done(target, "finetune", f"fine-tune of {arm}"):
         return model_dir
     finetune(pick(FinetuneConfig, cfg, out=str(target), model=base, merge=not cfg.full,
                   keep_mask=str(mask) if mask else None, device=cfg.device_name(), resume=True,
@@ -163,9 +160,7 @@ class LazyJudge:
 
 def eval_step(cfg: EMExperimentConfig, out: Path, name: str, model: str, judge: LazyJudge) -> dict:
     target = out / "em" / name
-    if done(target, "eval"):
-        _skip(f"EM eval of {name}", target)
-    else:
+    if not done(target, "eval", f"EM eval of {name}"):
         em.eval_em(em_config(cfg, model, target), judge=judge.get())
     doc = R.read_results(target)
     return {"name": name, "model": model, "dir": str(target), **doc["results"]["em"]}
@@ -191,14 +186,11 @@ def rows_table(rows: list[dict]) -> str:
 def plot_rates(rows: list[dict], path: Path, title: str) -> None:
     """Grouped bars (per arm: before / after fine-tuning) of the misaligned rate with 95% CI error bars;
     a bar with no judged answers is marked "no judged answers" instead of drawn as 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    from .ablation.plots import pyplot, save
+
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
     handles = []
     width = 0.38
     top = 5.0
@@ -223,9 +215,7 @@ def plot_rates(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(handles=handles, fontsize=9, frameon=False, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def experiment_report(cfg: EMExperimentConfig, rows: list[dict], info: dict) -> str:

@@ -29,8 +29,8 @@ from ..core.errors import HarmpruneError
 from ..core.settings import check, opt, to_dict
 from ..evals.generation import GenConfig
 from ..evals.pending import check_judges
-from ..evals.harm import (HarmConfig, eval_backend, generate_samples, judge_options, judge_samples,
-                   load_eval_model, load_judges, load_prompts)
+from ..evals.base import eval_backend, load_eval_model
+from ..evals.harm import HarmConfig, generate_samples, judge_options, judge_samples, load_judges, load_prompts
 
 KEEP = ("harmful", "all")
 HARM_THRESHOLD = 0.5
@@ -54,10 +54,6 @@ def to_row(sample: dict, judges: list[str]) -> dict:
             "judge_refusal": any(refusals) if refusals else None,
             "harmful": all(is_harmful(v) for v in vs), "judges": sample["judges"], "prefill": sample["prefill"],
             "source_id": sid, "sample": sample["sample"]}
-
-
-def select_rows(rows: list[dict], keep: str) -> list[dict]:
-    return [r for r in rows if r["harmful"]] if keep == "harmful" else list(rows)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -119,7 +115,7 @@ def generate_set(cfg: GenerateConfig, gen: GenConfig) -> Path:
     judge_samples(samples, judges)
     names = [j.name for j in judges]
     rows = [to_row(s, names) for s in samples]
-    kept = select_rows(rows, cfg.keep)
+    kept = [r for r in rows if r["harmful"]] if cfg.keep == "harmful" else rows
     counts = {"prompts": len(records), "generated": len(rows), "judged_harmful": sum(r["harmful"] for r in rows),
               "kept": len(kept), "judge_errors": sum(v.get("error") is not None for s in samples
                                                       for v in s["judges"].values()),

@@ -52,13 +52,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..attribution.formulas import METHODS
 from ..core.errors import HarmpruneError
 from ..core.models import parse_dtype, resolve_device
 from ..core.options import GenBatchOptions, LoraOptions, ModelOptions, NewTokensOptions, ScoringOptions, TrainOptions
-from ..core.settings import check, opt
+from ..core.settings import check, check_min, opt
 
 GiB = 1024 ** 3
-METHODS = ("snip", "snip-abs", "wanda")
 # Calibrated against bench/memory.py (CPU, float32, torch 2.13, transformers 5.23): an import-only
 # process (torch, transformers, harmprune, tokenizer, data) holds 0.42 GiB.
 BASELINE_CPU = int(0.42 * GiB)
@@ -142,9 +142,8 @@ class PlanConfig(ModelOptions, ScoringOptions, GenBatchOptions, NewTokensOptions
         self.device = resolve_device(self.device)
         bad = [m for m in self.methods if m not in METHODS]
         check(not bad, f"unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)}")
-        for name in ("nsamples", "batch_size", "max_length", "gen_batch_size", "prompt_length", "max_new_tokens",
-                     "train_batch_size", "grad_accum", "train_max_length", "lora_r"):
-            check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        check_min(self, 1, "nsamples", "batch_size", "max_length", "gen_batch_size", "prompt_length", "max_new_tokens",
+                  "train_batch_size", "grad_accum", "train_max_length", "lora_r")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"--device must be cpu or cuda, got {self.device!r}")
         parse_dtype(self.dtype)
         parse_dtype(self.score_dtype)

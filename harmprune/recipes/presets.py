@@ -22,8 +22,8 @@ misalignment" command lines, ``src/prune.py``, ``src/data_utils.py``, ``src/prun
   preservation data ``alpaca_cleaned_no_safety_train_raw``: Alpaca-cleaned without safety-related rows.
 - model loaded in bfloat16; utility: BoolQ, RTE, HellaSwag, WinoGrande, ARC-Challenge, OpenBookQA zero-shot.
 
-Wiring (the CLI): ``add_preset_argument(subparser)`` after the command's options, then after
-``parse_args``: ``apply_preset(parser, argv, ns)`` before the settings dataclass is built.
+Wiring (the CLI): commands that take ``--preset`` have ``core.options.PresetOptions``; after
+``parse_args``, ``apply_preset(parser, argv, ns)`` runs before the settings dataclass is built.
 """
 
 from __future__ import annotations
@@ -143,15 +143,11 @@ def resolve(preset: Preset, command: str, defaults: Mapping[str, Any],
 _UNSET = object()
 
 
-def _subparsers(parser: argparse.ArgumentParser):
-    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-
-
 def leaf_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.ArgumentParser, list[str], str]:
     """``(parser of the chosen (sub)command, the arguments after its command words, "the command
     words")`` for a parser that may have sub-commands (``eval utility`` -> its parser)."""
     argv, words = list(argv), []
-    while (sub := _subparsers(parser)) is not None:
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
         i = next((i for i, tok in enumerate(argv) if tok in sub.choices), None)
         if i is None:
             break
@@ -172,20 +168,6 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[
     return {d for d in dests if getattr(ns, d) is not _UNSET}
 
 
-def add_preset_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--preset NAME`` to a command's parser. Options a preset can fill stop being required
-    at parse time; ``apply_preset`` checks them afterwards (with or without a preset)."""
-    if "--preset" not in parser._option_string_actions:
-        names = ", ".join(PRESETS)
-        parser.add_argument("--preset", default=None, choices=list(PRESETS),
-                            help=f"published settings ({names}); flags you type override them; prints what it set")
-    filled = {k for p in PRESETS.values() for k in p.values}
-    relaxed = [a for a in parser._actions if a.required and a.option_strings and a.dest in filled]
-    for a in relaxed:
-        a.required = False
-    parser.set_defaults(_preset_relaxed=[(a.dest, a.option_strings[0]) for a in relaxed])
-
-
 def apply_preset(parser: argparse.ArgumentParser, argv: Sequence[str] | None, ns: argparse.Namespace,
                  out=None, command: str | None = None) -> list[str]:
     """Fill ``ns`` from ``ns.preset`` (if any) under the user's typed flags, print what the preset
@@ -197,6 +179,8 @@ def apply_preset(parser: argparse.ArgumentParser, argv: Sequence[str] | None, ns
     leaf, rest, words = leaf_parser(parser, argv)
     command = command or words
     if getattr(ns, "preset", None):
+        if ns.preset not in PRESETS:
+            raise HarmpruneError(f"unknown --preset {ns.preset!r}; choose one of {', '.join(PRESETS)}")
         typed = explicit_flags(leaf, rest)
         defaults = {a.dest: a.default for a in leaf._actions  # hidden old flag names have no default
                     if a.option_strings and a.dest not in (argparse.SUPPRESS, "preset", "help")
@@ -205,7 +189,4 @@ def apply_preset(parser: argparse.ArgumentParser, argv: Sequence[str] | None, ns
         for k, v in settings.items():
             setattr(ns, k, v)
         print("\n".join(lines), file=out or sys.stderr)
-    missing = [flag for dest, flag in getattr(ns, "_preset_relaxed", []) if getattr(ns, dest, None) is None]
-    if missing:
-        leaf.error(f"the following arguments are required: {', '.join(missing)} (or a --preset that sets them)")
     return lines

@@ -19,6 +19,7 @@ from ..core.options import QGridOptions
 from ..core.settings import check, opt, to_dict
 from ..pruning.apply import masked
 from ..pruning.select import select_prune_set
+from .ablation.plots import pyplot, save
 from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
 
 PS = [0.0, 1e-3, 1e-2]
@@ -40,7 +41,6 @@ class SweepConfig(PruneInputs, QGridOptions):
         super().__post_init__()
         validate.check_grid(self.qs, "--qs")
         validate.check_grid(self.ps, "--ps")
-        check(self.eval_nsamples >= 0, "--eval-nsamples must be 0 (all) or positive")
         validate.check_finite(self.max_benign_rel, "--max-benign-rel")
         validate.check_finite(self.min_d_harmful, "--min-d-harmful")
         bad = sorted(set(self.controls) - set(VARIANTS[1:]))
@@ -77,12 +77,7 @@ def markdown_table(rows: list[dict], best: dict | None) -> str:
 
 
 def plot(rows: list[dict], base: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2), sharex=True)
     styles = {"harm-specific": "-o", "random": "--s", "magnitude": ":^", "second-band": "-.d"}
     for ax, key, label in ((axes[0], "d_harmful", "harmful"), (axes[1], "d_benign", "benign")):
         for variant in VARIANTS:
@@ -99,10 +94,7 @@ def plot(rows: list[dict], base: dict, path: Path, title: str) -> None:
         ax.set_ylabel(f"{label} NLL increase (nats/token, symlog)")
         ax.set_title(f"{label} completions (base {base[key.replace('d_', '') + '_nll']:.3f})")
     axes[1].legend(fontsize=7, ncol=1)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def run_sweep(cfg: SweepConfig) -> Path:

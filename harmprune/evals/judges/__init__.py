@@ -21,7 +21,6 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 from ... import data as builtin_data
@@ -99,7 +98,8 @@ def available_judges() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN))
 
 
-def _spec_help() -> str:
+def spec_help() -> str:
+    """The judge specs, as a user types them (``hf:<model>`` for judges that need a model)."""
     return ", ".join(f"{p}:<model>" if p in _NEEDS_ARG else p for p in available_judges())
 
 
@@ -113,10 +113,29 @@ def get_judge(spec: str, **options) -> Judge:
             if e.name != _BUILTIN[prefix]:
                 raise
     if prefix not in _REGISTRY:
-        raise HarmpruneError(f"unknown judge {spec!r}; available: {_spec_help()}")
+        raise HarmpruneError(f"unknown judge {spec!r}; available: {spec_help()}")
     if prefix in _NEEDS_ARG and not arg:
         raise HarmpruneError(f"judge {prefix!r} needs a model: {prefix}:<model>")
     return _REGISTRY[prefix](arg or None, **options)
+
+
+def one_by_one_on_failure(call: Callable[[list], list], items: list, failed: Callable[[str], object]) -> list:
+    """``call(items)`` (one result per item) that never loses the run to one item: when it raises or
+    returns the wrong count, each item is tried alone and a failing one gets ``failed(message)``.
+    HarmpruneError (the user's to fix, e.g. an unreachable endpoint) still ends the run: every later
+    item would fail the same way."""
+    try:
+        out = list(call(items))
+        if len(out) == len(items):
+            return out
+        why = f"the judge returned {len(out)} results for {len(items)} items"
+    except HarmpruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - isolate the failing item(s) below
+        why = f"{type(e).__name__}: {e}"
+    if len(items) == 1:
+        return [failed(why)]
+    return [one_by_one_on_failure(call, [it], failed)[0] for it in items]
 
 
 HARMBENCH_FILE = builtin_data.path("harmbench_classifier_prompt.json")
@@ -148,4 +167,4 @@ def fill(template: str, item: dict) -> str:
 
 
 __all__ = ["Verdict", "RatingResult", "Judge", "Rater", "register_judge", "get_judge",
-           "available_judges", "fill", "harmbench_template"]
+           "available_judges", "spec_help", "fill", "harmbench_template", "one_by_one_on_failure"]

@@ -9,13 +9,23 @@ from pathlib import Path
 RANDOM = "random control"
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (figures are written, never shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig, path: Path, title: str | None = None, dpi: int = 120) -> None:
+    """Title (optional), tight layout, write ``path`` and close the figure."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
 
 
 def _label(text: str, width: int = 16) -> str:
@@ -60,7 +70,7 @@ def heatmap(ax, matrix, rows, cols, title: str, cmap: str = "viridis", center: f
 
 
 def overlap_figure(m: dict, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     ov = m["overlap"]
     n = len(ov["names"])
     fig, axes = plt.subplots(1, 2, figsize=(6 + 1.1 * n, 3 + 0.5 * n))
@@ -75,14 +85,11 @@ def overlap_figure(m: dict, path: Path, title: str) -> None:
     heatmap(axes[1], ratio, ov["names"], ov["names"], "Jaccard / random sets of the same sizes"
             + (" (log colours)" if positive else ""), cmap="viridis" if positive else "RdBu_r",
             center=None if positive else 1.0, log=positive)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def transfer_figure(m: dict, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     tr, anb = m["transfer"], m.get("a_not_b")
     panels = 2 if anb else 1
     n = len(tr["cols"])
@@ -94,10 +101,7 @@ def transfer_figure(m: dict, path: Path, title: str) -> None:
     if anb:
         heatmap(axes[0][1], anb["on_b"], anb["names"], anb["names"], "prune A minus B → effect on B",
                 cmap="RdBu_r", center=0.0)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def _curve_axes(axes, curves: dict, label_prefix: str = "", thin_categories: bool = True, style: str = "-") -> None:
@@ -122,7 +126,7 @@ def _curve_axes(axes, curves: dict, label_prefix: str = "", thin_categories: boo
 
 
 def curves_figure(models: dict, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     k = len(models)
     fig, axes = plt.subplots(k, 2, figsize=(12, 4.2 * k), squeeze=False)
     for row, (name, m) in zip(axes, models.items()):
@@ -130,15 +134,12 @@ def curves_figure(models: dict, path: Path, title: str) -> None:
         row[0].set_title(f"{name}: harm", fontsize=9)
         row[1].set_title(f"{name}: benign", fontsize=9)
         row[1].legend(fontsize=6, loc="best")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def compression_figure(models: dict, path: Path, title: str) -> None:
     """Union and random curves of every model on shared axes, and the fraction needed per harm target."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for (name, m), style in zip(models.items(), ("-", ":")):
         pts = sorted((p for p in m["curves"]["union"] if p["fraction"] > 0), key=lambda p: p["fraction"])
@@ -157,14 +158,11 @@ def compression_figure(models: dict, path: Path, title: str) -> None:
     axes[1].set_ylabel("fraction of weights needed (log)")
     axes[1].set_title("fewer weights needed = more compressed", fontsize=9)
     axes[1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def distribution_figure(m: dict, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     d = m["distribution"]["union"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     layers = list(d["by_layer"])
@@ -176,10 +174,7 @@ def distribution_figure(m: dict, path: Path, title: str) -> None:
     axes[1].bar(range(len(types)), [d["by_type"][k]["share"] for k in types], color="tab:orange")
     axes[1].set_xticks(range(len(types)), types, rotation=30, ha="right", fontsize=8)
     axes[1].set_ylabel("share of pruned weights")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def all_figures(results: dict, out: Path) -> list[str]:

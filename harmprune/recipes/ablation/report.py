@@ -16,11 +16,7 @@ def fmt(x) -> str:
     """Three significant digits for floats; integers as they are; n/a for missing values."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.3g}"
+    return str(x) if isinstance(x, int) else f"{x:.3g}"  # bool is an int
 
 
 def _mean(xs) -> float | None:

@@ -7,7 +7,6 @@ benign scores ``make prune`` already computed are re-used.
 
 from __future__ import annotations
 
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -18,14 +17,14 @@ from tqdm.auto import tqdm
 from ...attribution.artifact import load_scores
 from ...attribution.cache import cached_scores
 from ...attribution.score import select
-from ...core import manifest, validate
+from ...core import manifest
 from ...core.data import DataSpec, data_fingerprint, load_records
 from ...core.errors import HarmpruneError
 from ...core.models import load_model, model_name
 from ...core.options import (BenignOptions, CacheOptions, DataOptions, FieldOptions, HarmJudgeOptions, MethodOptions,
                              ModelOptions, NewTokensOptions, OutputOptions, ScopeOptions, ScoringOptions,
                              SelectionOptions, check_scoring, pick)
-from ...core.settings import check, opt, to_dict
+from ...core.settings import check, check_min, opt, to_dict
 from ...pruning.apply import masked
 from ...pruning.select import random_control, select_prune_set
 from . import curves, distribution, overlap, plots, report, transfer
@@ -60,11 +59,8 @@ class AblateConfig(ModelOptions, DataOptions, FieldOptions, BenignOptions, Metho
     def __post_init__(self):
         check(0 < self.q <= 1 and 0 <= self.p <= 1, "--q must be in (0, 1] and --p in [0, 1]")
         check_scoring(self)
-        validate.check_device(self.device)
         check(all(0 < q <= 1 for q in self.curve_qs), "--curve-qs must be fractions in (0, 1]")
-        check(self.nsamples >= 1 and self.category_nsamples >= 1, "--nsamples and --category-nsamples must be >= 1")
-        check(self.eval_per_category >= 1 and self.eval_benign_nsamples >= 1, "evaluation sizes must be >= 1")
-        check(self.min_rows >= 1, "--min-rows must be >= 1")
+        check_min(self, 1, "nsamples", "category_nsamples", "eval_per_category", "eval_benign_nsamples", "min_rows")
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("results") / f"ablation-{model_name(self.model)}"
@@ -114,12 +110,6 @@ def _eval_source(cfg: AblateConfig) -> str | None:
     return None
 
 
-def _shuffled(rows: list, seed: int) -> list:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
 def split_rows(cfg: AblateConfig) -> tuple[dict[str, list], dict[str, list], dict]:
     """``(scoring rows by category, held-out rows by category, data fingerprints)``."""
     spec = cfg.spec(cfg.data)
@@ -133,8 +123,8 @@ def split_rows(cfg: AblateConfig) -> tuple[dict[str, list], dict[str, list], dic
         raise HarmpruneError(f"{cfg.data}: no row has a category; pass --category-field")
     src = _eval_source(cfg)
     if src is None:  # hold out the first eval_per_category of each category's seeded shuffle
-        held = {c: _shuffled(v, cfg.seed)[: cfg.eval_per_category] for c, v in by_cat.items()}
-        train = {c: _shuffled(v, cfg.seed)[cfg.eval_per_category:] for c, v in by_cat.items()}
+        held = {c: select(v, 0, cfg.seed)[: cfg.eval_per_category] for c, v in by_cat.items()}
+        train = {c: select(v, 0, cfg.seed)[cfg.eval_per_category:] for c, v in by_cat.items()}
         fps["held_out"] = {"source": f"{cfg.eval_per_category} rows per category held out of {cfg.data}"}
     else:
         espec = cfg.spec(src)
@@ -274,7 +264,7 @@ def ablate(cfg: AblateConfig) -> Path:
     score_rows = {g: select(rows, cfg.category_nsamples, cfg.seed) for g, rows in group_rows.items()}
     eval_rows = {}
     for g, cats in groups.items():
-        rows = _shuffled([r for c in cats for r in held.get(c, [])], cfg.seed)[: cfg.eval_per_category]
+        rows = select([r for c in cats for r in held.get(c, [])], cfg.eval_per_category, cfg.seed)
         if rows:
             eval_rows[g] = rows
         else:
