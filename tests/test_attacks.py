@@ -15,6 +15,7 @@ from harmprune.core.models import load_model
 from harmprune.pruning.checkpoint import MASK_FILE, save_mask
 from harmprune.pruning.select import random_control
 from harmprune.recipes import attacks as A
+from harmprune.recipes.ablation.overlap import union
 from harmprune.recipes import headline as H
 from tiny import randomize_matrices, save_tiny, tiny_llama
 
@@ -92,7 +93,7 @@ def test_refusal_set_is_a_plain_set_difference():
 def test_union_and_shared_prompts():
     a = {"x": torch.tensor([True, False, False]), "y": torch.tensor([False, True])}
     b = {"x": torch.tensor([False, False, True]), "z": torch.tensor([True])}
-    u = A.union(a, b)
+    u = union([a, b])
     assert u["x"].tolist() == [True, False, True] and u["y"].tolist() == [False, True] and u["z"].tolist() == [True]
     recs = [Record(prompt="Make a  Bomb", response="", id="1"), Record(prompt="bake bread", response="", id="2")]
     assert A.shared_prompts(recs, [Record(prompt="make a bomb", response="", id="3")]) == ["Make a  Bomb"]
@@ -160,9 +161,9 @@ def test_refusal_ablation_end_to_end(ckpt, pruned, tmp_path):
     v = doc["variants"]
     assert list(v) == ["original", "original+abl", "pruned+abl", "random+abl"]
     assert v["original+abl"]["pruned_weights"] == info["ablated_weights"] == A.count(ablate) > 0
-    assert v["pruned+abl"]["pruned_weights"] == A.count(A.union(ablate, mask))
-    assert v["random+abl"]["pruned_weights"] == A.count(A.union(ablate, rand))
-    assert info["overlap_with_pruned"] == A.count(ablate) + A.count(mask) - A.count(A.union(ablate, mask))
+    assert v["pruned+abl"]["pruned_weights"] == A.count(union([ablate, mask]))
+    assert v["random+abl"]["pruned_weights"] == A.count(union([ablate, rand]))
+    assert info["overlap_with_pruned"] == A.count(ablate) + A.count(mask) - A.count(union([ablate, mask]))
 
 
 def test_cli_needs_a_pruned_dir(capsys, tmp_path):

@@ -52,6 +52,7 @@ from ..finetune.train import (FinetuneConfig, Plan, TrainState, check_plan, load
                               prepare_model, train)
 from ..pruning.checkpoint import CONFIG_FILE, MASK_FILE, load_mask, load_scores
 from ..pruning.select import random_control, select_prune_set
+from .ablation.overlap import count, intersection, union
 from .align_data import load_rows, training_records
 from .headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
 
@@ -128,7 +129,7 @@ def load_pruned(cfg: AttackConfig, handle) -> tuple[dict, dict]:
     from other weights than ``--model``'s (its prune_config.json records the source model's hash)."""
     mask = load_mask(cfg.pruned)
     info = {"dir": str(cfg.pruned), "mask_sha256": manifest.sha256_file(Path(cfg.pruned, MASK_FILE)),
-            "pruned_weights": int(sum(int(m.sum()) for m in mask.values()))}
+            "pruned_weights": count(mask)}
     pc_file = Path(cfg.pruned, CONFIG_FILE)
     if pc_file.is_file():
         pc = manifest.read_json(pc_file)
@@ -139,15 +140,6 @@ def load_pruned(cfg: AttackConfig, handle) -> tuple[dict, dict]:
         s = pc.get("settings", {})
         info.update(source=source, selection=pc.get("selection"), q=s.get("q"), p=s.get("p"), scope=s.get("scope"))
     return mask, info
-
-
-def union(a: dict, b: dict) -> dict:
-    """Key-wise OR of two masks (a key of one only is taken as it is)."""
-    return {k: a[k] | b[k] if k in a and k in b else (a[k] if k in a else b[k]) for k in dict.fromkeys([*a, *b])}
-
-
-def count(mask: dict | None) -> int:
-    return int(sum(int(m.sum()) for m in (mask or {}).values()))
 
 
 # ---------------------------------------------------------------- finetune
@@ -163,7 +155,7 @@ def finetune_arm(fcfg: FinetuneConfig, items, pad_id: int, mask: dict | None, ke
                   fcfg.device, {})
     if not fcfg.full:
         model = masked_merge(model, mask if keep else None)
-    report = {"mask_kept": keep, "zeroed_before": count(mask), "steps": state.step, "losses": state.losses,
+    report = {"mask_kept": keep, "zeroed_before": count(mask or {}), "steps": state.step, "losses": state.losses,
               "final_loss": state.losses[-1] if state.losses else None,
               "mask_nonzero_after": bind_mask(model, mask).nonzero() if mask else 0}
     return model, report
@@ -186,7 +178,8 @@ def run_finetune(cfg: AttackConfig, handle, masks: dict, data: HeadlineData, hcf
     for name, (mask, keep) in arms.items():
         model, reports[name] = finetune_arm(fcfg, items, tok.pad_token_id, mask, keep)
         r, s = measure_masks(model, tok, {name: mask if keep else None}, data, hcfg)
-        r["variants"][name].update(pruned_weights=count(mask), mask_nonzero_after=reports[name]["mask_nonzero_after"])
+        r["variants"][name].update(pruned_weights=count(mask or {}),
+                                   mask_nonzero_after=reports[name]["mask_nonzero_after"])
         results["variants"].update(r["variants"])
         samples += s
         del model
@@ -233,16 +226,16 @@ def run_refusal_ablation(cfg: AttackConfig, handle, masks: dict, data: HeadlineD
         if cfg.refusal_p > 0 else None
     ablate, stats = refusal_set(ref.tensors, ben.tensors if ben else None, cfg.benign_method, cfg.refusal_q,
                                 cfg.refusal_p, cfg.scope)
-    variants = {"original": None, "original+abl": ablate, "pruned+abl": union(ablate, masks["pruned"]),
-                "random+abl": union(ablate, masks["random"])}
+    variants = {"original": None, "original+abl": ablate, "pruned+abl": union([ablate, masks["pruned"]]),
+                "random+abl": union([ablate, masks["random"]])}
     results, samples = measure_masks(handle.model, handle.tokenizer, variants, data, hcfg)
     info = {"data": {"file": str(path), "records": len(records), "dropped_held_out": dropped,
                      "source": "align.jsonl refuse rows, refusals from align_data.refusal templates"},
             "scores": {"refusal": str(ref.path), "benign": str(ben.path) if ben else None},
             "selection": f"Top_q({REFUSAL_METHOD} refusal) \\ Top_p({cfg.benign_method} benign)",
             "ablated_weights": stats["total_pruned"], "warnings": stats["warnings"],
-            "overlap_with_pruned": count({k: m & ablate[k] for k, m in masks["pruned"].items() if k in ablate}),
-            "overlap_with_random": count({k: m & ablate[k] for k, m in masks["random"].items() if k in ablate})}
+            "overlap_with_pruned": intersection(masks["pruned"], ablate),
+            "overlap_with_random": intersection(masks["random"], ablate)}
     return results, samples, {"refusal_ablation": info}
 
 

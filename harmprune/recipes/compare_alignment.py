@@ -131,9 +131,10 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     with manifest.atomic_dir(out, cfg.overwrite) as tmp:
         manifest.write_json(tmp / "results.json", R._json_ready(results))
         doc = manifest.read_json(tmp / "results.json")
-        (tmp / "table.md").write_text(render(doc))
+        table = render(doc)
+        (tmp / "table.md").write_text(table)
         plot(doc, tmp / PLOT_FILE)
-    print(render(doc))
+    print(table)
     print(f"harmprune: compare-alignment written to {out}")
     return out
 
@@ -195,13 +196,10 @@ def render(doc: dict) -> str:
 def plot(doc: dict, path: Path) -> None:
     """Harmfulness under the prefill attack (one panel per judge, 95 % intervals; dashed: the original)
     and the NLL rises, against the pruned fraction, both models."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .ablation.plots import pyplot, save
 
     judges = doc["judges"]
-    fig, axes = plt.subplots(1, len(judges) + 2, figsize=(4 * (len(judges) + 2), 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(judges) + 2, figsize=(4 * (len(judges) + 2), 3.8), squeeze=False)
     for k, (role, m) in enumerate(doc["models"].items()):
         color = f"C{k}"
         pts = [p for p in m["points"] if p["fraction"] > 0]
@@ -226,7 +224,4 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("fraction of matched weights pruned")
         ax.legend(fontsize=7)
-    fig.suptitle("base vs aligned: harm-specific pruning (dashed: original)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, "base vs aligned: harm-specific pruning (dashed: original)", dpi=110)

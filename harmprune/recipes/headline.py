@@ -34,6 +34,7 @@ from ..evals.generation import GenConfig
 from ..evals.harm import generate_samples, judge_samples, load_judges
 from ..evals.nll import response_nll
 from ..evals.utility import block_nll, corpus_blocks
+from .ablation.overlap import count
 
 ATTACKS = ("none", "prefill")
 RESULTS_FILE = "results.json"
@@ -171,7 +172,7 @@ def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConf
             variants[name], s = measure_variant(model, tok, data, judges, xjudge, cfg)
             variants[name].update(extra(name) if extra else {})
         samples += [{"variant": name, **x} for x in s]
-        variants[name]["pruned_weights"] = int(sum(int(m.sum()) for m in (mask or {}).values()))
+        variants[name]["pruned_weights"] = count(mask or {})
     results = {"settings": to_dict(cfg), "judges": [j.name for j in judges], "xstest_judge": xjudge.name,
                "data": data.about, "variants": variants}
     return results, samples
@@ -216,11 +217,9 @@ def render_table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """One panel per table row: a point per variant with its 95 % interval."""
-    import matplotlib
+    from .ablation.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = table_rows(results)
     names = list(results["variants"])
     cols = 4
@@ -238,10 +237,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(label, fontsize=8)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    fig.suptitle("harmful generation and utility per variant (95 % bootstrap intervals)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, "harmful generation and utility per variant (95 % bootstrap intervals)", dpi=110)
 
 
 def write_headline(out: str | Path, results: dict, samples: list[dict] | None = None) -> str:
@@ -252,9 +248,10 @@ def write_headline(out: str | Path, results: dict, samples: list[dict] | None = 
     manifest.write_json(out / RESULTS_FILE, R._json_ready(results))
     if samples is not None:
         (out / "headline_samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
-    table = render_table(manifest.read_json(out / RESULTS_FILE))
+    written = manifest.read_json(out / RESULTS_FILE)
+    table = render_table(written)
     (out / TABLE_FILE).write_text(table)
-    plot(manifest.read_json(out / RESULTS_FILE), out / PLOT_FILE)
+    plot(written, out / PLOT_FILE)
     return table
 
 

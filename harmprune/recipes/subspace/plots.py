@@ -5,16 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..ablation.plots import pyplot, save
+
 BASIS_STYLE = {"topk": ("top-K", "C0", "o"), "randk": ("random-K", "C1", "s"), "gaussian": ("Gaussian", "C2", "^")}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _xy(points: list[dict], x: str, y: str) -> tuple[list, list]:
@@ -24,7 +17,7 @@ def _xy(points: list[dict], x: str, y: str) -> tuple[list, list]:
 
 def energy_figure(curve: dict, path: Path, title: str) -> str:
     """``curve[basis][mode] = [{rho, fraction}]`` → energy kept against rho, one panel per mode."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for ax, mode in zip(axes, ("parallel", "orth")):
         for b, modes in curve.items():
@@ -35,10 +28,7 @@ def energy_figure(curve: dict, path: Path, title: str) -> str:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("energy of the update kept")
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title)
     return Path(path).name
 
 
@@ -60,32 +50,28 @@ def _mso_axes(ax, curves: dict[str, list[dict]], title: str) -> None:
 
 def mso_figure(curves: dict[str, list[dict]], path: Path, title: str) -> str:
     """One panel: MSO against eta per curve, each with its random baseline dashed in its colour."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     _mso_axes(ax, curves, title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return Path(path).name
 
 
 def weight_mso_figure(res: dict, path: Path) -> str:
     """One panel per update pair: MSO against eta per module type, random baselines dashed."""
-    plt = _plt()
+    plt = pyplot()
     pairs = list(res["by_type"])
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         _mso_axes(ax, res["by_type"][pair], f"weight updates: {pair}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return Path(path).name
 
 
 def projection_figure(rows: dict, levels: dict, metrics: dict, path: Path, title: str) -> str:
     """Rows of panels, one per metric, columns per mode: ``rows[mode][basis] = [{rho, <metric>}]``
     against rho; ``levels[metric] = {label: value}`` are horizontal reference lines (aligned, fine-tuned)."""
-    plt = _plt()
+    plt = pyplot()
     modes = list(rows)
     fig, axes = plt.subplots(len(metrics), len(modes), figsize=(4.4 * len(modes), 2.8 * len(metrics)),
                              sharex=True, squeeze=False)
@@ -104,16 +90,13 @@ def projection_figure(rows: dict, levels: dict, metrics: dict, path: Path, title
                 ax.set_xlabel("rho")
         axes[i][0].set_ylabel(ylabel, fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title, dpi=110)
     return Path(path).name
 
 
 def location_figure(loc: dict, path: Path, title: str) -> str:
     """Share of ‖V‖² and of ‖L Lᵀ V‖² per rho carried by the B-TAP set vs random sets of the same size."""
-    plt = _plt()
+    plt = pyplot()
     labels = ["V"] + [f"rank-k V (rho={r})" for r in loc["rank_k"]]
     sets = [("B-TAP set", "btap", "C3"), ("random, same counts", "random", "C7"),
             ("largest |V|, same counts", "largest_v", "C0")]
@@ -128,7 +111,5 @@ def location_figure(loc: dict, path: Path, title: str) -> str:
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return Path(path).name
