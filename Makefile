@@ -152,7 +152,7 @@ ablation: install
 ALIGN_OUT ?= out/$(notdir $(MODEL))-aligned
 align: install
 	$(HP) align --model $(MODEL) --out $(ALIGN_OUT) --lr 1e-4 --train-batch-size 4 --grad-accum 2 \
-	  --train-max-length 112 --seed $(SEED) --overwrite
+	  --train-max-length 112 --refuse-n 200 --seed $(SEED) --overwrite
 
 # Safety subspaces (issue 13, Ponkshe et al. 2026) next to B-TAP on the embedded (base, aligned) pair:
 # fine-tunes, projections, MSO, where the B-TAP set sits. CPU-sized grid by default; FULL_GRID=1 = the paper's.

