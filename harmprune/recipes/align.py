@@ -152,6 +152,15 @@ def run_align(cfg: AlignConfig) -> Path:
 def build_alias(target: Path) -> None:
     """Builder of the ``smollm2-135m-aligned`` alias (core.models loads it by its dotted name): this
     recipe with its defaults on the embedded model, written to ``target``."""
+    import torch
+
     print(f"harmprune: building the aligned organism of {ALIAS_BASE} into {target} (once; a CPU fine-tune of "
           "some minutes)", file=sys.stderr)
-    run_align(AlignConfig(out=str(target), model=ALIAS_BASE, **ORGANISM))
+    # one thread: float sums then add up in the order of the measured organism (docs/organism.md), so every
+    # first use gives its weights bit for bit (on a busy 2-core CPU one thread was also the faster)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_align(AlignConfig(out=str(target), model=ALIAS_BASE, **ORGANISM))
+    finally:
+        torch.set_num_threads(threads)
