@@ -45,8 +45,9 @@ score: install
 # original / pruned / random control judged (keyword + classifier) on HEADLINE_LIMIT held-out harmful
 # prompts without and under the 10-token prefill attack, XSTest safe compliance, corpus perplexity, with
 # 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
-# tokens add ~14 min on 2 busy cores to the NLL run (~20-30 min in all, cold; 19 min 23 s measured on a quiet CPU); HEADLINE_LIMIT=0 = all 82 harmful and 68
-# held-out XSTest prompts. The first use of smollm2-135m-aligned builds it into ~/.cache/harmprune (~15 min).
+# tokens add ~14 min on 2 busy cores to the NLL run (~20-30 min in all, cold; 19 min 23 s measured on a quiet
+# CPU); HEADLINE_LIMIT=0 = all 82 harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned
+# builds it into ~/.cache/harmprune (~15 min).
 PRUNE_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
 HEADLINE_LIMIT ?= 32

@@ -151,7 +151,7 @@ def run_align(cfg: AlignConfig) -> Path:
 
 def build_alias(target: Path) -> None:
     """Builder of the ``smollm2-135m-aligned`` alias (core.models loads it by its dotted name): this
-    recipe with its defaults on the embedded model, written to ``target``."""
+    recipe with the ``ORGANISM`` settings on the embedded model, on one torch thread, written to ``target``."""
     import torch
 
     print(f"harmprune: building the aligned organism of {ALIAS_BASE} into {target} (once; a CPU fine-tune of "
