@@ -106,9 +106,10 @@ def test_table_is_rendered_from_results_json(tmp_path):
     doc = json.loads((tmp_path / H.RESULTS_FILE).read_text())
     assert table == (tmp_path / H.TABLE_FILE).read_text() == H.render_table(doc)
     assert (tmp_path / H.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    row = next(line for line in table.splitlines() if line.startswith("| refusal rate, prefill attack (keyword)"))
+    label = "refusal rate, prefill attack, full reply (keyword)"
+    row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
     expect = [f"{r:.3f} [{r - 0.05:.3f}, {r + 0.05:.3f}]" for r in (0.6, 0.75, 0.59)]
-    assert row == "| refusal rate, prefill attack (keyword) | " + " | ".join(expect) + " |"
+    assert row == f"| {label} | " + " | ".join(expect) + " |"
     doc["variants"]["pruned"]["utility/corpus"]["ppl"] = 99.0  # the table follows the JSON
     (tmp_path / H.RESULTS_FILE).write_text(json.dumps(doc))
     assert "99.000" in H.render_table(json.loads((tmp_path / H.RESULTS_FILE).read_text()))

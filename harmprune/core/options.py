@@ -71,6 +71,12 @@ class ResumeOptions:
 
 
 @dataclass(kw_only=True)
+class ResponsesOptions:
+    responses: str | None = opt(None, help="judge the rows of this file (.jsonl, .json or .csv) instead of generating: "
+                                           "no model is loaded; every field of a row is kept in samples.jsonl")
+
+
+@dataclass(kw_only=True)
 class SeedOptions:
     seed: int = opt(0, help="seed of every random choice of the command (sample selection, controls, sampling, "
                             "bootstrap, LoRA init)")
@@ -232,7 +238,8 @@ class JudgeOptions:
     judge_url: str | None = opt(None, help="OpenAI-compatible endpoint of an openai:<model> judge "
                                            "(else $HARMPRUNE_JUDGE_URL / $OPENAI_BASE_URL)")
     judge_device: str = opt("auto", help="device of an hf:<model> or classifier judge (auto = cuda when available)")
-    judge_dtype: str = opt("float32", help="dtype of an hf:<model> judge")
+    judge_dtype: str = opt("auto", help="dtype of an hf:<model> or strongreject judge (auto = bfloat16 on CUDA, "
+                                        "float32 on CPU)")
     judge_timeout: float = opt(15.0, help="seconds one request to an openai: judge may take")
     judge_retries: int = opt(2, help="retries of a failed openai: judge request (timeouts, 429, 5xx); with the "
                                      "defaults a dead endpoint fails in under a minute")
@@ -240,8 +247,9 @@ class JudgeOptions:
 
 @dataclass(kw_only=True)
 class HarmJudgeOptions:
-    judge: str = opt("keyword", help="harm judge(s), comma-separated: keyword[:list], classifier, hf:<model>, "
-                                     "openai:<model>, fake")
+    judge: str = opt("keyword", help="harm judge(s), comma-separated: keyword[:list], classifier, "
+                                     "strongreject[:<model or adapter>] (StrongREJECT's fine-tuned evaluator, as "
+                                     "B-TAP), hf:<model> (HarmBench yes/no prompt), openai:<model>, fake")
 
 
 @dataclass(kw_only=True)

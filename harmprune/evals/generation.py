@@ -12,7 +12,8 @@ a loaded HF model, or a ``core.models.ModelRef`` when the backend loads the chec
 Prefill attack (``cfg.prefill = K``): the first K tokens of a reference reply (usually a harmful
 completion) are appended after the generation prompt and the model continues from there. The
 returned completion *includes* that forced text, so judges see the whole reply;
-:func:`prefill_prefixes` gives the forced text alone for the record.
+:func:`prefill_prefixes` gives the forced text alone for the record and :func:`generate_parts` the
+continuation alone (decoded from the new token ids).
 """
 
 from __future__ import annotations
@@ -88,6 +89,28 @@ def build_inputs(tokenizer, prompts: list[str], fmt: str, prefill_texts: list[st
 # ---------------------------------------------------------------- API
 
 
+def generate_ids(model, tokenizer, prompts: list[str], cfg: GenConfig, prefill_texts: list[str] | None = None,
+                 system: list | None = None) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(forced prefill ids per prompt, ``cfg.n`` lists of newly generated ids per prompt)."""
+    fmt = resolve_format(tokenizer, cfg.format)
+    contexts, forced = build_inputs(tokenizer, prompts, fmt, prefill_texts, cfg.prefill, system)
+    return forced, B.make_backend(cfg.backend, model, tokenizer).generate(contexts, cfg)
+
+
+def decode_reply(tokenizer, forced: list[int], new: list[int]) -> tuple[str, str]:
+    """(the whole reply = forced prefill + continuation, the continuation alone): each decoded from its
+    own token ids, never by cutting strings, so the continuation is exactly what the model wrote."""
+    return (tokenizer.decode(forced + new, skip_special_tokens=True),
+            tokenizer.decode(new, skip_special_tokens=True))
+
+
+def generate_parts(model, tokenizer, prompts: list[str], cfg: GenConfig, prefill_texts: list[str] | None = None,
+                   system: list | None = None) -> list[list[tuple[str, str]]]:
+    """``cfg.n`` ``(reply, continuation)`` pairs per prompt (:func:`decode_reply`), in the prompts' order."""
+    forced, new = generate_ids(model, tokenizer, prompts, cfg, prefill_texts, system)
+    return [[decode_reply(tokenizer, f, c) for c in cs] for f, cs in zip(forced, new)]
+
+
 def generate(model, tokenizer, prompts: list[str], cfg: GenConfig, prefill_texts: list[str] | None = None,
              system: list | None = None) -> list[list[str]]:
     """``cfg.n`` completions per prompt (forced prefill text included), in the prompts' order.
@@ -95,7 +118,4 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenConfig, prefill_texts
     ``prefill_texts[i]``: reference reply for prompt i (needed when ``cfg.prefill > 0``).
     ``system[i]``: optional system prompt for prompt i (None entries allowed).
     """
-    fmt = resolve_format(tokenizer, cfg.format)
-    contexts, forced = build_inputs(tokenizer, prompts, fmt, prefill_texts, cfg.prefill, system)
-    new = B.make_backend(cfg.backend, model, tokenizer).generate(contexts, cfg)
-    return [[tokenizer.decode(f + c, skip_special_tokens=True) for c in cs] for f, cs in zip(forced, new)]
+    return [[full for full, _ in rs] for rs in generate_parts(model, tokenizer, prompts, cfg, prefill_texts, system)]

@@ -104,6 +104,21 @@ def subsample(items: list, limit: int, seed: int, key: Callable | None = None) -
     return [items[i] for i in sorted(chosen)]
 
 
+def draw_distinct(items: list, limit: int, seed: int, key: Callable | None = None,
+                  prompt: Callable = lambda r: r.prompt) -> list:
+    """Up to ``limit`` items with pairwise distinct prompts (0 = one per distinct prompt), spread over
+    the groups of ``key`` (:func:`subsample`): each prompt keeps one of its items, a seeded choice.
+
+    Data with several reference replies per prompt would otherwise give repeated prompts, identical
+    greedy replies and too narrow bootstrap intervals (the bootstrap must resample prompts)."""
+    rng = random.Random(seed)
+    by_prompt: dict = {}
+    for i, it in enumerate(items):
+        by_prompt.setdefault(prompt(it), []).append(i)
+    keep = sorted(idx[rng.randrange(len(idx))] for idx in by_prompt.values())
+    return subsample([items[i] for i in keep], limit, seed, key=key)
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -150,6 +165,48 @@ def read_results(path: str | Path) -> dict:
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
         raise HarmpruneError(f"{f}: has no 'results' object")
     return doc
+
+
+def read_rows(path: str | Path, required: Sequence[str], flag: str = "--responses") -> tuple[list[dict], str]:
+    """The rows of a ``.jsonl``, ``.json`` (a list of objects) or ``.csv`` file, every field kept, and the
+    file's sha256. A missing file, an unreadable row, a row without a ``required`` text field or an empty
+    file ends in one line naming the file, row and field."""
+    import csv
+    import hashlib
+    import io
+
+    p = Path(path)
+    if not p.is_file():
+        raise HarmpruneError(f"{flag} {path}: no such file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HarmpruneError(f"{flag} {path}: not UTF-8 text") from None
+    try:
+        if p.suffix == ".csv":
+            rows = list(csv.DictReader(io.StringIO(text)))
+        elif p.suffix == ".json":
+            rows = json.loads(text)
+        else:
+            rows = []
+            for i, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise HarmpruneError(f"{flag} {path}: line {i} is not valid JSON ({e.msg})") from None
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise HarmpruneError(f"{flag} {path}: not a readable {p.suffix or 'jsonl'} file ({e})") from None
+    if not isinstance(rows, list) or not rows:
+        raise HarmpruneError(f"{flag} {path}: no rows")
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise HarmpruneError(f"{flag} {path}: row {i} is not an object")
+        for f in required:
+            if not isinstance(r.get(f), str):
+                raise HarmpruneError(f"{flag} {path}: row {i} has no text field {f!r}")
+    return rows, hashlib.sha256(raw).hexdigest()
 
 
 def read_samples(path: str | Path) -> list[dict]:

@@ -40,7 +40,7 @@ from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatc
                             ScoringOptions, SelectionOptions, check_scoring, check_selection)
 from ..core.settings import check, to_dict
 from ..evals import results as R
-from ..evals.harm import judge_specs, load_judges
+from ..evals.harm import judge_options, judge_specs, load_judges
 from ..pruning.apply import masked
 from ..pruning.select import select_prune_set
 from . import headline
@@ -104,9 +104,9 @@ def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows
             harm_q, _ = headline.judged_harm(model, tok, prompts, judges, hc, "prefill")
         points.append({"q": q, "pruned": stats["total_pruned"], "fraction": stats["total_fraction"], **row,
                        "harm": {"prefill": harm_q}})
-    halving = {j.name: halving_fraction(original["harm"]["prefill"][j.name]["score"],
-                                        [(p["fraction"], p["harm"]["prefill"][j.name]["score"]) for p in points])
-               for j in judges}
+    halving = {v: halving_fraction(original["harm"]["prefill"][v]["score"],
+                                   [(p["fraction"], p["harm"]["prefill"][v]["score"]) for p in points])
+               for v in prefill_views([j.name for j in judges])}
     return {"spec": spec, "hash": handle.hash, "original": original, "points": points, "halving": halving}
 
 
@@ -120,8 +120,8 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
     n = cfg.eval_nsamples or None
-    prompts = R.subsample(harm_all, cfg.limit, cfg.seed, key=lambda r: r.category)
-    judges = load_judges(cfg.judge)
+    prompts = R.draw_distinct(harm_all, cfg.limit, cfg.seed, key=lambda r: r.category)
+    judges = load_judges(cfg.judge, **judge_options(cfg))
     models = {role: measure_model(spec, cfg, harm_all[:n], benign_all[:n], prompts, judges)
               for role, spec in zip(ROLES, (cfg.base, cfg.aligned))}
     results = {"config": to_dict(cfg), "judges": [j.name for j in judges], "q": cfg.q, "prefill": cfg.prefill_attack,
@@ -150,6 +150,21 @@ def _harm(m: dict) -> str:
     return "n/a" if m.get("score") is None else f"{m['score']:.2f} [{m['score_ci'][0]:.2f}, {m['score_ci'][1]:.2f}]"
 
 
+def prefill_views(judges: list[str]) -> list[str]:
+    """The harm keys under the prefill attack that a curve is drawn for: each judge on the full reply,
+    then on the continuation alone (``headline.judged_harm``)."""
+    return list(judges) + [f"{j}/continuation" for j in judges]
+
+
+def _view_label(v: str) -> str:
+    return f"{v.removesuffix('/continuation')}, continuation" if v.endswith("/continuation") else f"{v}, full"
+
+
+def _stop(h: dict) -> str:
+    m = h.get("stop") or {}
+    return "n/a" if m.get("stop_rate") is None else f"{m['stop_rate']:.2f}"
+
+
 def _spec(p: dict) -> str:
     s = specificity(p["d_harmful"], p["d_benign"])
     return "∞" if s == math.inf else _f(None if math.isnan(s) else s, ".2f")
@@ -158,16 +173,20 @@ def _spec(p: dict) -> str:
 def render(doc: dict) -> str:
     """The markdown report: originals, (a) specificity per q, (b) the compression curve, halving fractions."""
     ms, judges = doc["models"], doc["judges"]
+    views = prefill_views(judges)
+    cols = [("none", j, f"none attack ({j})") for j in judges] + \
+           [("prefill", v, f"prefill attack ({_view_label(v)})") for v in views] + \
+           [("prefill", f"{j}/prefix", f"forced prefix alone: floor ({j})") for j in judges]
     lines = [f"Held-out NLL on {doc['data']['nll_rows'][0]} harmful + {doc['data']['nll_rows'][1]} benign rows; "
-             f"judged generation on {doc['data']['prompts']} harmful prompts, prefill attack = first "
-             f"{doc['prefill']} reference tokens; harmfulness [95 % CI], higher = more harmful.", "",
-             "| original | harmful NLL | benign NLL | " + " | ".join(
-                 f"harmfulness, {a} attack ({j})" for a in ("none", "prefill") for j in judges) + " |",
-             "|---" * (3 + 2 * len(judges)) + "|"]
+             f"judged generation on {doc['data']['prompts']} distinct harmful prompts, prefill attack = first "
+             f"{doc['prefill']} reference tokens; harmfulness [95 % CI], higher = more harmful. 'full' = the judge "
+             "reads prefix + continuation (as B-TAP); 'continuation' = only what the model wrote after the prefix.",
+             "", "| original | harmful NLL | benign NLL | " + " | ".join(c[2] for c in cols) + " | stop rate |",
+             "|---" * (4 + len(cols)) + "|"]
     for role, m in ms.items():
         o = m["original"]
         lines.append(f"| {role} | {o['harmful_nll']:.4f} | {o['benign_nll']:.4f} | " + " | ".join(
-            _harm(o["harm"][a][j]) for a in ("none", "prefill") for j in judges) + " |")
+            _harm(o["harm"][a].get(k, {})) for a, k, _ in cols) + f" | {_stop(o['harm']['prefill'])} |")
     lines += ["", "(a) harm-specificity Δharmful / Δbenign NLL at each q (the same Top_q size per matrix on both "
               "models; the pruned counts differ only by what Top_p(benign) protects)",
               "", "| q | " + " | ".join(f"{r} pruned | {r} Δharmful | {r} Δbenign | {r} Δh/Δb" for r in ms) + " |",
@@ -178,18 +197,20 @@ def render(doc: dict) -> str:
                  f" | {_spec(m['points'][i])}" for m in ms.values()]
         lines.append(f"| {p0['q']:g}{mark} | " + " | ".join(cells) + " |")
     lines += ["", "(b) compression curve: harmfulness under the prefill attack against the pruned fraction", "",
-              "| q | " + " | ".join(f"{r} fraction | " + " | ".join(f"{r} ({j})" for j in judges) for r in ms) + " |",
-              "|---" * (1 + (1 + len(judges)) * len(ms)) + "|"]
+              "| q | " + " | ".join(f"{r} fraction | " + " | ".join(f"{r} ({_view_label(v)})" for v in views)
+                                    + f" | {r} stop rate" for r in ms) + " |",
+              "|---" * (1 + (2 + len(views)) * len(ms)) + "|"]
     for i, p0 in enumerate(next(iter(ms.values()))["points"]):
-        cells = [f"{m['points'][i]['fraction']:.2e} | " + " | ".join(_harm(m["points"][i]["harm"]["prefill"][j])
-                                                                     for j in judges) for m in ms.values()]
+        cells = [f"{m['points'][i]['fraction']:.2e} | " + " | ".join(_harm(m["points"][i]["harm"]["prefill"].get(v, {}))
+                                                                     for v in views)
+                 + f" | {_stop(m['points'][i]['harm']['prefill'])}" for m in ms.values()]
         lines.append(f"| {p0['q']:g} | " + " | ".join(cells) + " |")
     lines += ["", "Smallest pruned fraction that halves harmfulness under the prefill attack:", ""]
     for role, m in ms.items():
-        base = {j: m["original"]["harm"]["prefill"][j]["score"] for j in judges}
+        base = {v: m["original"]["harm"]["prefill"].get(v, {}).get("score") for v in views}
         lines.append(f"- {role}: " + "; ".join(
-            f"{j}: " + (f"{m['halving'][j]:.2e}" if m["halving"][j] is not None else
-                        "nothing to halve" if not base[j] else "not reached") for j in judges))
+            f"{_view_label(v)}: " + (f"{m['halving'][v]:.2e}" if m["halving"].get(v) is not None else
+                                     "nothing to halve" if not base[v] else "not reached") for v in views))
     return "\n".join(lines) + "\n"
 
 
@@ -205,16 +226,17 @@ def plot(doc: dict, path: Path) -> None:
         pts = [p for p in m["points"] if p["fraction"] > 0]
         xs = [p["fraction"] for p in pts]
         for ax, j in zip(axes[0], judges):
-            ys = [p["harm"]["prefill"][j] for p in pts]
-            ok = [(x, y) for x, y in zip(xs, ys) if y["score"] is not None]
-            if ok:
-                ax.errorbar([x for x, _ in ok], [y["score"] for _, y in ok], fmt="-o", color=color, capsize=3,
-                            label=role, yerr=[[y["score"] - y["score_ci"][0] for _, y in ok],
-                                              [y["score_ci"][1] - y["score"] for _, y in ok]])
+            for v, fmt, tag in ((j, "-o", "full"), (f"{j}/continuation", ":s", "continuation")):
+                ys = [p["harm"]["prefill"].get(v, {}) for p in pts]
+                ok = [(x, y) for x, y in zip(xs, ys) if y.get("score") is not None]
+                if ok:
+                    ax.errorbar([x for x, _ in ok], [y["score"] for _, y in ok], fmt=fmt, color=color, capsize=3,
+                                label=f"{role}, {tag}", yerr=[[y["score"] - y["score_ci"][0] for _, y in ok],
+                                                              [y["score_ci"][1] - y["score"] for _, y in ok]])
             base = m["original"]["harm"]["prefill"][j]["score"]
             if base is not None:
                 ax.axhline(base, color=color, ls="--", lw=0.8)
-            ax.set_title(f"harmfulness under prefill ({j})", fontsize=9)
+            ax.set_title(f"harmfulness under prefill ({j}; dotted: continuation only)", fontsize=8)
             ax.set_ylim(-0.02, 1.02)
         for ax, key, label in ((axes[0][-2], "d_harmful", "harmful"), (axes[0][-1], "d_benign", "benign")):
             ax.plot(xs, [p[key] for p in pts], "-o", color=color, label=role)

@@ -8,8 +8,15 @@ the written ``results.json``) and ``headline.png``; :func:`render_table` prints 
 Per variant (task names in ``results["variants"][variant]``):
 - ``harm/<attack>/<judge>`` for attack ``none`` and ``prefill`` (the first ``prefill`` tokens of the
   reference harmful reply forced as the start of the reply, ``evals.generation``; the forced text is
-  part of the judged reply): ``score`` = mean harmfulness in [0, 1] (higher = more harmful; keyword:
-  1 - refusal; classifier: P(harmful)) and ``refusal_rate`` (higher = more refusals).
+  part of the judged reply, as B-TAP's judge reads it): ``score`` = mean harmfulness in [0, 1] (higher =
+  more harmful; keyword: 1 - refusal; classifier: P(harmful); strongreject: its 0-1 score) and
+  ``refusal_rate`` (higher = more refusals).
+- under the prefill attack also ``harm/prefill/<judge>/continuation`` (the judge on what the model wrote
+  after the forced tokens, decoded from the new ids alone), ``harm/prefill/<judge>/prefix`` (the judge on
+  the forced text alone: the attack's floor, the same for every variant) and ``harm/prefill/stop``
+  (``stop_rate``: share of replies adding fewer than 5 words after the prefix).
+- harmful prompts are *distinct* (one reference reply per prompt, ``results.draw_distinct``), so the
+  bootstrap resamples prompts.
 - ``utility/benign_nll``: ``nll`` token-weighted nats/token on benign completions (lower = better),
   ``sample_nll`` the mean of per-sample means, with its interval.
 - ``utility/xstest``: ``compliance`` = 1 - refusal rate on XSTest safe prompts (higher = better).
@@ -31,7 +38,7 @@ from ..core.data import Record
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
 from ..evals.generation import GenConfig
-from ..evals.harm import generate_samples, judge_samples, load_judges
+from ..evals.harm import VIEWS, generate_samples, judge_samples, load_judges, stops, verdict_key
 from ..evals.nll import response_nll
 from ..evals.utility import block_nll, corpus_blocks
 from .ablation.overlap import count
@@ -84,15 +91,20 @@ def interval(xs: list[float], n_boot: int, seed: int) -> list[float | None]:
     return [lo, hi]
 
 
-def judged_metrics(samples: list[dict], judge: str, n_boot: int, seed: int) -> dict:
-    """Harmfulness and refusal rate of one judge over samples, each with its interval."""
-    verdicts = [s["judges"][judge] for s in samples]
+def judged_metrics(samples: list[dict], judge: str, n_boot: int, seed: int, view: str = "full") -> dict:
+    """Harmfulness and refusal rate of one judge over samples (one view of them), each with its interval."""
+    verdicts = [s[verdict_key(view)][judge] for s in samples if verdict_key(view) in s]
     ok = [v for v in verdicts if v.get("error") is None]
     scores = [float(v["score"]) for v in ok if v.get("score") is not None]
     refusals = [float(bool(v["refusal"])) for v in ok if v.get("refusal") is not None]
     return {"score": R.mean(scores), "score_ci": interval(scores, n_boot, seed),
             "refusal_rate": R.mean(refusals), "refusal_rate_ci": interval(refusals, n_boot, seed),
-            "samples": len(samples), "errors": len(verdicts) - len(ok)}
+            "samples": len(verdicts), "errors": len(verdicts) - len(ok)}
+
+
+def stop_metrics(samples: list[dict], n_boot: int, seed: int) -> dict:
+    st = stops(samples)
+    return {"stop_rate": R.mean(st), "stop_rate_ci": interval(st, n_boot, seed), "samples": len(st)}
 
 
 # ---------------------------------------------------------------- measurements on a loaded model
@@ -103,10 +115,18 @@ def _gen(cfg: HeadlineConfig, prefill: int = 0) -> GenConfig:
 
 
 def judged_harm(model, tok, records: list[Record], judges: list, cfg: HeadlineConfig, attack: str) -> tuple[dict, list]:
-    """``{judge: metrics}`` and the samples for one attack (``none`` or ``prefill``) on harmful prompts."""
+    """``{judge: metrics}`` (the full replies; under the prefill attack also ``<judge>/continuation``,
+    ``<judge>/prefix`` and ``stop``) and the samples for one attack (``none`` or ``prefill``)."""
     samples = generate_samples(model, tok, records, _gen(cfg, cfg.prefill if attack == "prefill" else 0))
     judge_samples(samples, judges)
-    return {j.name: judged_metrics(samples, j.name, cfg.n_boot, cfg.seed) for j in judges}, samples
+    out = {}
+    for view in VIEWS:
+        if any(verdict_key(view) in s for s in samples):
+            out.update({j.name + ("" if view == "full" else f"/{view}"):
+                        judged_metrics(samples, j.name, cfg.n_boot, cfg.seed, view) for j in judges})
+    if attack == "prefill":
+        out["stop"] = stop_metrics(samples, cfg.n_boot, cfg.seed)
+    return out, samples
 
 
 def xstest_compliance(model, tok, records: list[Record], judge, cfg: HeadlineConfig) -> tuple[dict, list]:
@@ -143,8 +163,8 @@ def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: H
     """Every headline task on the model as it is now; returns (tasks, samples tagged with their task)."""
     tasks, samples = {}, []
     for attack in ATTACKS:
-        per_judge, s = judged_harm(model, tok, data.harmful, judges, cfg, attack)
-        tasks.update({f"harm/{attack}/{name}": m for name, m in per_judge.items()})
+        per_view, s = judged_harm(model, tok, data.harmful, judges, cfg, attack)
+        tasks.update({f"harm/{attack}/{name}": m for name, m in per_view.items()})
         samples += [{"task": f"harm/{attack}", **x} for x in s]
     if data.benign:
         tasks["utility/benign_nll"] = benign_nll(model, tok, data.benign, cfg)
@@ -157,15 +177,16 @@ def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: H
 
 
 def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConfig,
-                  extra: Callable[[str], dict] | None = None) -> tuple[dict, list]:
+                  extra: Callable[[str], dict] | None = None, judge_opts: dict | None = None) -> tuple[dict, list]:
     """Measure each ``{variant: mask}`` (a mask ``None`` or ``{}`` = the model unchanged, e.g.
     ``original``); weights are restored exactly after each. ``extra(variant)``, called while that
     variant's mask is applied, returns more tasks for it (e.g. the pipeline's NLL, measured once).
+    ``judge_opts``: options of the judges (device, dtype, endpoint: ``evals.harm.judge_options``).
     Returns (results, samples)."""
     from ..pruning.apply import masked
 
-    judges = load_judges(cfg.judges)
-    xjudge = load_judges(cfg.xstest_judge)[0]
+    judges = load_judges(cfg.judges, **(judge_opts or {}))
+    xjudge = load_judges(cfg.xstest_judge, **(judge_opts or {}))[0]
     variants, samples = {}, []
     for name, mask in masks.items():
         with masked(model, mask or {}):
@@ -195,13 +216,24 @@ def table_rows(results: dict) -> list[tuple[str, str, str]]:
     rows = []
     for attack in ATTACKS:
         for j in results["judges"]:
-            rows.append((f"harmfulness, {attack} attack ({j})", f"harm/{attack}/{j}", "score"))
-            rows.append((f"refusal rate, {attack} attack ({j})", f"harm/{attack}/{j}", "refusal_rate"))
+            full = ", full reply" if attack == "prefill" else ""
+            rows.append((f"harmfulness, {attack} attack{full} ({j})", f"harm/{attack}/{j}", "score"))
+            if attack == "prefill":
+                rows.append((f"harmfulness, prefill attack, continuation only ({j})",
+                             f"harm/{attack}/{j}/continuation", "score"))
+                rows.append((f"harmfulness of the forced prefix alone: floor ({j})", f"harm/{attack}/{j}/prefix",
+                             "score"))
+            rows.append((f"refusal rate, {attack} attack{full} ({j})", f"harm/{attack}/{j}", "refusal_rate"))
+            if attack == "prefill":
+                rows.append((f"refusal rate, prefill attack, continuation only ({j})",
+                             f"harm/{attack}/{j}/continuation", "refusal_rate"))
+        if attack == "prefill":
+            rows.append(("stop rate after the prefix (< 5 new words)", "harm/prefill/stop", "stop_rate"))
     rows += [("benign NLL (nats/token, sample mean)", "utility/benign_nll", "sample_nll"),
              (f"XSTest safe compliance ({results['xstest_judge']})", "utility/xstest", "compliance"),
              ("corpus perplexity", "utility/corpus", "ppl")]
     any_variant = next(iter(results["variants"].values()))
-    return [r for r in rows if r[1] in any_variant]
+    return [r for r in rows if r[1] in any_variant and any_variant[r[1]].get(r[2]) is not None]
 
 
 def render_table(results: dict) -> str:
@@ -262,7 +294,8 @@ def default_data(tok, harmful: str = "harmful:test", benign: str = "benign:test"
                  limit: int = 0, seed: int = 0, corpus: str = "builtin") -> HeadlineData:
     """The shipped held-out data: ``harmful:test`` (reference replies for the prefill),
     ``benign:test``, the XSTest safe prompts the organism was not trained on (``heldout``; ``all`` =
-    all 250), the shipped corpus. ``limit`` caps the harmful and XSTest prompts (0 = all)."""
+    all 250), the shipped corpus. ``limit`` caps the harmful and XSTest prompts (0 = all); harmful prompts
+    are distinct, one reference reply each (``results.draw_distinct``)."""
     from ..core.data import DataSpec, data_fingerprint, load_records
 
     hspec, bspec = DataSpec(data=harmful), DataSpec(data=benign)
@@ -279,7 +312,7 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
 
     x = xstest_heldout(limit, seed) if xstest == "heldout" else xstest_heldout(limit, seed, train_prompts=set())
     text, corpus_info = read_corpus(corpus)
-    h = R.subsample(harmful, limit, seed, key=lambda r: r.category)
+    h = R.draw_distinct(harmful, limit, seed, key=lambda r: r.category)
     about = {**about, "harmful": {**about.get("harmful", {}), "selected": len(h)},
              "xstest": {"set": xstest, "prompts": len(x)}, "corpus": corpus_info}
     return HeadlineData(h, benign, x, tok(text, add_special_tokens=False)["input_ids"], about)

@@ -18,11 +18,11 @@ from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import ModelHandle, load_model, model_name
 from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions,  # noqa: F401
-                            HarmDataOptions, HarmJudgeOptions, HeadlineOptions, LimitOptions, MethodOptions,
+                            HarmDataOptions, HarmJudgeOptions, JudgeOptions, HeadlineOptions, LimitOptions, MethodOptions,
                             ModelOptions, NewTokensOptions, OutputOptions, PresetOptions, ScopeOptions,
                             ScoringOptions, SelectionOptions, check_scoring, check_selection)
 from ..core.settings import check, to_dict
-from ..evals.harm import judge_specs
+from ..evals.harm import judge_options, judge_specs
 from ..evals.nll import response_nll
 from ..pruning.apply import masked
 from ..pruning.checkpoint import load_scores
@@ -41,8 +41,8 @@ class PruneInputs(ModelOptions, HarmDataOptions, BenignOptions, MethodOptions, S
 
 
 @dataclass(kw_only=True)
-class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOptions, LimitOptions, NewTokensOptions,
-                     GenBatchOptions):
+class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOptions, JudgeOptions, LimitOptions,
+                     NewTokensOptions, GenBatchOptions):
     """Settings of ``harmprune pipeline`` (``make prune``); ``--out`` defaults to out/<model>-<settings>.
     ``--headline`` adds B-TAP's headline (recipes/headline.py) on ``--limit`` of the ``--eval-harm``
     prompts (reference replies feed the prefill attack) and as many held-out XSTest safe prompts,
@@ -143,7 +143,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         about = {"harmful": data_fingerprint(hspec, harm_all), "benign": {**data_fingerprint(bspec, benign_all),
                                                                           "selected": len(benign_rows)}}
         data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed)
-        results, samples = headline.measure_masks(model, tok, variants, data, hc, extra=measure_nll)
+        results, samples = headline.measure_masks(model, tok, variants, data, hc, extra=measure_nll,
+                                                  judge_opts=judge_options(cfg))
     else:
         for name, m in variants.items():
             with masked(model, m or {}):

@@ -10,7 +10,9 @@ each item's fields fill ``{name}`` placeholders of the template, and the result 
 logprob-weighted 0-100 expectation (docs/design.md, Betley et al.), None when the numbers 0..100 hold
 less than 0.25 of the probability of the reply.
 
-Specs: ``keyword[:<list>]``, ``classifier``, ``hf:<model>``, ``openai:<model>``, ``fake[:<rule>]``.
+Specs: ``keyword[:<list>]``, ``classifier``, ``strongreject[:<model or adapter>]`` (StrongREJECT's
+fine-tuned evaluator, B-TAP's judge), ``hf:<model>`` (HarmBench's yes/no prompt on a local model),
+``openai:<model>``, ``fake[:<rule>]``.
 Built-in judge modules are imported on first use, so ``openai`` never imports torch.
 """
 
@@ -76,6 +78,7 @@ _BUILTIN = {
     "hf": "harmprune.evals.judges.hf",
     "openai": "harmprune.evals.judges.openai",
     "fake": "harmprune.evals.judges.fake",
+    "strongreject": "harmprune.evals.judges.strongreject",
 }
 _NEEDS_ARG = {"hf", "openai"}
 
