@@ -147,3 +147,67 @@ def test_default_data_uses_the_heldout_sets(tok):
     assert d.xstest and not {r.prompt for r in d.xstest} & train
     assert d.benign and d.corpus_ids and d.about["harmful"]["selected"] == 5
     assert len(H.default_data(tok, xstest="all").xstest) == 250
+
+
+class FixedBackend:
+    """Returns the given new token ids for every context (a fake generation)."""
+
+    def __init__(self, new):
+        self.new = new
+
+    def generate(self, contexts, cfg):
+        return [[list(self.new[i % len(self.new)]) for _ in range(cfg.n)] for i in range(len(contexts))]
+
+
+class RecordingJudge:
+    """Harmful = the text contains 'tools'; remembers what it read."""
+
+    name = "rec"
+
+    def __init__(self):
+        self.read = []
+
+    def judge(self, prompts, responses):
+        from harmprune.evals.judges import Verdict
+
+        self.read += responses
+        return [Verdict(score=float("tools" in r), refusal="can't" in r) for r in responses]
+
+
+def test_continuation_prefix_floor_and_stop_rate_on_a_fake_generation(monkeypatch, tok, llama):
+    new = [tok(" then get the tools and go", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+           tok(" no.", add_special_tokens=False)["input_ids"]]
+    monkeypatch.setattr(B, "make_backend", lambda name, model, tokenizer: FixedBackend(new))
+    judge, recs = RecordingJudge(), _records()
+    cfg = H.HeadlineConfig(prefill=10, max_new_tokens=8, n_boot=20)
+    metrics, samples = H.judged_harm(llama, tok, recs, [judge], cfg, "prefill")
+    for i, (r, s) in enumerate(zip(recs, samples)):
+        forced = tok(r.response, add_special_tokens=False)["input_ids"][:10]
+        assert s["continuation"] == tok.decode(new[i], skip_special_tokens=True)  # the new ids alone
+        assert s["response"] == tok.decode(forced + new[i], skip_special_tokens=True)
+        assert s["prefill"] == tok.decode(forced)
+        assert s["judges_prefix"]["rec"]["score"] == float("tools" in s["prefill"])
+        assert s["judges_continuation"]["rec"]["score"] == float("tools" in s["continuation"])
+    assert set(judge.read) == {s[f] for s in samples for f in ("response", "continuation", "prefill")}
+    words = [len(s["continuation"].split()) for s in samples]  # 6 and 1 words
+    assert metrics["stop"]["stop_rate"] == pytest.approx(sum(w < 5 for w in words) / len(words)) == 0.5
+    assert metrics["rec/continuation"]["score"] == pytest.approx(0.5)  # only the first continuation says tools
+    assert metrics["rec/prefix"]["score"] == 0.0 and metrics["rec"]["samples"] == 2
+    none, s_none = H.judged_harm(llama, tok, recs, [judge], cfg, "none")
+    assert "stop" not in none and "rec/continuation" not in none and "continuation" not in s_none[0]
+
+
+def test_headline_prompts_are_distinct_for_every_limit(tok):
+    from harmprune.core.data import DataSpec, load_records
+    from harmprune.evals import results as R
+
+    rows = load_records(DataSpec(data="harmful:test"))
+    distinct = len({r.prompt for r in rows})
+    assert distinct < len(rows)  # the split repeats prompts (several reference replies)
+    for limit in range(1, distinct + 1):
+        got = R.draw_distinct(rows, limit, seed=0, key=lambda r: r.category)
+        assert len(got) == limit == len({r.prompt for r in got})
+    assert len({r.prompt for r in R.draw_distinct(rows, 0, 0)}) == len(R.draw_distinct(rows, 0, 0)) == distinct
+    data = H.held_out_data(tok, rows, [], {}, limit=0, seed=0)
+    assert len(data.harmful) == distinct == len({r.prompt for r in data.harmful})
+    assert {r.category for r in R.draw_distinct(rows, 10, 0, key=lambda r: r.category)} == {r.category for r in rows}

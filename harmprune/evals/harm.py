@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from ..core import validate
 from ..core.data import DataSpec, data_fingerprint, load_records
-from ..core.options import (FieldOptions, HarmJudgeOptions, JudgeOptions, LimitOptions, ResponsesOptions,
-                            ResumeOptions)
+from ..core.options import (FieldOptions, HarmJudgeOptions, JudgeOptions, LimitOptions, PresetOptions,
+                            ResponsesOptions, ResumeOptions)
 from ..core.settings import check, check_min, opt, to_dict
 from . import results as R
 from .generation import GenConfig, decode_reply, generate_ids
@@ -156,7 +156,8 @@ def generate_samples(model, tok, records, gen: GenConfig) -> list[dict]:
 
 
 @dataclass(kw_only=True)
-class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOptions, ResumeOptions, ResponsesOptions):
+class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOptions, ResumeOptions, ResponsesOptions,
+                 PresetOptions):
     """Settings of ``harmprune eval harm`` (generation settings: GenConfig)."""
 
     prompts: str = opt("harmful:test", help="harmful prompts: file, hf:<name>[:<split>] or built-in "

@@ -66,7 +66,9 @@ def _btap(name: str, summary: str, q: float, harm_hint: str) -> Preset:
         name=name, summary=summary,
         values={"model": "meta-llama/Llama-3.1-8B-Instruct", "method": "snip", "benign_method": "snip-abs",
                 "q": q, "p": 5e-5, "scope": "matrix", "format": "raw", "nsamples": 412, "max_length": 4096,
-                "seed": 0, "dtype": "bfloat16", "benign": ALPACA, "lm_eval_tasks": list(BTAP_ZERO_SHOT)},
+                "seed": 0, "dtype": "bfloat16", "benign": ALPACA, "lm_eval_tasks": list(BTAP_ZERO_SHOT),
+                # harm as B-TAP judged it: StrongREJECT's fine-tuned evaluator on 256-token replies, 10-token prefill
+                "judge": "strongreject", "max_new_tokens": 256, "prefill": 10, "prefill_attack": 10},
         required={"harm": harm_hint},
         notes={"benign": f"the paper used Alpaca-cleaned with safety-related rows removed; {ALPACA} is not "
                          "filtered and its 'input' field is not read: pass your filtered copy with --benign "
