@@ -42,18 +42,22 @@ score: install
 # print the held-out before/after NLL table. Q/P default to the values picked by `make sweep` (README).
 # It runs on the aligned organism unless MODEL is given (make prune MODEL=smollm2-135m-instruct = the
 # unaligned base: the NLL table only). On the organism (or with HEADLINE=1) it adds B-TAP's headline:
-# original / pruned / random control judged (keyword + classifier) on HEADLINE_LIMIT held-out harmful
-# prompts without and under the 10-token prefill attack, XSTest safe compliance, corpus perplexity, with
+# original / pruned / random control judged (keyword + classifier) on HEADLINE_LIMIT distinct held-out harmful
+# prompts without and under the 10-token prefill attack (full reply, continuation only, prefix floor, stop rate), XSTest safe compliance, corpus perplexity, with
 # 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
 # tokens add ~14 min on 2 busy cores to the NLL run (~20-30 min in all, cold; 19 min 23 s measured on a quiet
-# CPU); HEADLINE_LIMIT=0 = all 82 harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned
+# CPU); HEADLINE_LIMIT=0 = all 19 distinct harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned
 # builds it into ~/.cache/harmprune (~15 min).
 PRUNE_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
 HEADLINE_LIMIT ?= 32
 HEADLINE_TOKENS ?= 48
-HEADLINE_ARGS = --headline --judge keyword,classifier --limit $(HEADLINE_LIMIT) --max-new-tokens $(HEADLINE_TOKENS) \
-  --gen-batch-size 8
+# Judges of the headline: the offline pair on a CPU; B-TAP's judge on a GPU: HEADLINE_JUDGE=strongreject,keyword
+# JUDGE_DEVICE=cuda (StrongREJECT's fine-tuned evaluator, a Gemma-2B LoRA from the Hub).
+HEADLINE_JUDGE ?= keyword,classifier
+JUDGE_DEVICE ?= auto
+HEADLINE_ARGS = --headline --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --limit $(HEADLINE_LIMIT) \
+  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size 8
 HARM ?= harmful
 BENIGN ?= benign
 BENIGN_METHOD ?= snip-abs
