@@ -17,8 +17,17 @@ Labelled responses (permissive sources only; Alpaca/AlpacaEval-derived data, CC 
   not harmful; human refusal/compliance labels train the refusal head.
 - alignment-attribution safety-short (MIT): Llama-2 refusals, not harmful, refusal.
 Features are the response text only (the requests are almost all harmful, so request text would
-mostly tell sources apart). Held-out split: by prompt/behaviour (every completion of one request on
-the same side), so near-duplicate completions do not leak.
+mostly tell sources apart).
+
+Evaluation prompts are kept out (issue 20): every row whose prompt is one of the package's evaluation
+prompts (``harmprune.evals.eval_prompts``: harmful:test, benign:test, harmful_unseen, XSTest safe,
+recognition, EM questions) or a near-duplicate of one, and every row whose reply is a reply to such a
+prompt (the same normalised text in a shipped eval split or in a dropped row), is removed before the
+split. ``card.json`` records the counts and the evaluation-prompt set's sha256; ``provenance.json``
+ships hashes of every kept prompt (and of its content words) and reply, which
+``tests/test_classifier.py`` checks against the evaluation prompts without the shared data.
+Held-out split: by near-duplicate cluster of prompts (every completion of one request, and of its
+rewordings, on the same side), so near-duplicate completions do not leak.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ import csv
 import gzip
 import hashlib
 import json
-import re
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -40,6 +48,7 @@ from _shared import REPO, default_src, sha256  # noqa: E402,F401 - scripts/ is o
 sys.path.insert(0, str(REPO))
 
 from harmprune.core.manifest import versions  # noqa: E402
+from harmprune.evals import eval_prompts as E  # noqa: E402
 from harmprune.evals.classifier import BUILTIN_DIR, AnalyzerSettings, TextClassifier, analyze  # noqa: E402
 
 SEED = 0
@@ -59,6 +68,9 @@ FILES = {
 }
 
 JUDGED_SOURCES = ("harmbench_cls", "llamaguard2", "jbb_judge")
+PROVENANCE_FILE = "provenance.json"
+PREFILL_TOKENS = 10  # the headline's --prefill default
+PREFILL_TOKENIZER = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -69,11 +81,11 @@ class Example:
     harmful: int | None  # evaluation label for the harmful head
     refusal: int | None  # label for the refusal head
     train_harmful: bool = True  # False: evaluated but left out of training (disputed label)
+    prompt: str = ""  # the request's text
 
 
 def norm_prompt(p: str) -> str:
-    p = re.sub(r"\[/?INST\]|<<SYS>>.*?<</SYS>>|<s>|</s>", " ", p or "", flags=re.S)
-    return re.sub(r"\W+", " ", p.lower()).strip()
+    return E.normalise(p)
 
 
 def jsonl_gz(path: Path) -> list[dict]:
@@ -95,17 +107,20 @@ def load_examples(src: Path) -> list[Example]:
     ex: list[Example] = []
     for r in jsonl_gz(src / FILES["harmbench_cls"][0]):
         y = int(r["harmbench_cls_pred"] == "Yes")
-        ex.append(Example("harmbench_cls", norm_prompt(r["behavior"]), r["completion"], y, 0 if y else None))
+        ex.append(Example("harmbench_cls", norm_prompt(r["behavior"]), r["completion"], y, 0 if y else None,
+                          prompt=r["behavior"]))
     for r in jsonl_gz(src / FILES["llamaguard2"][0]):
         y = int(r["is_jailbreak_llamaguard2"]) == 1
-        ex.append(Example("llamaguard2", norm_prompt(r["prompt"]), r["response"], int(y), 0 if y else None))
+        ex.append(Example("llamaguard2", norm_prompt(r["prompt"]), r["response"], int(y), 0 if y else None,
+                          prompt=r["prompt"]))
     for r in jsonl_gz(src / FILES["jbb_judge"][0]):
         if r["response"] is None:  # PAIR rows with no submitted jailbreak
             continue
         y = truthy(r["jailbroken"])
         lg1 = r["jailbroken_llama_guard1"]
         agree = lg1 in (None, "None") or truthy(lg1) == y
-        ex.append(Example("jbb_judge", norm_prompt(r["goal"]), r["response"], int(y), 0 if y else None, agree))
+        ex.append(Example("jbb_judge", norm_prompt(r["goal"]), r["response"], int(y), 0 if y else None, agree,
+                          prompt=r["goal"]))
     for name in ("xstest_gpt4", "xstest_llama2"):
         for r in csv_rows(src / FILES[name][0]):
             unsafe = r["type"].startswith("contrast")
@@ -113,10 +128,95 @@ def load_examples(src: Path) -> list[Example]:
             refusal = {"1_full_compliance": 0, "2_full_refusal": 1}.get(label)
             if unsafe and refusal != 1:
                 continue  # complying with an unsafe prompt: harmfulness unlabelled
-            ex.append(Example(name, "xstest " + r["id"], r["completion"], 0, refusal))
+            ex.append(Example(name, norm_prompt(r["prompt"]), r["completion"], 0, refusal, prompt=r["prompt"]))
     for r in csv_rows(src / FILES["refusals_llama2"][0]):
-        ex.append(Example("refusals_llama2", norm_prompt(r["prompt"]), r["response"], 0, 1))
+        ex.append(Example("refusals_llama2", norm_prompt(r["prompt"]), r["response"], 0, 1, prompt=r["prompt"]))
     return [e for e in ex if e.text and e.text.strip()]
+
+
+def drop_evaluation_overlap(examples: list[Example]) -> tuple[list[Example], dict]:
+    """The rows whose prompt is no evaluation prompt nor a near-duplicate of one, and whose reply is no
+    reply to one; and the removed counts per reason and source."""
+    index = E.PromptIndex(p for ps in E.eval_sets().values() for p in ps)
+    reason = {}
+    for i, e in enumerate(examples):
+        if norm_prompt(e.prompt) in index.exact:
+            reason[i] = "evaluation_prompt"
+        elif index.match(e.prompt) is not None:
+            reason[i] = "near_duplicate_prompt"
+    tainted = (E.eval_replies() | {E.normalise(examples[i].text) for i in reason}) - {""}  # "": no words to match
+    for i, e in enumerate(examples):
+        if i not in reason and E.normalise(e.text) in tainted:
+            reason[i] = "reply_to_evaluation_prompt"
+    removed = {r: {s: sum(reason.get(i) == r and e.source == s for i, e in enumerate(examples)) for s in FILES}
+               for r in ("evaluation_prompt", "near_duplicate_prompt", "reply_to_evaluation_prompt")}
+    removed = {r: {s: n for s, n in c.items() if n} | {"total": sum(c.values())} for r, c in removed.items()}
+    removed["total"] = len(reason)
+    return [e for i, e in enumerate(examples) if i not in reason], removed
+
+
+def cluster_groups(examples: list[Example]) -> None:
+    """Every row's ``group`` becomes its prompt's near-duplicate cluster (single linkage at
+    ``E.NEAR_DUP_JACCARD``), named by the cluster's first normalised prompt in sorted order."""
+    prompts = sorted({norm_prompt(e.prompt) for e in examples})
+    parent = {p: p for p in prompts}
+
+    def root(p):
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    index = E.PromptIndex(prompts)
+    for p in prompts:
+        words = index.words[p]
+        for q in {q for w in words for q in index.by_word.get(w, ())}:
+            if q != p and E.jaccard(words, index.words[q]) >= E.NEAR_DUP_JACCARD:
+                a, b = root(p), root(q)
+                parent[max(a, b)] = min(a, b)
+    for e in examples:
+        e.group = root(norm_prompt(e.prompt))
+
+
+def provenance(examples: list[Example]) -> dict:
+    """Hashes of every kept prompt (normalised text, and each content word) and reply: what the overlap
+    test reads (``E.overlaps``)."""
+    prompts = sorted({norm_prompt(e.prompt) for e in examples})
+    return {
+        "about": "hashes of every prompt and reply the classifier was fitted or evaluated on (both sides of the "
+                 "split): prompts = [sha256(normalised prompt)[:16], sha256(each content word)[:6] ...], "
+                 "replies = sha256(normalised reply)[:12]; checked by tests/test_classifier.py",
+        "eval_prompts_sha256": E.eval_prompts_sha256(),
+        "prompts": [[E.text_hash(p), " ".join(sorted({E.word_hash(w) for w in E.content_words(p)}))] for p in prompts],
+        "replies": sorted({E.text_hash(e.text, 12) for e in examples}),
+    }
+
+
+def prefix_bias(clf: TextClassifier) -> dict:
+    """The harmful head on the prefill attack's forced openings alone: the first PREFILL_TOKENS tokens of
+    each harmful:test reference reply; with the full references and benign:test's helpful answers."""
+    from harmprune.core.data import DataSpec, load_records
+
+    refs = [r.response for r in load_records(DataSpec(data="harmful:test"))]
+    try:
+        from harmprune.core.models import load_tokenizer
+        from harmprune.evals.generation import prefill_prefixes
+
+        prefixes = prefill_prefixes(load_tokenizer(PREFILL_TOKENIZER), refs, PREFILL_TOKENS)
+        how = f"first {PREFILL_TOKENS} tokens of the {PREFILL_TOKENIZER} tokenizer (as the prefill attack forces them)"
+    except Exception as err:  # noqa: BLE001 - no local tokenizer: fall back to words, and say so
+        prefixes = [" ".join(r.split()[:PREFILL_TOKENS]) for r in refs]
+        how = f"first {PREFILL_TOKENS} whitespace words ({PREFILL_TOKENIZER} tokenizer unavailable: {err})"
+    benign = [r.response for r in load_records(DataSpec(data="benign:test"))]
+
+    def summary(texts):
+        p, q = clf.predict_proba(texts, "harmful"), clf.predict_proba(texts, "refusal")
+        return {"n": len(texts), "mean_p_harmful": round(float(p.mean()), 4),
+                "share_harmful_at_0.5": round(float((p >= 0.5).mean()), 4),
+                "share_refusal_at_0.5": round(float((q >= 0.5).mean()), 4)}
+
+    return {"prefixes": how, "harmful_test_prefix_only": summary(prefixes),
+            "harmful_test_full_reference": summary(refs), "benign_test_helpful_answers": summary(benign)}
 
 
 def is_held_out(group: str) -> bool:
@@ -182,7 +282,9 @@ def main(argv=None) -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     settings = AnalyzerSettings()
-    examples = load_examples(src)
+    examples, removed = drop_evaluation_overlap(load_examples(src))
+    cluster_groups(examples)
+    print(f"removed (evaluation overlap): {json.dumps(removed)}", file=sys.stderr)
     test = np.array([is_held_out(e.group) for e in examples])
     train_ex = [e for e, t in zip(examples, test) if not t]
     test_ex = [e for e, t in zip(examples, test) if t]
@@ -249,6 +351,10 @@ def main(argv=None) -> None:
         }
         for s in FILES
     }
+    bias = prefix_bias(clf)
+    prov = provenance(examples)
+    problems = E.overlaps([p for p, _ in prov["prompts"]], [w.split() for _, w in prov["prompts"]], prov["replies"])
+    assert not problems, problems[:5]
     card = {
         "name": "harmprune offline response classifier",
         "heads": {
@@ -267,20 +373,29 @@ def main(argv=None) -> None:
             "source_dir": "shared/data (not shipped)",
             "files": {s: {"path": p, "license": lic, "sha256": sha256(src / p)} for s, (p, lic) in FILES.items()},
             "counts": counts,
-            "split": f"by request: sha256('{SEED}:'+normalised prompt) mod 1000 < {int(TEST_FRACTION * 1000)} is held out",
+            "removed_evaluation_overlap": removed,
+            "eval_prompts": {"sha256": E.eval_prompts_sha256(), "prompts": len(E.eval_prompts()),
+                             "sets": {k: len(v) for k, v in E.eval_sets().items()},
+                             "near_duplicate": f"content-word Jaccard >= {E.NEAR_DUP_JACCARD}",
+                             "module": "harmprune.evals.eval_prompts"},
+            "split": f"by near-duplicate prompt cluster: sha256('{SEED}:'+cluster's first normalised prompt) "
+                     f"mod 1000 < {int(TEST_FRACTION * 1000)} is held out",
             "train_rows": len(train_ex), "held_out_rows": len(test_ex),
             "groups": {"train": len({e.group for e in train_ex}), "held_out": len({e.group for e in test_ex})},
         },
         "metrics_held_out": results,
+        "prefill_bias": bias,
         "numpy_vs_sklearn_max_abs_diff": max_diff,
         "seed": SEED,
         "versions": versions() | {"scikit-learn": sklearn.__version__},
     }
     clf.save(args.out)
     (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (args.out / PROVENANCE_FILE).write_text(json.dumps(prov, separators=(",", ":")) + "\n")
     h = results["harmful"]["overall"]
     print(f"held-out harmful: accuracy {h['accuracy']} AUC {h['auc']} (n={h['n']}); "
           f"refusal: accuracy {results['refusal']['overall']['accuracy']}", file=sys.stderr)
+    print(f"prefill bias: {json.dumps(bias)}", file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

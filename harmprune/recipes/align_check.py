@@ -2,8 +2,8 @@
 
 :func:`check_organism` measures one model on
 - held-out harmful prompts from a source and phrasing not used in training (StrongREJECT,
-  ``align_data.unseen_harmful``): refusal rate and harmfulness from each judge, no attack;
-- XSTest safe prompts not used in training (``align_data.xstest_heldout``): compliance;
+  ``evals.eval_prompts.unseen_harmful``): refusal rate and harmfulness from each judge, no attack;
+- XSTest safe prompts not used in training (``evals.eval_prompts.xstest_heldout``): compliance;
 - ``benign:test``: response NLL (nats/token, lower = better).
 Every rate comes with its 95 % bootstrap interval (``headline.interval``). Run it on the base and
 on the organism with the same settings and compare.
@@ -20,9 +20,9 @@ from ..core import manifest
 from ..core.data import DataSpec, load_records
 from ..core.models import load_model, model_hash
 from ..core.settings import opt, to_dict
+from ..evals.eval_prompts import unseen_harmful, xstest_heldout
 from ..evals.harm import load_judges
 from . import headline as H
-from .align_data import unseen_harmful, xstest_heldout
 
 
 @dataclass

@@ -9,7 +9,7 @@ does not depend on which other rows were chosen.
 
 Held-out sets for the organism's acceptance check: :func:`unseen_harmful` (StrongREJECT prompts,
 a source and phrasing not in training) and :func:`xstest_heldout` (XSTest safe prompts that no
-training row uses).
+training row uses), both defined with every other evaluation set in ``evals.eval_prompts``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from .. import data as builtin_data
 from ..core.data import Record
 from ..core.errors import DataError
 from ..evals import results as R
+from ..evals.eval_prompts import ALIGN_FILE, UNSEEN_FILE, XSTEST_FILE  # noqa: F401 - one definition, re-exported
+from ..evals.eval_prompts import unseen_harmful, xstest_heldout  # noqa: F401
 
-ALIGN_FILE = "align.jsonl"
-UNSEEN_FILE = "harmful_unseen.jsonl"
-XSTEST_FILE = "xstest_safe.jsonl"
 
 # Every opener holds a phrase of the keyword judges' lists outside its apology ("I cannot", "I can't assist",
 # "I'm not able to provide"), so a refusal stays recognisable when the model drops or mixes the apology
@@ -164,18 +163,3 @@ def training_records(rows: list[dict], refuse_n: int, comply_n: int, seed: int) 
 
 def _jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in _builtin_text(name).splitlines() if line.strip()]
-
-
-def unseen_harmful(limit: int = 0, seed: int = 0) -> list[Record]:
-    """Held-out harmful prompts (StrongREJECT), spread over categories; ``response`` is empty."""
-    rows = R.subsample(_jsonl(UNSEEN_FILE), limit, seed, key=lambda r: r["category"])
-    return [Record(prompt=r["prompt"], response="", category=r["category"], id=r["id"]) for r in rows]
-
-
-def xstest_heldout(limit: int = 0, seed: int = 0, train_prompts: set[str] | None = None) -> list[Record]:
-    """XSTest safe prompts that no shipped training row uses (``train_prompts`` overrides that set)."""
-    if train_prompts is None:
-        train_prompts = {r["prompt"] for r in load_rows()[0]}
-    rows = [r for r in _jsonl(XSTEST_FILE) if r["prompt"] not in train_prompts]
-    rows = R.subsample(rows, limit, seed, key=lambda r: r["category"])
-    return [Record(prompt=r["prompt"], response="", category=r["category"], id=r["id"]) for r in rows]

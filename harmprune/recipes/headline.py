@@ -308,7 +308,7 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
                   limit: int = 0, seed: int = 0, corpus: str = "builtin") -> HeadlineData:
     """:func:`default_data` from records the caller already read (``about``: their fingerprints)."""
     from ..evals.utility import read_corpus
-    from .align_data import xstest_heldout
+    from ..evals.eval_prompts import xstest_heldout
 
     x = xstest_heldout(limit, seed) if xstest == "heldout" else xstest_heldout(limit, seed, train_prompts=set())
     text, corpus_info = read_corpus(corpus)
