@@ -25,12 +25,12 @@ from .select import CONTROLS, SCOPES, mask_stats, select_prune_set
 class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, OutputOptions, PresetOptions):
     """Settings of ``harmprune prune``; ``seed`` seeds the random control."""
 
-    harm_scores: str = opt(help="score directory of the data to remove (harmful completions)", deprecated=("--harm",))
+    harm_scores: str = opt(help="score directory of the data to remove (harmful completions)", deprecated=("--harm",), role="input")
     benign_scores: str | None = opt(None, help="score directory of benign data (required unless --p 0)",
-                                    deprecated=("--benign",))
+                                    deprecated=("--benign",), role="input")
     control: str = opt("none", help="prune a same-size control instead of the harm-specific set", choices=CONTROLS)
     action: str = opt("zero", help="zero the selected weights, or scale them by --alpha", choices=ACTIONS)
-    alpha: float | None = opt(None, help="factor for --action scale")
+    alpha: float | None = opt(None, help="factor for --action scale", range="finite")
     # not ModelOptions.dtype: the model must be loaded as it was scored, or its hash differs
     dtype: str | None = opt(None, help="dtype to load and save the model in (default: the dtype the scores were "
                                        "computed in, else float32)")
@@ -53,7 +53,7 @@ class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, Out
 class ApplyMaskConfig(ModelOptions, OutputOptions):
     """Settings of ``harmprune apply-mask``: ``--model`` is the checkpoint to prune (e.g. after fine-tuning)."""
 
-    mask: str = opt(help="mask.safetensors (or a pruned checkpoint directory holding one)")
+    mask: str = opt(help="mask.safetensors (or a pruned checkpoint directory holding one)", role="input")
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")

@@ -50,11 +50,11 @@ class AlignConfig(ModelOptions, OutputOptions, SeedOptions, TrainStepOptions, Lo
     organism of the ``smollm2-135m-aligned`` alias uses ``ORGANISM`` (``make align``)."""
 
     align_data: str = opt("builtin", help="training rows (builtin = shipped align.jsonl; else a JSONL file with "
-                                          "prompt, kind refuse|comply, response for comply rows)")
-    refuse_n: int = opt(160, help="harmful requests to train refusals on, spread over sources (0 = all)")
-    comply_n: int = opt(0, help="benign requests with compliant answers, spread over sources (0 = all)")
-    self_n: int = opt(64, help="everyday requests answered by the model itself before training (0 = none)")
-    self_tokens: int = opt(64, help="new tokens per self-written answer (cut back to the last full sentence)")
+                                          "prompt, kind refuse|comply, response for comply rows)", role="input")
+    refuse_n: int = opt(160, help="harmful requests to train refusals on, spread over sources (0 = all)", range=">= 0")
+    comply_n: int = opt(0, help="benign requests with compliant answers, spread over sources (0 = all)", range=">= 0")
+    self_n: int = opt(64, help="everyday requests answered by the model itself before training (0 = none)", range=">= 0")
+    self_tokens: int = opt(64, help="new tokens per self-written answer (cut back to the last full sentence)", range=">= 1")
     lora: bool = opt(False, help="LoRA (merged into the saved weights) instead of full fine-tuning")
 
     def __post_init__(self):

@@ -31,11 +31,11 @@ class SweepConfig(PruneInputs, QGridOptions):
     """Settings of ``harmprune sweep`` (``make sweep``); ``--out`` defaults to results/sweep-<model>.
     ``make sweep`` passes ``--eval-nsamples 32``: the 46-point grid then takes about 30 min on 2 CPU cores."""
 
-    ps: list[float] = opt(PS, help="p values")
+    ps: list[float] = opt(PS, help="p values", range="[0, 1]")
     controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set "
                               "(random, magnitude, second-band)", choices=list(VARIANTS[1:]))
-    max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
-    min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed")
+    max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point", range=">= 0")
+    min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed", range="finite")
 
     def __post_init__(self):
         super().__post_init__()
