@@ -34,6 +34,7 @@ from .recipes.attacks import AttackConfig, run_attack
 from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
 from .recipes.generate import GenerateConfig, generate_set
 from .recipes.pipeline import PipelineConfig, run_pipeline
+from .recipes import preflight
 from .recipes.plan import PlanConfig, plan
 from .recipes.subspace.activations import ActivationsConfig, run_activations
 from .recipes.subspace.overlap import OverlapConfig, run_overlap
@@ -141,6 +142,7 @@ def check_command(cmd: Command, ns: argparse.Namespace) -> tuple:
         check_values(cls, values)
     validate.check_paths(cmd.configs, values)
     cfgs = tuple(from_namespace(c, ns) for c in cmd.configs)
+    preflight.check_settings(cmd.name, *cfgs)
     if cmd.check is not None:
         cmd.check(*cfgs)
     return cfgs
