@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if getattr(args, "preset", None):
+        if getattr(args, "preset", None) is not None:
+            if not args.preset.strip():
+                raise HarmpruneError("--preset needs a name (list: harmprune.recipes.presets); leave it out for none")
             from .recipes.presets import apply_preset
 
             apply_preset(parser, argv, args)

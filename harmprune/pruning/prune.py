@@ -18,7 +18,7 @@ from ..core.settings import check, opt, to_dict
 from ..attribution.formulas import IMPORTANCE
 from .apply import ACTIONS, apply_mask, masked
 from .checkpoint import CONFIG_FILE, Scores, load_mask, load_scores, original_tokenizer, save_checkpoint
-from .select import CONTROLS, SCOPES, mask_stats, select_prune_set
+from .select import CONTROLS, SCOPES, check_second_band, mask_stats, select_prune_set
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,8 @@ class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, Out
         check(self.p == 0 or self.benign_scores is not None, "--benign-scores is required unless --p 0")
         check(self.scope in SCOPES, f"--scope must be one of {SCOPES}")
         check(self.control in CONTROLS, f"--control must be one of {CONTROLS}")
+        if self.control == "second-band":
+            check_second_band(self.q, self.p)
         check(self.action in ACTIONS, f"--action must be one of {ACTIONS}")
         check(self.action != "scale" or self.alpha is not None, "--action scale needs --alpha")
         check(self.action == "scale" or self.alpha is None, "--alpha only applies with --action scale")
