@@ -81,7 +81,7 @@ class EMConfig(EvalBase, RatingJudgeOptions, JudgeOptions, EMQuestionOptions, EM
                SeedOptions):
     """Settings of ``harmprune eval em`` (``--seed`` seeds sampling and the bootstrap)."""
 
-    n_boot: int = opt(em_stats.N_BOOT, help="bootstrap replicates of each interval")
+    n_boot: int = opt(em_stats.N_BOOT, help="bootstrap replicates of each interval", range=">= 10")
 
     def __post_init__(self):
         super().__post_init__()

@@ -161,9 +161,9 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
     """Settings of ``harmprune eval harm`` (generation settings: GenConfig)."""
 
     prompts: str = opt("harmful:test", help="harmful prompts: file, hf:<name>[:<split>] or built-in "
-                                            "(default harmful:test has reference responses for --prefill)")
+                                            "(default harmful:test has reference responses for --prefill)", role="input")
     max_judge_errors: float = opt(0.25, help="fraction of samples a judge may fail on; more ends the run with an "
-                                             "error (the replies stay in --out for --resume)")
+                                             "error (the replies stay in --out for --resume)", range="[0, 1]")
 
     def __post_init__(self):
         super().__post_init__()

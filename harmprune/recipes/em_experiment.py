@@ -44,7 +44,7 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
     ``--pruned``) runs the pipeline with ``--q``/``--p``/scoring options; ``--limit`` subsets the fine-tuning
     data; quantized loading applies to the EM evaluation only; ``--seed`` seeds everything."""
 
-    random_control: str | None = opt(None, help="existing random-control checkpoint instead of pruning one")
+    random_control: str | None = opt(None, help="existing random-control checkpoint instead of pruning one", role="input")
 
     def __post_init__(self):
         em.check_rating_judge(self.judge)
