@@ -129,6 +129,8 @@ def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS)) -> None
     for view in views:
         field, key = VIEWS[view], verdict_key(view)
         rows = [s for s in samples if isinstance(s.get(field), str)]
+        if not rows:
+            continue
         pairs = list(dict.fromkeys((s["prompt"], s[field]) for s in rows))
         for j in judges:
             got = dict(zip(pairs, judge_all(j, [p for p, _ in pairs], [t for _, t in pairs])))
