@@ -133,14 +133,16 @@ class TextClassifier:
         z = self.decision(texts, head)
         return 1.0 / (1.0 + np.exp(-z))
 
-    def save(self, directory: str | Path, extra: dict | None = None) -> None:
-        """Write classifier.json + weights.safetensors (float64, no pickle)."""
+    def save(self, directory: str | Path, extra: dict | None = None, dtype: str = "float64") -> None:
+        """Write classifier.json + weights.safetensors (``dtype`` float64 or float32, no pickle)."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"idf": np.ascontiguousarray(self.idf, dtype=np.float64)}
-        tensors |= {f"coef.{h}": np.ascontiguousarray(c, dtype=np.float64) for h, c in self.coefs.items()}
+        if dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be float64 or float32, got {dtype!r}")
+        tensors = {"idf": np.ascontiguousarray(self.idf, dtype=dtype)}
+        tensors |= {f"coef.{h}": np.ascontiguousarray(c, dtype=dtype) for h, c in self.coefs.items()}
         save_file(tensors, str(directory / WEIGHTS_FILE))
         cfg = {
             "format_version": FORMAT_VERSION,
@@ -170,8 +172,8 @@ class TextClassifier:
         heads = cfg["heads"]
         return cls(
             features=cfg["features"],
-            idf=w["idf"],
-            coefs={h: w[f"coef.{h}"] for h in heads},
+            idf=w["idf"].astype(np.float64),  # float32 files compute in float64 like float64 ones
+            coefs={h: w[f"coef.{h}"].astype(np.float64) for h in heads},
             intercepts={h: float(v["intercept"]) for h, v in heads.items()},
             thresholds={h: float(v["threshold"]) for h, v in heads.items()},
             settings=AnalyzerSettings.from_dict(cfg["analyzer"]),
