@@ -10,7 +10,10 @@ each item's fields fill ``{name}`` placeholders of the template, and the result 
 logprob-weighted 0-100 expectation (docs/design.md, Betley et al.), None when the numbers 0..100 hold
 less than 0.25 of the probability of the reply.
 
-Specs: ``keyword[:<list>]``, ``classifier``, ``hf:<model>``, ``openai:<model>``, ``fake[:<rule>]``.
+``em-classifier`` (the offline EM judge) rates EM answers only, through ``rate_em(items)``: aligned,
+coherent (0-100), p_misaligned and misaligned for each {question, answer} item.
+
+Specs: ``keyword[:<list>]``, ``classifier``, ``em-classifier``, ``hf:<model>``, ``openai:<model>``, ``fake[:<rule>]``.
 Built-in judge modules are imported on first use, so ``openai`` never imports torch.
 """
 
@@ -73,6 +76,7 @@ _REGISTRY: dict[str, Factory] = {}
 _BUILTIN = {
     "keyword": "harmprune.evals.judges.keyword",
     "classifier": "harmprune.evals.judges.classifier",
+    "em-classifier": "harmprune.evals.judges.em_classifier",
     "hf": "harmprune.evals.judges.hf",
     "openai": "harmprune.evals.judges.openai",
     "fake": "harmprune.evals.judges.fake",
