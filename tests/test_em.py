@@ -185,17 +185,19 @@ def test_unreachable_endpoint_still_ends_the_run():
 
 
 def test_missing_judge_is_one_line_listing_judges(tmp_path, capsys):
+    assert em.EMConfig(out=str(tmp_path / "o")).judge == "em-classifier"  # the offline default
     with pytest.raises(HarmpruneError) as e:
-        em.EMConfig(out=str(tmp_path / "o"))
+        em.EMConfig(out=str(tmp_path / "o"), judge="")
     msg = str(e.value)
     assert "\n" not in msg and "openai:<model>" in msg and "hf:<model>" in msg and "--judge-url" in msg
-    assert "keyword" in msg  # lists every available judge
-    with pytest.raises(HarmpruneError, match="cannot rate"):
-        em.EMConfig(out=str(tmp_path / "o"), judge="keyword")
+    assert "keyword" in msg and "em-classifier" in msg  # lists every available judge
+    for weak in ("keyword", "classifier"):
+        with pytest.raises(HarmpruneError, match="cannot rate"):
+            em.EMConfig(out=str(tmp_path / "o"), judge=weak)
     # through argparse as `harmprune eval em` builds it
     from harmprune.cli import build_parser
 
-    ns = build_parser().parse_args(["eval", "em", "--out", str(tmp_path / "o")])
+    ns = build_parser().parse_args(["eval", "em", "--out", str(tmp_path / "o"), "--judge", ""])
     with pytest.raises(HarmpruneError, match="--judge is required"):
         ns.func(ns)
     assert not (tmp_path / "o").exists()
@@ -204,16 +206,19 @@ def test_missing_judge_is_one_line_listing_judges(tmp_path, capsys):
 def test_missing_judge_through_main(tmp_path, capsys):
     from harmprune.cli import main
 
-    assert main(["eval", "em", "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "em", "--out", str(tmp_path / "o"), "--judge", "keyword"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "openai:<model>" in err
 
 
-def test_em_experiment_needs_a_judge():
+def test_em_experiment_default_judge_is_offline():
     from harmprune.recipes.em_experiment import EMExperimentConfig
 
+    assert EMExperimentConfig().judge == "em-classifier"
     with pytest.raises(HarmpruneError, match="--judge is required"):
-        EMExperimentConfig()
+        EMExperimentConfig(judge="")
+    with pytest.raises(HarmpruneError, match="cannot rate"):
+        EMExperimentConfig(judge="keyword")
 
 
 def test_eval_em_end_to_end_tiny(tmp_path, tok, llama):

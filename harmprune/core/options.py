@@ -246,8 +246,16 @@ class HarmJudgeOptions:
 
 @dataclass(kw_only=True)
 class RatingJudgeOptions:
-    judge: str | None = opt(None, help="0-100 rating judge: openai:<model> (with --judge-url), hf:<model>, "
-                                       "fake (tests)")
+    judge: str | None = opt("em-classifier", help="EM judge rating aligned/coherent 0-100: em-classifier (shipped, "
+                                                  "offline), openai:<model> (with --judge-url), hf:<model>, fake (tests)")
+
+
+@dataclass(kw_only=True)
+class ResponsesOptions:
+    """Judge replies someone already has, instead of generating them (shared by the eval commands)."""
+
+    responses: str | None = opt(None, help="judge the rows of this JSONL file instead of generating (no model is "
+                                           "loaded); every field of a row is kept in samples.jsonl")
 
 
 @dataclass(kw_only=True)
