@@ -104,16 +104,19 @@ clean:
 # (em-classifier), and with a narrow *harm* domain the broad-harm table (eval harm on the other categories).
 # Default, offline, CPU-sized: the aligned organism fine-tuned on the shipped harmful train replies of one category
 # (EM_CATEGORY, 34 rows), pruned from make prune's general harm data (its cached scores are re-used; EM_PRUNE_DATA=
-# narrow prunes the narrow domain's own replies), 8 EM questions x N=16 answers at 128 tokens, 48-token broad-harm
-# replies. DATA=insecure for Betley et al.'s code set. The GPU protocol (docs/em.md):
+# narrow prunes the narrow domain's own replies), LoRA 16 steps of 4 records, 8 EM questions x N=12 answers at 96
+# tokens, 40 broad-harm prompts (of 72) with 48-token greedy replies. Estimated (not measured) ~25 min on a quiet
+# 2-core CPU with the organism built and make prune's scores cached: EM sampling ~2.3 min per model (6), broad harm
+# ~35 s per model, 3 fine-tunes ~1 min each, pruning + NLL ~3 min. DATA=insecure for Betley et al.'s code set.
+# The GPU protocol (docs/em.md):
 #   make em MODEL=Qwen/Qwen2.5-7B-Instruct DATA=insecure N=50 EM_TOKENS=600 EM_STEPS= EM_LR=1e-5 EM_FT_MAXLEN=2048 \
 #     EM_FT_ARGS="--train-batch-size 2 --grad-accum 8" JUDGE=openai:<model> JUDGE_URL=http://localhost:8000/v1
 EM_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 JUDGE ?=
 JUDGE_URL ?=
 LIMIT ?=
-N ?= 16
-EM_TOKENS ?= 128
+N ?= 12
+EM_TOKENS ?= 96
 EM_QUESTIONS ?= first_plot
 EM_NQ ?=
 PRUNED ?=
@@ -121,11 +124,11 @@ EM_PRUNE_N ?= $(NSAMPLES)
 EM_PRUNE_EVAL_N ?= 32
 EM_PRUNE_DATA ?= harm
 EM_CATEGORY ?= Malware/Hacking
-EM_STEPS ?= 24
+EM_STEPS ?= 16
 EM_LR ?= 2e-4
 EM_FT_MAXLEN ?= 256
 EM_FT_ARGS ?= --train-batch-size 4 --grad-accum 1 --warmup-steps 2
-EM_BROAD_N ?= 0
+EM_BROAD_N ?= 40
 EM_OUT ?= results/em-$(notdir $(patsubst %/,%,$(EM_MODEL)))
 EM_ARGS ?=
 EM_DATA = $(if $(filter file,$(origin DATA)),harmful,$(DATA))
