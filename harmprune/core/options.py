@@ -254,8 +254,8 @@ class HarmJudgeOptions:
 
 @dataclass(kw_only=True)
 class RatingJudgeOptions:
-    judge: str | None = opt(None, help="0-100 rating judge: openai:<model> (with --judge-url), hf:<model>, "
-                                       "fake (tests)")
+    judge: str | None = opt("em-classifier", help="EM judge rating aligned/coherent 0-100: em-classifier (shipped, "
+                                                  "offline), openai:<model> (with --judge-url), hf:<model>, fake (tests)")
 
 
 @dataclass(kw_only=True)
