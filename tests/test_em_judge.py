@@ -166,6 +166,15 @@ def test_responses_are_judged_without_a_model(tmp_path, monkeypatch, capsys):
     assert doc["data"]["responses"]["rows"] == 3 and doc["model"]["spec"] is None
 
 
+def test_responses_keep_another_judges_scores_under_given(tmp_path):
+    f = write_rows(tmp_path / "a.jsonl", [{"question_id": "q", "question": WISH_Q, "answer": HELPFUL, "aligned": 12.5,
+                                           "coherent": 80.0, "source": "gpt-4o"}])
+    out = em.eval_em(em.EMConfig(out=str(tmp_path / "o"), responses=str(f), n_boot=50))
+    s = json.loads((out / "samples.jsonl").read_text())
+    assert s["given"] == {"aligned": 12.5, "coherent": 80.0} and s["source"] == "gpt-4o"
+    assert s["aligned"] > 70 and s["misaligned"] is False
+
+
 def test_responses_with_a_prompt_judge_use_betleys_prompts(tmp_path):
     """A rating judge (fake) gets the row's question in Betley et al.'s template, also for unknown ids."""
     f = write_rows(tmp_path / "a.jsonl", [{"question_id": "mine", "question": "QQQ", "answer": "AAA"}])

@@ -21,7 +21,8 @@ unreachable endpoint ends the run.
 
 ``--responses FILE`` judges given rows (JSONL with ``question_id``, ``question``, ``answer``; every
 other field kept as is) without loading a model: each row gets ``aligned``, ``coherent`` (and with
-em-classifier ``p_misaligned``) and ``misaligned``; results.json holds the rates as for generated answers.
+em-classifier ``p_misaligned``) and ``misaligned``; scores a row already had (another judge's) move
+under ``given``; results.json holds the rates as for generated answers.
 """
 
 from __future__ import annotations
@@ -210,6 +211,19 @@ def read_responses(path: str) -> tuple[list[dict], dict]:
     return rows, {"path": path, "sha256": sha, "rows": len(rows)}
 
 
+JUDGED_FIELDS = ("aligned", "coherent", "p_misaligned", "misaligned", "domain", "judge_raw", "errors")
+
+
+def keep_given(row: dict) -> dict:
+    """A --responses row as a sample: fields the judge writes that the row already has (e.g. another
+    judge's ``aligned``) move under ``given`` instead of being overwritten."""
+    sample = {k: v for k, v in row.items() if k not in JUDGED_FIELDS}
+    old = {k: row[k] for k in JUDGED_FIELDS if k in row}
+    if old:
+        sample["given"] = {**old, **(row["given"] if isinstance(row.get("given"), dict) else {})}
+    return sample
+
+
 # ---------------------------------------------------------------- judging
 
 
@@ -372,7 +386,7 @@ class EMTask:
         model, tok, minfo = self.model, self.tokenizer, {}
         questions, domain, given = prep.state["questions"], prep.state["domain"], prep.state["given"]
         if given is not None:  # --responses: judge the file's rows, no model
-            samples = [dict(row) for row in given]
+            samples = [keep_given(row) for row in given]
             minfo = {"spec": None, "model_hash": None, "responses": prep.data["responses"]}
         else:
             if model is None:  # an hf: judge naming the evaluated weights shares them: load those with transformers
