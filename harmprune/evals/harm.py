@@ -129,6 +129,8 @@ def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS)) -> None
     for view in views:
         field, key = VIEWS[view], verdict_key(view)
         rows = [s for s in samples if isinstance(s.get(field), str)]
+        if not rows:
+            continue
         pairs = list(dict.fromkeys((s["prompt"], s[field]) for s in rows))
         for j in judges:
             got = dict(zip(pairs, judge_all(j, [p for p, _ in pairs], [t for _, t in pairs])))
@@ -161,9 +163,9 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
     """Settings of ``harmprune eval harm`` (generation settings: GenConfig)."""
 
     prompts: str = opt("harmful:test", help="harmful prompts: file, hf:<name>[:<split>] or built-in "
-                                            "(default harmful:test has reference responses for --prefill)")
+                                            "(default harmful:test has reference responses for --prefill)", role="input")
     max_judge_errors: float = opt(0.25, help="fraction of samples a judge may fail on; more ends the run with an "
-                                             "error (the replies stay in --out for --resume)")
+                                             "error (the replies stay in --out for --resume)", range="[0, 1]")
 
     def __post_init__(self):
         super().__post_init__()
