@@ -217,7 +217,8 @@ def _make_n(target, *args):
 def test_make_prune_runs_the_organism_with_the_headline_unless_a_model_is_given():
     organism = _make_n("prune")
     assert "--model smollm2-135m-aligned " in organism
-    headline = "--headline --judge keyword,classifier --limit 32 --max-new-tokens 48 --gen-batch-size 8"
+    headline = ("--headline --judge keyword,classifier --judge-device auto --limit 32 --max-new-tokens 48 "
+                "--gen-batch-size 8")
     assert organism.endswith(headline)
     base = _make_n("prune", "MODEL=smollm2-135m-instruct")  # today's run: the same command, no headline
     assert "--headline" not in base
@@ -226,3 +227,9 @@ def test_make_prune_runs_the_organism_with_the_headline_unless_a_model_is_given(
     assert "--headline" not in _make_n("prune", "HEADLINE=0")
     cmp = _make_n("compare-alignment")
     assert "--base smollm2-135m-instruct --aligned smollm2-135m-aligned" in cmp and "--judge keyword,classifier" in cmp
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_prune_passes_the_headline_judges_and_their_device():
+    gpu = _make_n("prune", "HEADLINE_JUDGE=strongreject,keyword", "JUDGE_DEVICE=cuda")
+    assert "--judge strongreject,keyword --judge-device cuda " in gpu
