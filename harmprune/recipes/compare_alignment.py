@@ -37,7 +37,7 @@ from ..core.models import load_model, model_name
 from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions, HarmDataOptions,
                             HarmJudgeOptions, LimitOptions, MethodOptions, NewTokensOptions, OutputOptions,
                             PairOptions, PrefillAttackOptions, QGridOptions, RuntimeOptions, ScopeOptions,
-                            ScoringOptions, SelectionOptions, check_scoring, check_selection)
+                            ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
 from ..core.settings import check, to_dict
 from ..evals import results as R
 from ..evals.harm import judge_options, judge_specs, load_judges
@@ -91,14 +91,15 @@ def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows
     hc = headline.config_from(cfg)
     handle = load_model(spec, cfg.dtype, cfg.device)
     model, tok = handle
-    harm, benign = score_pair(handle, cfg, need_benign=cfg.p > 0)
+    harm, benign = score_pair(handle, cfg, need_benign=needs_benign(cfg))
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     original = {**base, "harm": {a: headline.judged_harm(model, tok, prompts, judges, hc, a)[0]
                                  for a in headline.ATTACKS}}
     points = []
     for q in cfg.grid():
         mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                                       benign.method if benign else None, q, cfg.p, cfg.scope)
+                                       benign.method if benign else None, q, cfg.p, cfg.scope,
+                                       selection=cfg.selection)
         with masked(model, mask):
             row = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
             harm_q, _ = headline.judged_harm(model, tok, prompts, judges, hc, "prefill")

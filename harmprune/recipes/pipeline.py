@@ -20,7 +20,7 @@ from ..core.models import ModelHandle, load_model, model_name
 from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions,  # noqa: F401
                             HarmDataOptions, HarmJudgeOptions, JudgeOptions, HeadlineOptions, LimitOptions, MethodOptions,
                             ModelOptions, NewTokensOptions, OutputOptions, PresetOptions, ScopeOptions,
-                            ScoringOptions, SelectionOptions, check_scoring, check_selection)
+                            ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
 from ..core.settings import check, to_dict
 from ..evals.harm import judge_options, judge_specs
 from ..evals.nll import response_nll
@@ -122,14 +122,14 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     manifest.banner("pipeline", {**to_dict(cfg), "out": str(out)})
     handle = load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = handle
-    harm, benign = score_pair(handle, cfg, need_benign=cfg.p > 0)
+    harm, benign = score_pair(handle, cfg, need_benign=needs_benign(cfg))
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
     n = cfg.eval_nsamples or None
     harm_rows, benign_rows = harm_all[:n], benign_all[:n]
 
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                                   benign.method if benign else None, cfg.q, cfg.p, cfg.scope)
+                                   benign.method if benign else None, cfg.q, cfg.p, cfg.scope, selection=cfg.selection)
     rand = random_control(mask, cfg.seed)  # what select_prune_set(..., "random") gives, without re-selecting
     variants = {"original": None, "pruned": mask, "random": rand}
     nll, hc = {}, headline.config_from(cfg) if cfg.headline else None
