@@ -189,7 +189,15 @@ class PrefillAttackOptions:
 
 
 @dataclass(kw_only=True)
-class HeadlineOptions(PrefillAttackOptions):
+class ExtraHarmOptions:
+    eval_harm_extra: str = opt("none", help="a second held-out harmful set judged beside --eval-harm (same --limit, "
+                                            "attacks and judges; its reference replies feed the prefill attack), "
+                                            "e.g. harmful-heldout (StrongREJECT prompts, the base model's own harmful "
+                                            "replies); none = off")
+
+
+@dataclass(kw_only=True)
+class HeadlineOptions(PrefillAttackOptions, ExtraHarmOptions):
     """B-TAP's headline measurement (recipes/headline.py) beside the NLL table."""
 
     headline: bool = opt(False, help="also measure original, pruned and random control on the held-out harmful "

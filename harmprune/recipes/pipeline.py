@@ -55,6 +55,7 @@ class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOp
         if self.headline:
             headline.config_from(self)  # its checks (--prefill-attack, --max-new-tokens, ...), before any work
             judge_specs(self.judge)  # unknown judges fail here, not after scoring
+            headline.extra_sets(self.eval_harm_extra)  # a missing --eval-harm-extra set fails here too
 
     def out_dir(self) -> Path:
         if self.out:
@@ -142,7 +143,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if hc:
         about = {"harmful": data_fingerprint(hspec, harm_all), "benign": {**data_fingerprint(bspec, benign_all),
                                                                           "selected": len(benign_rows)}}
-        data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed)
+        data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed,
+                                      extra=cfg.eval_harm_extra)
         results, samples = headline.measure_masks(model, tok, variants, data, hc, extra=measure_nll,
                                                   judge_opts=judge_options(cfg))
     else:
@@ -165,7 +167,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         results.update(model={"spec": cfg.model, "hash": handle.hash}, config=to_dict(cfg), before_after=table,
                        prune={k: stats[k] for k in ("total_pruned", "total_fraction") if k in stats},
                        versions=manifest.versions())
-        print(f"\nheadline ({data.about['harmful']['selected']} held-out harmful prompts, "
+        more = "".join(f" + {len(r)} of {n}" for n, r in data.harmful_sets.items())
+        print(f"\nheadline ({data.about['harmful']['selected']} held-out harmful prompts{more}, "
               f"{len(data.xstest)} XSTest safe prompts; 95 % bootstrap intervals)\n"
               + headline.write_headline(out, results, samples))
     return out
