@@ -442,9 +442,10 @@ def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_har
     """The Python API for sweeps: raw scores in, ``(mask, stats)`` out, no files.
 
     ``mask`` is the harm-specific set ``Top_q(I_harm) & ~Top_p(I_benign)`` (or the ``selection``
-    variant's set, see the module doc) or, with ``control``, a control with the same per-matrix counts. ``stats`` holds the counts of every set, the
-    matrices with nothing selected and the warnings; each warning is also issued with
-    ``warnings.warn`` so interactive users see it.
+    variant's set, see the module doc) or, with ``control``, a control with the same per-matrix counts.
+    ``stats`` holds the counts of every set (``harm_specific`` = the selection's), the selection
+    (``selection_variant``), the matrices with nothing selected and the warnings; each warning is also
+    issued with ``warnings.warn`` so interactive users see it.
     """
     import warnings as _w
 
