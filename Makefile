@@ -47,7 +47,11 @@ score: install
 # 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
 # tokens add ~14 min on 2 busy cores to the NLL run (~20-30 min in all, cold; 19 min 23 s measured on a quiet
 # CPU); HEADLINE_LIMIT=0 = all 19 distinct harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned
-# builds it into ~/.cache/harmprune (~15 min).
+# builds it into ~/.cache/harmprune (~15 min). Beside harmful:test the headline judges HARM_EXTRA (default
+# harmful-heldout: StrongREJECT prompts, a source scoring does not use, each prefilled from the base model's own
+# harmful reply; HEADLINE_LIMIT of them, spread over categories; about doubles the harm generation time;
+# HARM_EXTRA=none = off). SELECTION picks the pruned set (difference = B-TAP's Top_q \ Top_p; fill, contrastive,
+# rank: pruning/select.py); BENIGN may name several sets (BENIGN=benign,sensitive-safe).
 PRUNE_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
 HEADLINE_LIMIT ?= 32
@@ -56,8 +60,10 @@ HEADLINE_TOKENS ?= 48
 # JUDGE_DEVICE=cuda (StrongREJECT's fine-tuned evaluator, a Gemma-2B LoRA from the Hub).
 HEADLINE_JUDGE ?= keyword,classifier
 JUDGE_DEVICE ?= auto
+HARM_EXTRA ?= harmful-heldout
+SELECTION ?= difference
 HEADLINE_ARGS = --headline --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --limit $(HEADLINE_LIMIT) \
-  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size 8
+  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size 8 --eval-harm-extra $(HARM_EXTRA)
 HARM ?= harmful
 BENIGN ?= benign
 BENIGN_METHOD ?= snip-abs
@@ -70,7 +76,7 @@ EVAL_N ?= 0
 prune: install
 	$(HP) pipeline --model $(PRUNE_MODEL) --harm $(HARM) --benign $(BENIGN) --method $(METHOD) \
 	  --benign-method $(BENIGN_METHOD) $(if $(Q),--q $(Q)) $(if $(P),--p $(P)) --scope $(SCOPE) \
-	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) \
+	  --selection $(SELECTION) --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) \
 	  --scores-dir $(SCORES) --eval-nsamples $(EVAL_N) $(if $(OUT),--out $(OUT)) --overwrite \
 	  $(if $(filter 1 yes true,$(HEADLINE)),$(HEADLINE_ARGS))
 
@@ -83,7 +89,9 @@ sweep: install
 # Base vs aligned organism (issue 15; B-TAP's "alignment compresses harm"): make prune's scoring and
 # selection on BASE and ALIGNED, the harm-specificity at each q and the compression curve under the
 # prefill attack (judged harmfulness vs pruned fraction). Sized for a 2-core CPU (recipes/compare_alignment.py):
-# ~41 min cold, ~25 min with the scores make prune cached.
+# ~41 min cold, ~25 min with the scores make prune cached (before HARM_EXTRA: the second held-out harmful
+# set, judged on the originals and at each q under the prefill attack, adds about as much generation again;
+# HARM_EXTRA=none = off).
 COMPARE_QS ?= 3e-5 1e-4 3e-4 1e-3
 COMPARE_LIMIT ?= 32
 COMPARE_EVAL_N ?= 32
@@ -94,7 +102,7 @@ compare-alignment: install
 	  --method $(METHOD) --benign-method $(BENIGN_METHOD) $(if $(Q),--q $(Q)) $(if $(P),--p $(P)) --scope $(SCOPE) \
 	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) \
 	  --qs $(COMPARE_QS) --eval-nsamples $(COMPARE_EVAL_N) --limit $(COMPARE_LIMIT) --max-new-tokens $(COMPARE_TOKENS) \
-	  --gen-batch-size 8 --judge keyword,classifier \
+	  --gen-batch-size 8 --judge keyword,classifier --eval-harm-extra $(HARM_EXTRA) --selection $(SELECTION) \
 	  --out results/compare-alignment-$(notdir $(patsubst %/,%,$(ALIGNED))) --overwrite $(COMPARE_ARGS)
 
 bench: install

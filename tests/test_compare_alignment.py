@@ -70,7 +70,7 @@ def test_compare_alignment_end_to_end(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(score_mod, "score", lambda cfg, *a, **kw: calls.append(cfg.out) or real(cfg, *a, **kw))
     cfg = C.CompareAlignmentConfig(base=paths["base"], aligned=paths["aligned"], qs=[0.01, 0.05], q=0.02,
                                    judge="keyword,classifier", limit=4, max_new_tokens=3, prefill_attack=2,
-                                   gen_batch_size=2, out=str(tmp_path / "cmp"), **common)
+                                   gen_batch_size=2, out=str(tmp_path / "cmp"), eval_harm_extra=harm, **common)
     out = C.run_compare_alignment(cfg)
     assert len(calls) == 4  # harm + benign scores, once per model
 
@@ -78,6 +78,11 @@ def test_compare_alignment_end_to_end(tmp_path, tok, monkeypatch):
     assert (out / "table.md").read_text() == C.render(doc)
     assert (out / C.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(doc["models"]) == ["base", "aligned"] and doc["data"]["prompts"] == 4
+    assert doc["data"]["harmful_sets"][harm]["selected"] == 4  # --eval-harm-extra: judged like the main set
+    for m in doc["models"].values():
+        assert m["original"]["harm_sets"][harm]["none"]["keyword"]["samples"] == 4
+        assert all(p["harm_sets"][harm]["prefill"]["classifier"]["samples"] == 4 for p in m["points"])
+    assert "(c) second held-out harmful set" in (out / "table.md").read_text()
     for role, m in doc["models"].items():
         assert [p["q"] for p in m["points"]] == [0.01, 0.02, 0.05]  # --q joins the grid
         assert m["original"]["harm"]["none"]["keyword"]["samples"] == 4

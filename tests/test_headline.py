@@ -211,3 +211,31 @@ def test_headline_prompts_are_distinct_for_every_limit(tok):
     data = H.held_out_data(tok, rows, [], {}, limit=0, seed=0)
     assert len(data.harmful) == distinct == len({r.prompt for r in data.harmful})
     assert {r.category for r in R.draw_distinct(rows, 10, 0, key=lambda r: r.category)} == {r.category for r in rows}
+
+
+def test_a_second_harmful_set_is_measured_and_tabled_beside_the_first(tok):
+    model = tiny_llama(tok)
+    randomize_matrices(model, torch.Generator().manual_seed(0))
+    extra = [Record(prompt="Another harmful request", response="Here is the plan: first buy the tools.",
+                    category="c", id="e0")]
+    data = H.HeadlineData(_records(), [], [], [], harmful_sets={"extra": extra})
+    cfg = H.HeadlineConfig(judges="keyword", prefill=3, max_new_tokens=4, n_boot=20)
+    results, samples = H.measure_masks(model, tok, {"original": None}, data, cfg)
+    o = results["variants"]["original"]
+    assert results["harmful_sets"] == ["extra"]
+    assert o["harm:extra/none/keyword"]["samples"] == 1 and o["harm/none/keyword"]["samples"] == 2
+    assert "harm:extra/prefill/keyword/continuation" in o and "harm:extra/prefill/stop" in o
+    assert {s["task"] for s in samples} == {"harm/none", "harm/prefill", "harm:extra/none", "harm:extra/prefill"}
+    table = H.render_table(json.loads(json.dumps(results)))
+    assert "| harmfulness, prefill attack, full reply (keyword) [extra] |" in table
+    assert "| harmfulness, prefill attack, full reply (keyword) |" in table
+
+
+def test_extra_sets_from_the_builtin_heldout(tok):
+    assert H.extra_sets("none") == ({}, {}) and H.extra_sets(None) == ({}, {})
+    sets, about = H.extra_sets("harmful-heldout", limit=12, seed=0)
+    got = sets["harmful-heldout"]
+    assert len(got) == 12 == len({r.prompt for r in got}) == about["harmful-heldout"]["selected"]
+    assert all(r.response for r in got) and len({r.category for r in got}) >= 5  # spread over categories
+    rows = H.held_out_data(tok, _records(), [], {}, limit=3, extra="harmful-heldout")
+    assert len(rows.harmful_sets["harmful-heldout"]) == 3 and "harmful-heldout" in rows.about["harmful_sets"]

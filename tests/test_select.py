@@ -330,3 +330,140 @@ def test_lazy_score_files_equal_eager(tmp_path):
     lz = load_scores(bad, lazy=True)  # lazy: reported when the matrix is read
     with pytest.raises(HarmpruneError, match="NaN"):
         lz.tensors["b.weight"]
+
+
+# ---- selection variants (--selection) against plain brute-force references ---------------------
+
+from harmprune.pruning.select import SELECTIONS  # noqa: E402
+
+
+def brute_topk_outside(score: list[float], k: int, protected: list[bool]) -> list[bool]:
+    """Reference: stable descending sort of the unprotected entries' scores, first k (all if fewer)."""
+    free = [i for i in range(len(score)) if not protected[i]]
+    order = sorted(free, key=lambda i: (-score[i], i))[:k]
+    return [i in order for i in range(len(score))]
+
+
+def brute_z(xs: list[float]) -> list[float]:
+    n = len(xs)
+    mu = sum(xs) / n
+    sd = (sum((x - mu) ** 2 for x in xs) / n) ** 0.5
+    return [(x - mu) / sd if sd > 0 else 0.0 for x in xs]
+
+
+def brute_rank(xs: list[float]) -> list[int]:
+    return [sum(1 for y in xs if y < x) for x in xs]
+
+
+def brute_variant(selection, h, b, q, p, scope):
+    """One matrix (2-D lists of floats) under a variant, written out plainly per unit (matrix or row)."""
+    units = [sum(h, [])] if scope == "matrix" else [list(r) for r in h]
+    bunits = [sum(b, [])] if scope == "matrix" else [list(r) for r in b]
+    out = []
+    for hu, bu in zip(units, bunits):
+        n = len(hu)
+        prot_k = count_k(p, n)
+        protected = brute_topk_outside(bu, prot_k, [False] * n)
+        k = count_k(q, n)
+        if selection == "difference":
+            top = brute_topk_outside(hu, k, [False] * n)
+            out.append([t and not pr for t, pr in zip(top, protected)])
+            continue
+        if selection == "fill":
+            score = hu
+        elif selection == "contrastive":
+            score = [x - y for x, y in zip(brute_z(hu), brute_z(bu))]
+        else:
+            score = [float(x - y) for x, y in zip(brute_rank(hu), brute_rank(bu))]
+        out.append(brute_topk_outside(score, k, protected))
+    flat = sum(out, [])
+    return torch.tensor(flat, dtype=torch.bool).reshape(len(h), len(h[0]))
+
+
+def _rand_matrix(g, rows, cols, kind):
+    if kind == "ties":
+        return torch.randint(-2, 3, (rows, cols), generator=g).double()
+    if kind == "dyadic":  # exact in float32 and float64: both sides compute the same z-scores
+        return (torch.randint(-64, 65, (rows, cols), generator=g) / 8.0).double()
+    return torch.randn(rows, cols, generator=g).double()
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("scope", ["matrix", "row"])
+def test_selection_variants_equal_brute_force(selection, scope):
+    g = torch.Generator().manual_seed(11)
+    for trial in range(40):
+        rows, cols = (int(v) for v in torch.randint(1, 9, (2,), generator=g))
+        kind = ("ties", "dyadic", "randn")[trial % 3]
+        h = _rand_matrix(g, rows, cols, kind).float()
+        b = _rand_matrix(g, rows, cols, kind).abs().float()
+        q = float(torch.rand(1, generator=g)) if trial % 4 else 0.5
+        p = (0.0, 0.2, float(torch.rand(1, generator=g)), 0.9)[trial % 4]
+        sel = _quiet(harm_specific, {"w": h}, {"w": b}, q, p, scope, selection)
+        expect = brute_variant(selection, h.double().tolist(), b.double().tolist(), q, p, scope)
+        assert torch.equal(sel.mask["w"], expect), (selection, scope, trial, q, p, h, b)
+
+
+def test_contrastive_by_hand():
+    # harm importance h, benign b (1 x 4); z(h) = [-1.342, -0.447, 0.447, 1.342], z(b) = [1.342, 0.447, -0.447, -1.342]
+    # score = z(h) - z(b) = [-2.683, -0.894, 0.894, 2.683]; q = 0.5 -> k = 2: indices 3, 2
+    h = {"w": torch.tensor([[1.0, 2.0, 3.0, 4.0]])}
+    b = {"w": torch.tensor([[4.0, 3.0, 2.0, 1.0]])}
+    assert torch.equal(_quiet(harm_specific, h, b, 0.5, 0.0, "matrix", "contrastive").mask["w"], B([[F, F, T, T]]))
+    # a weight important for both (index 3 highest in harm AND benign) loses to one important for harm only
+    b2 = {"w": torch.tensor([[0.0, 0.0, 0.0, 9.0]])}
+    assert torch.equal(_quiet(harm_specific, h, b2, 0.25, 0.0, "matrix", "contrastive").mask["w"], B([[F, F, T, F]]))
+
+
+def test_rank_and_fill_by_hand():
+    h = {"w": torch.tensor([[5.0, 1e9, 3.0, 2.0, 4.0, 0.0]])}   # 1e9: a "super weight" of harm
+    b = {"w": torch.tensor([[0.0, 5.0, 1.0, 2.0, 3.0, 4.0]])}
+    # q = 0.5 -> k = 3; p = 0.17 -> Top_p(benign) = {1}
+    # difference: Top_3(h) = {1, 0, 4} minus {1} = {0, 4}
+    assert torch.equal(_quiet(harm_specific, h, b, 0.5, 0.17, "matrix", "difference").mask["w"], B([[T, F, F, F, T, F]]))
+    # fill: top 3 of h outside {1}: 5 (0), 4 (4), 3 (2)
+    assert torch.equal(_quiet(harm_specific, h, b, 0.5, 0.17, "matrix", "fill").mask["w"], B([[T, F, T, F, T, F]]))
+    # rank: rank(h) = [4, 5, 2, 1, 3, 0], rank(b) = [0, 5, 1, 2, 3, 4] -> [4, 0, 1, -1, 0, -4];
+    # outside {1}: 4 (0), 1 (2), then 0 at index 4 (index 1 is protected)
+    assert torch.equal(_quiet(harm_specific, h, b, 0.5, 0.17, "matrix", "rank").mask["w"], B([[T, F, T, F, T, F]]))
+
+
+def test_fill_is_a_superset_of_difference_with_exact_counts():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        h, b = torch.randn(7, 9, generator=g), torch.rand(7, 9, generator=g)
+        d = _quiet(harm_specific, {"w": h}, {"w": b}, 0.3, 0.3, "matrix", "difference").mask["w"]
+        f = _quiet(harm_specific, {"w": h}, {"w": b}, 0.3, 0.3, "matrix", "fill").mask["w"]
+        assert bool((d & ~f).sum() == 0) and int(f.sum()) == count_k(0.3, 63)
+
+
+def test_selection_variants_refuse_global_and_need_benign():
+    h = {"w": torch.randn(3, 4)}
+    with pytest.raises(ValueError, match="per matrix or per row"):
+        _quiet(harm_specific, h, {"w": torch.rand(3, 4)}, 0.5, 0.1, "global", "fill")
+    with pytest.raises(ValueError, match="needs benign"):
+        _quiet(harm_specific, h, None, 0.5, 0.0, "matrix", "contrastive")
+    with pytest.raises(ValueError, match="needs benign scores"):
+        _quiet(select_prune_set, h, None, "snip", None, 0.5, 0.0, "matrix", selection="rank")
+    with pytest.raises(ValueError, match="unknown selection"):
+        _quiet(harm_specific, h, None, 0.5, 0.0, "matrix", "nope")
+
+
+def test_difference_default_is_unchanged_through_select_prune_set():
+    g = torch.Generator().manual_seed(9)
+    harm = {f"m{i}.weight": torch.randn(6, 11, generator=g) for i in range(3)}
+    benign = {k: torch.rand(6, 11, generator=g) for k in harm}
+    for scope in ("matrix", "row", "global"):
+        a, sa = select_prune_set(harm, benign, "snip", "snip-abs", 0.2, 0.1, scope)
+        b, sb = select_prune_set(harm, benign, "snip", "snip-abs", 0.2, 0.1, scope, selection="difference")
+        ref = harm_specific({k: importance(v, "snip") for k, v in harm.items()},
+                            {k: importance(v, "snip-abs") for k, v in benign.items()}, 0.2, 0.1, scope).mask
+        assert eq(a, b) and eq(a, ref) and sa["selection_variant"] == "difference"
+
+
+def test_variants_through_select_prune_set_use_importance_direction():
+    # signed snip: importance = -S, so the most negative scores are the most harm-important
+    S = {"w": torch.tensor([[-5.0, 2.0, -1.0, 0.5]])}
+    Bn = {"w": torch.tensor([[0.1, 0.1, 0.1, 0.1]])}
+    m, st = _quiet(select_prune_set, S, Bn, "snip", "snip-abs", 0.5, 0.0, "matrix", selection="fill")
+    assert torch.equal(m["w"], B([[T, F, T, F]])) and st["selection_variant"] == "fill"

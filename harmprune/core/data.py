@@ -2,7 +2,10 @@
 
 ``load_records(DataSpec(data=...))`` reads ``.jsonl``/``.json``/``.csv`` files (each optionally
 ``.gz``), OpenAI chat rows (``{"messages": [...]}``), ``hf:<dataset>[:<split>]`` through ``datasets``,
-or a built-in name (``harmful``, ``benign``, with ``:train``/``:test``/``:all``). Every problem with
+or a built-in name (``harmful``, ``benign``, with ``:train``/``:test``/``:all``; ``harmful-selfgen``,
+``harmful-heldout``, ``sensitive-safe``). Several sources, comma-separated (``benign,sensitive-safe``),
+are read with the same field options and concatenated in the order given (one mechanism: every
+command that reads data, the score cache's key included, sees the concatenation). Every problem with
 the input raises a one-line ``DataError`` naming the source, row and field; nothing is written.
 """
 
@@ -47,7 +50,8 @@ class DataSpec:
     """Where a dataset comes from and how its fields map onto Record."""
 
     data: str = opt(help="dataset: a .jsonl/.json/.csv(.gz) file, hf:<dataset>[:<split>], or a built-in "
-                         "name (harmful, harmful:test, harmful:all, benign, benign:test, benign:all)", role="input")
+                         "name (harmful, harmful:test, harmful:all, benign, benign:test, benign:all, harmful-selfgen, "
+                         "harmful-heldout, sensitive-safe); several, comma-separated, are concatenated", role="input")
     prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
     response_field: str | None = opt(None, help="field holding the response (default: auto-detect)")
     category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")
@@ -346,6 +350,29 @@ def _filter(src: _Source, records: list[Record], wanted: list[str]) -> list[Reco
     return [r for r in records if r.category is not None and r.category.lower() in keep]
 
 
+# ---------------------------------------------------------------- several sources
+
+
+def source_parts(data: str) -> list[str] | None:
+    """The sources of a comma-separated spec (``benign,sensitive-safe``), or None for one source.
+
+    A path that exists is one source even when its name holds a comma."""
+    if "," not in data or Path(data).expanduser().is_file():
+        return None
+    parts = [p.strip() for p in data.split(",")]
+    if any(not p for p in parts):
+        raise DataError(f"{data}: an empty name in a comma-separated list of datasets")
+    if len(set(parts)) != len(parts):
+        raise DataError(f"{data}: a dataset named twice in a comma-separated list")
+    return parts
+
+
+def _part_specs(spec: DataSpec, parts: list[str]) -> list[DataSpec]:
+    """One spec per source: same field options, no category filter (applied to the concatenation)."""
+    return [DataSpec(data=p, prompt_field=spec.prompt_field, response_field=spec.response_field,
+                     category_field=spec.category_field) for p in parts]
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -354,7 +381,14 @@ def load_records(spec: DataSpec, require_response: bool = True) -> list[Record]:
 
     Row order is the source's. Ids are the row's ``id`` field, else ``<file stem>:<row>`` (row numbers
     count from 1: the line of a JSONL file, the data row of a CSV, the element of a JSON list).
+    Several comma-separated sources: their records concatenated in the order given, then filtered.
     """
+    parts = source_parts(spec.data)
+    if parts is not None:
+        records = [r for ps in _part_specs(spec, parts) for r in load_records(ps, require_response)]
+        wanted = spec.categories()
+        label = _Source("multi", spec.data, "", spec.data)
+        return _filter(label, records, wanted) if wanted else records
     src = _resolve(spec.data)
     rows = _rows(src)
     fm = _field_map(spec, src, rows, require_response)
@@ -380,7 +414,18 @@ def data_fingerprint(spec: DataSpec, records: list[Record]) -> dict:
     ``sha256`` hashes the source file's bytes as stored (for built-ins, the shipped file), or for
     ``hf:`` datasets the canonical JSON of the records. Rows without a category count as ``"(none)"``.
     """
+    cats = Counter("(none)" if r.category is None else r.category for r in records)
+    parts = source_parts(spec.data)
+    if parts is not None:  # sha256 of the parts' sha256s, in order; each part's own fingerprint beside it
+        per = []
+        for ps in _part_specs(spec, parts):
+            src = _resolve(ps.data)
+            sha = records_sha256(load_records(ps, require_response=False)) if src.kind == "hf" else \
+                hashlib.sha256(_raw_bytes(src)).hexdigest()
+            per.append({"data": ps.data, "sha256": sha})
+        sha = hashlib.sha256(json.dumps([p["sha256"] for p in per]).encode()).hexdigest()
+        return {"spec": to_dict(spec), "sha256": sha, "parts": per, "rows": len(records),
+                "categories": dict(sorted(cats.items()))}
     src = _resolve(spec.data)
     sha = records_sha256(records) if src.kind == "hf" else hashlib.sha256(_raw_bytes(src)).hexdigest()
-    cats = Counter("(none)" if r.category is None else r.category for r in records)
     return {"spec": to_dict(spec), "sha256": sha, "rows": len(records), "categories": dict(sorted(cats.items()))}

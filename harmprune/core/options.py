@@ -19,6 +19,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 FORMATS = ("auto", "chat", "raw")
 SCORE_METHODS = ("snip", "snip-abs", "wanda")
 SCOPES = ("matrix", "row", "global")
+# pruning.select's variants (documented there); difference = B-TAP's Top_q(harm) \ Top_p(benign)
+SELECTIONS = ("difference", "fill", "contrastive", "rank")
 # The point `make sweep` recommends on the embedded model (README, "Choosing q and p"): the most
 # harm-specific with benign NLL rise <= 5% and harmful rise > 0.01 nats/token.
 DEFAULT_Q = 1e-4
@@ -168,6 +170,11 @@ class SelectionOptions:
     q: float = opt(DEFAULT_Q, help="fraction of each unit's weights in Top_q of the harm importance, in [0, 1]", range="[0, 1]")
     p: float = opt(DEFAULT_P, help="fraction protected by Top_p of the benign importance, in [0, 1] "
                                    "(0 = none: dangerous)", range="[0, 1]")
+    selection: str = opt("difference", help="which weights: difference = Top_q(harm) minus Top_p(benign) (B-TAP); "
+                                            "fill = the k = floor(q*n) highest harm importances outside Top_p(benign); "
+                                            "contrastive = the k highest z(harm) - z(benign) outside Top_p(benign); "
+                                            "rank = the k highest rank(harm) - rank(benign) outside Top_p(benign) "
+                                            "(all but difference: --scope matrix or row)", choices=list(SELECTIONS))
 
 
 @dataclass(kw_only=True)
@@ -182,7 +189,15 @@ class PrefillAttackOptions:
 
 
 @dataclass(kw_only=True)
-class HeadlineOptions(PrefillAttackOptions):
+class ExtraHarmOptions:
+    eval_harm_extra: str = opt("none", help="a second held-out harmful set judged beside --eval-harm (same --limit, "
+                                            "attacks and judges; its reference replies feed the prefill attack), "
+                                            "e.g. harmful-heldout (StrongREJECT prompts, the base model's own harmful "
+                                            "replies); none = off")
+
+
+@dataclass(kw_only=True)
+class HeadlineOptions(PrefillAttackOptions, ExtraHarmOptions):
     """B-TAP's headline measurement (recipes/headline.py) beside the NLL table."""
 
     headline: bool = opt(False, help="also measure original, pruned and random control on the held-out harmful "
@@ -218,7 +233,8 @@ class EvalBenignOptions:
 
 @dataclass(kw_only=True)
 class BenignOptions(EvalBenignOptions):
-    benign: str = opt("benign", help="data whose ability is protected (Top_p)", role="input")
+    benign: str = opt("benign", help="data whose ability is protected (Top_p); several, comma-separated, are "
+                                     "concatenated (e.g. benign,sensitive-safe)", role="input")
     benign_method: str = opt("snip-abs", help="attribution method of the benign data (snip, snip-abs, wanda)")
 
 
@@ -366,6 +382,15 @@ def check_pass(o: PassOptions) -> None:
 def check_selection(o: SelectionOptions) -> None:
     validate.check_fraction(o.q, "--q")
     validate.check_fraction(o.p, "--p")
+    check(o.selection in SELECTIONS, f"--selection must be one of {', '.join(SELECTIONS)}")
+    scope = getattr(o, "scope", "matrix")
+    check(o.selection == "difference" or scope in ("matrix", "row"),
+          f"--selection {o.selection} works per matrix or per row, not with --scope {scope}")
+
+
+def needs_benign(o) -> bool:
+    """Whether a command must score the benign data: a protected set (p > 0) or a selection that reads it."""
+    return o.p > 0 or getattr(o, "selection", "difference") in ("contrastive", "rank")
 
 
 def check_methods(o) -> None:

@@ -13,12 +13,12 @@ from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.models import DTYPES, ModelHandle, check_not_quantized, load_model
 from ..core.options import (ModelOptions, OutputOptions, PresetOptions, ScopeOptions, SeedOptions, SelectionOptions,
-                            check_selection)
+                            check_selection, needs_benign)
 from ..core.settings import check, opt, to_dict
 from ..attribution.formulas import IMPORTANCE
 from .apply import ACTIONS, apply_mask, masked
 from .checkpoint import CONFIG_FILE, Scores, load_mask, load_scores, original_tokenizer, save_checkpoint
-from .select import CONTROLS, SCOPES, check_second_band, mask_stats, select_prune_set
+from .select import CONTROLS, SCOPES, SELECTION_RULES, check_second_band, mask_stats, select_prune_set
 
 
 @dataclass(kw_only=True)
@@ -39,7 +39,9 @@ class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, Out
         check(bool(self.out), "--out is required")
         check(bool(self.harm_scores), "--harm-scores is required")
         check_selection(self)
-        check(self.p == 0 or self.benign_scores is not None, "--benign-scores is required unless --p 0")
+        check(not needs_benign(self) or self.benign_scores is not None,
+              "--benign-scores is required unless --p 0" + ("" if self.selection == "difference" else
+                                                            f" (and always with --selection {self.selection})"))
         check(self.scope in SCOPES, f"--scope must be one of {SCOPES}")
         check(self.control in CONTROLS, f"--control must be one of {CONTROLS}")
         if self.control == "second-band":
@@ -127,7 +129,7 @@ def prune(cfg: PruneConfig) -> Path:
     weights = {n: params[n] for n in harm.tensors} if cfg.control == "magnitude" else None
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope,
-                                   cfg.control, cfg.seed, weights)
+                                   cfg.control, cfg.seed, weights, selection=cfg.selection)
     return prune_loaded(cfg, handle, harm, benign, mask, stats, dtype=dtype)
 
 
@@ -153,7 +155,7 @@ def prune_loaded(cfg: PruneConfig, handle: ModelHandle, harm: Scores, benign: Sc
         "model": {"spec": cfg.model, "model_hash": harm.meta["model_hash"]},
         "scores": {role: {"path": str(s.path), "sha256": s.sha256, "meta": s.meta}
                    for role, s in (("harm", harm), ("benign", benign)) if s is not None},
-        "selection": "control:" + cfg.control if cfg.control != "none" else "Top_q(I_harm) \\ Top_p(I_benign)",
+        "selection": "control:" + cfg.control if cfg.control != "none" else SELECTION_RULES[cfg.selection],
         "importance": {"harm": _direction(harm.method), "benign": _direction(benign.method) if benign else None},
         "tie_rule": "lowest flat index; global scope orders matrices by key order of the scores file",
         **stats,

@@ -12,6 +12,23 @@ Ties: among equal importances the lowest flat index wins (row-major index within
 ``global`` the weights are ordered by the dict's key order, then flat index, so an earlier key
 wins a tie. ``-0.0`` and ``0.0`` are equal. Scores must be finite (callers check on load).
 
+Selection variants (``--selection``; every one takes at most ``k = floor(q * n)`` weights per unit and
+never a weight of ``Top_p(benign)``):
+
+- ``difference`` (default, B-TAP): ``Top_q(I_harm) \\ Top_p(I_benign)``; fewer than k where the two top
+  sets overlap.
+- ``fill``: the difference set topped up to exactly k: the k largest ``I_harm`` outside ``Top_p(I_benign)``
+  (a superset of ``difference``).
+- ``contrastive``: the k largest ``z(I_harm) - z(I_benign)`` outside ``Top_p(I_benign)``, where
+  ``z(x) = (x - mean(x)) / std(x)`` over the unit (population std, float64; a constant unit has z = 0).
+  Harm importance *against* benign importance, per weight: a weight important for both scores low.
+- ``rank``: the k largest ``rank(I_harm) - rank(I_benign)`` outside ``Top_p(I_benign)``, where ``rank(x)_i``
+  = the number of entries of the unit strictly smaller than ``x_i`` (ties share the lowest rank). Scale-free:
+  a few huge scores ("super weights") move it no more than any other weight.
+
+The variants other than ``difference`` work per matrix or per row (``global`` is refused), and fewer than
+k weights are taken only where fewer than k lie outside the protected set. Ties: lowest flat index.
+
 ``global`` never sorts all weights: an exact radix select on the order-preserving integer image
 of the float32 importances finds the k-th largest value in two histogram passes, and one more
 pass resolves ties at that value by the rule above. Memory stays O(largest matrix).
@@ -29,9 +46,17 @@ import torch
 
 from ..attribution.formulas import importance  # the one sign convention
 from ..core.errors import HarmpruneError
+from ..core.options import SELECTIONS  # the one list of variants (the --selection choices)
 
 SCOPES = ("matrix", "row", "global")
 CONTROLS = ("none", "random", "magnitude", "second-band")
+BENIGN_SCORED = ("contrastive", "rank")  # selections that read the benign importance itself, not only Top_p
+SELECTION_RULES = {  # what each variant selects, as prune_config.json records it
+    "difference": "Top_q(I_harm) \\ Top_p(I_benign)",
+    "fill": "the k = floor(q n) largest I_harm outside Top_p(I_benign)",
+    "contrastive": "the k = floor(q n) largest z(I_harm) - z(I_benign) outside Top_p(I_benign)",
+    "rank": "the k = floor(q n) largest rank(I_harm) - rank(I_benign) outside Top_p(I_benign)",
+}
 
 Masks = dict[str, torch.Tensor]
 
@@ -82,14 +107,16 @@ def count_k(frac: float, n: int) -> int:
     return math.floor(Fraction(repr(float(frac))) * n)
 
 
-def _topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries of each row of a 2-D tensor (lowest column wins ties)."""
+def _topk_rows(x: torch.Tensor, k: int, keep_dtype: bool = False) -> torch.Tensor:
+    """Bool mask of the k largest entries of each row of a 2-D tensor (lowest column wins ties).
+
+    Importances are compared in float32; ``keep_dtype`` compares ``x`` as it is (the float64 variant scores)."""
     rows, n = x.shape
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
-    x = x.float()
+    x = x if keep_dtype else x.float()
     return _fill_ties(x, _kth_largest(x, k), k)
 
 
@@ -205,26 +232,89 @@ class Selection:
     warnings: list[str] = field(default_factory=list)
 
 
-def harm_specific(harm_imp: Masks, benign_imp: Masks | None, q: float, p: float, scope: str) -> Selection:
-    """``Top_q(harm) & ~Top_p(benign)`` per key; ``p = 0`` (or no benign scores) protects nothing."""
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    """Per row of a 2-D tensor: ``(x - mean) / std`` in float64 (population std; 0 where std = 0)."""
+    x = x.double()
+    mu = x.mean(dim=1, keepdim=True)
+    sd = x.std(dim=1, unbiased=False, keepdim=True)
+    return torch.where(sd > 0, (x - mu) / torch.where(sd > 0, sd, 1.0), torch.zeros_like(x))
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Per row of a 2-D tensor: how many entries of the row are strictly smaller (int64; ties share it)."""
+    x = x.float() + 0.0  # -0.0 == 0.0, as everywhere in selection
+    srt = torch.sort(x, dim=1).values
+    return torch.searchsorted(srt, x.contiguous(), right=False)
+
+
+def variant_score(selection: str, harm: torch.Tensor, benign: torch.Tensor | None) -> torch.Tensor:
+    """The per-weight score a variant ranks, per row of 2-D ``harm``/``benign`` importances (float64)."""
+    if selection == "fill":
+        return harm.double()
+    if benign is None:
+        raise ValueError(f"--selection {selection} needs benign importances")
+    if selection == "contrastive":
+        return _zscore(harm) - _zscore(benign)
+    if selection == "rank":
+        return (_ranks(harm) - _ranks(benign)).double()
+    raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+
+
+def top_outside(score: torch.Tensor, k: int, taken: torch.Tensor | None) -> torch.Tensor:
+    """Per row of 2-D ``score``: the k largest entries outside ``taken`` (all free ones when fewer than k
+    are free); lowest column wins ties. Compared in ``score``'s own dtype."""
+    if taken is not None:
+        score = score.masked_fill(taken, float("-inf"))
+    m = _topk_rows(score, k, keep_dtype=True)
+    return m & ~taken if taken is not None else m
+
+
+def variant_mask(selection: str, harm: torch.Tensor, benign: torch.Tensor | None, q: float, scope: str,
+                 protected: torch.Tensor | None) -> torch.Tensor:
+    """One matrix's mask under a variant (not ``difference``): see the module doc. ``protected`` is the
+    matrix's ``Top_p(benign)`` mask (None: nothing protected)."""
+    if scope not in ("matrix", "row"):
+        raise ValueError(f"--selection {selection} works per matrix or per row, not with --scope {scope}")
+    shape = harm.shape
+    rows = (lambda t: t.reshape(1, -1)) if scope == "matrix" else (lambda t: t.reshape(shape[0], -1))
+    h = rows(harm)
+    b = rows(benign.to(harm.device)) if benign is not None else None
+    taken = rows(protected.to(harm.device)) if protected is not None else None
+    return top_outside(variant_score(selection, h, b), count_k(q, h.shape[1]), taken).reshape(shape)
+
+
+def harm_specific(harm_imp: Masks, benign_imp: Masks | None, q: float, p: float, scope: str,
+                  selection: str = "difference") -> Selection:
+    """``Top_q(harm) & ~Top_p(benign)`` per key (``selection`` picks a variant, see the module doc);
+    ``p = 0`` (or no benign scores) protects nothing."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+    if selection != "difference" and scope not in ("matrix", "row"):
+        raise ValueError(f"--selection {selection} works per matrix or per row, not with --scope {scope}")
+    if selection in BENIGN_SCORED and benign_imp is None:
+        raise ValueError(f"--selection {selection} needs benign importances")
     harm_top = topk_mask(harm_imp, q, scope)
     warnings = []
-    if p > 0:
-        if benign_imp is None:
-            raise ValueError("p > 0 needs benign importances")
+    if (p > 0 or selection in BENIGN_SCORED) and benign_imp is not None:
         missing = [n for n in harm_imp if n not in benign_imp]
         if missing:
             raise ValueError(f"benign importances lack {len(missing)} keys, e.g. {missing[0]}")
+    if p > 0:
+        if benign_imp is None:
+            raise ValueError("p > 0 needs benign importances")
         benign_top = topk_mask(LazyMap(harm_imp, benign_imp.__getitem__, lambda n: _numel(harm_imp, n)), p, scope)
-        mask = {n: harm_top[n] & ~benign_top[n] for n in harm_top}
         unprotected = empty_keys(benign_top)
         if unprotected:
             warnings.append(f"p = {p} ({scope}) gives k = 0 in {len(unprotected)} of {len(benign_top)} "
                             f"matrices, which get no benign protection, e.g. {unprotected[0]}")
     else:
         benign_top = None
-        mask = dict(harm_top)
         warnings.append(SUPER_WEIGHT_WARNING)
+    if selection == "difference":
+        mask = {n: harm_top[n] & ~benign_top[n] for n in harm_top} if benign_top is not None else dict(harm_top)
+    else:
+        mask = {n: variant_mask(selection, harm_imp[n], benign_imp[n] if selection in BENIGN_SCORED else None, q,
+                                scope, benign_top[n] if benign_top is not None else None) for n in harm_top}
     empty = empty_keys(harm_top)
     if empty:
         warnings.append(f"q = {q} ({scope}) gives k = 0 in {len(empty)} of {len(harm_top)} matrices, "
@@ -361,13 +451,15 @@ def mask_stats(mask: Masks) -> dict:
 
 def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_harm: str,
                      method_benign: str | None, q: float, p: float, scope: str = "matrix",
-                     control: str = "none", seed: int = 0, weights: Masks | None = None) -> tuple[Masks, dict]:
+                     control: str = "none", seed: int = 0, weights: Masks | None = None,
+                     selection: str = "difference") -> tuple[Masks, dict]:
     """The Python API for sweeps: raw scores in, ``(mask, stats)`` out, no files.
 
-    ``mask`` is the harm-specific set ``Top_q(I_harm) & ~Top_p(I_benign)`` or, with ``control``,
-    a control with the same per-matrix counts. ``stats`` holds the counts of every set, the
-    matrices with nothing selected and the warnings; each warning is also issued with
-    ``warnings.warn`` so interactive users see it.
+    ``mask`` is the harm-specific set ``Top_q(I_harm) & ~Top_p(I_benign)`` (or the ``selection``
+    variant's set, see the module doc) or, with ``control``, a control with the same per-matrix counts.
+    ``stats`` holds the counts of every set (``harm_specific`` = the selection's), the selection
+    (``selection_variant``), the matrices with nothing selected and the warnings; each warning is also
+    issued with ``warnings.warn`` so interactive users see it.
     """
     import warnings as _w
 
@@ -378,12 +470,12 @@ def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_har
     harm_imp = LazyMap(harm_scores, lambda n: importance(harm_scores[n], method_harm),
                        lambda n: _numel(harm_scores, n))
     benign_imp = None
-    if p > 0:
+    if p > 0 or selection in BENIGN_SCORED:
         if benign_scores is None or method_benign is None:
-            raise ValueError("p > 0 needs benign scores and their method")
+            raise ValueError(f"{'p > 0' if p > 0 else '--selection ' + selection} needs benign scores and their method")
         benign_imp = LazyMap([n for n in harm_scores if n in benign_scores],
                              lambda n: importance(benign_scores[n], method_benign), lambda n: _numel(benign_scores, n))
-    sel = harm_specific(harm_imp, benign_imp, q, p, scope)
+    sel = harm_specific(harm_imp, benign_imp, q, p, scope, selection)
     mask = control_mask(control, sel.mask, seed, weights, sel.benign_top, harm_imp)
     stats = mask_stats(mask)
     specific = mask_stats(sel.mask)
@@ -392,6 +484,7 @@ def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_har
         row["benign_top"] = _count(sel.benign_top[name]) if sel.benign_top is not None else 0
         row["harm_specific"] = specific["per_matrix"][name]["pruned"]
     stats["harm_specific_total"] = specific["total_pruned"]
+    stats["selection_variant"] = selection
     stats["k_zero"] = {"harm": empty_keys(sel.harm_top),
                        "benign": empty_keys(sel.benign_top) if sel.benign_top is not None else []}
     stats["empty_after_difference"] = empty_keys(sel.mask)

@@ -14,6 +14,8 @@ Reported: (a) harm-specificity at each q on both models (the same q gives both t
 per matrix, as they share the architecture; the pruned counts differ only by the benign protection,
 and are shown); (b) the compression curve and, per model and judge, the smallest pruned fraction
 whose harmfulness under the prefill attack is at most half the original's (:func:`halving_fraction`).
+With ``--eval-harm-extra NAME`` (e.g. ``harmful-heldout``), a second held-out harmful set is judged the
+same way (original without and under the attack, each q under the attack) and reported as (c).
 Writes ``results.json``, ``table.md`` (rendered from ``results.json``) and ``compare_alignment.png``.
 
 Sizing of ``make compare-alignment`` (2-core CPU): q in {3e-5, 1e-4, 3e-4, 1e-3}, 32 + 32 NLL rows, 32
@@ -36,8 +38,8 @@ from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import load_model, model_name
 from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions, HarmDataOptions,
                             HarmJudgeOptions, LimitOptions, MethodOptions, NewTokensOptions, OutputOptions,
-                            PairOptions, PrefillAttackOptions, QGridOptions, RuntimeOptions, ScopeOptions,
-                            ScoringOptions, SelectionOptions, check_scoring, check_selection)
+                            ExtraHarmOptions, PairOptions, PrefillAttackOptions, QGridOptions, RuntimeOptions, ScopeOptions,
+                            ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
 from ..core.settings import check, to_dict
 from ..evals import results as R
 from ..evals.harm import judge_options, judge_specs, load_judges
@@ -53,7 +55,8 @@ PLOT_FILE = "compare_alignment.png"
 @dataclass(kw_only=True)
 class CompareAlignmentConfig(RuntimeOptions, PairOptions, HarmDataOptions, BenignOptions, MethodOptions,
                              ScopeOptions, ScoringOptions, CacheOptions, EvalSetOptions, OutputOptions,
-                             SelectionOptions, QGridOptions, PrefillAttackOptions, HarmJudgeOptions, LimitOptions,
+                             SelectionOptions, QGridOptions, PrefillAttackOptions, ExtraHarmOptions, HarmJudgeOptions,
+                             LimitOptions,
                              NewTokensOptions, GenBatchOptions):
     """Settings of ``harmprune compare-alignment``; ``--out`` defaults to results/compare-alignment-<aligned>.
     ``--q`` is the point of the side-by-side specificity (added to ``--qs`` if missing)."""
@@ -65,6 +68,7 @@ class CompareAlignmentConfig(RuntimeOptions, PairOptions, HarmDataOptions, Benig
         check(self.eval_nsamples >= 0 and self.limit >= 0, "--eval-nsamples and --limit must be 0 (all) or positive")
         judge_specs(self.judge)
         headline.config_from(self)  # checks --prefill-attack, --max-new-tokens, --gen-batch-size
+        headline.extra_sets(self.eval_harm_extra)  # a missing --eval-harm-extra set fails here
 
     def grid(self) -> list[float]:
         return sorted({*self.qs, self.q})
@@ -86,24 +90,33 @@ def halving_fraction(base_score: float | None, points: list[tuple[float, float |
 # ---------------------------------------------------------------- measurement
 
 
-def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows, prompts, judges) -> dict:
-    """The original and each q of the grid on one model (loaded once, restored after each point)."""
+def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows, prompts, judges,
+                  sets: dict | None = None) -> dict:
+    """The original and each q of the grid on one model (loaded once, restored after each point).
+    ``sets``: more held-out harmful sets ``{name: prompts}`` (``--eval-harm-extra``), judged like ``prompts``
+    (``harm_sets`` of the original and of each point)."""
+    sets = sets or {}
     hc = headline.config_from(cfg)
     handle = load_model(spec, cfg.dtype, cfg.device)
     model, tok = handle
-    harm, benign = score_pair(handle, cfg, need_benign=cfg.p > 0)
+    harm, benign = score_pair(handle, cfg, need_benign=needs_benign(cfg))
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     original = {**base, "harm": {a: headline.judged_harm(model, tok, prompts, judges, hc, a)[0]
                                  for a in headline.ATTACKS}}
+    if sets:
+        original["harm_sets"] = {n: {a: headline.judged_harm(model, tok, r, judges, hc, a)[0] for a in headline.ATTACKS}
+                                 for n, r in sets.items()}
     points = []
     for q in cfg.grid():
         mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                                       benign.method if benign else None, q, cfg.p, cfg.scope)
+                                       benign.method if benign else None, q, cfg.p, cfg.scope,
+                                       selection=cfg.selection)
         with masked(model, mask):
             row = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
             harm_q, _ = headline.judged_harm(model, tok, prompts, judges, hc, "prefill")
+            more = {n: {"prefill": headline.judged_harm(model, tok, r, judges, hc, "prefill")[0]} for n, r in sets.items()}
         points.append({"q": q, "pruned": stats["total_pruned"], "fraction": stats["total_fraction"], **row,
-                       "harm": {"prefill": harm_q}})
+                       "harm": {"prefill": harm_q}, **({"harm_sets": more} if more else {})})
     halving = {v: halving_fraction(original["harm"]["prefill"][v]["score"],
                                    [(p["fraction"], p["harm"]["prefill"][v]["score"]) for p in points])
                for v in prefill_views([j.name for j in judges])}
@@ -122,11 +135,13 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
     prompts = R.draw_distinct(harm_all, cfg.limit, cfg.seed, key=lambda r: r.category)
     judges = load_judges(cfg.judge, **judge_options(cfg))
-    models = {role: measure_model(spec, cfg, harm_rows, benign_rows, prompts, judges)
+    sets, sets_about = headline.extra_sets(cfg.eval_harm_extra, cfg.limit, cfg.seed)
+    models = {role: measure_model(spec, cfg, harm_rows, benign_rows, prompts, judges, sets)
               for role, spec in zip(ROLES, (cfg.base, cfg.aligned))}
     results = {"config": to_dict(cfg), "judges": [j.name for j in judges], "q": cfg.q, "prefill": cfg.prefill_attack,
                "data": {"harmful": data_fingerprint(hspec, harm_all), "benign": data_fingerprint(bspec, benign_all),
-                        "nll_rows": [len(harm_rows), len(benign_rows)], "prompts": len(prompts)},
+                        "nll_rows": [len(harm_rows), len(benign_rows)], "prompts": len(prompts),
+                        **({"harmful_sets": sets_about} if sets else {})},
                "models": models, "versions": manifest.versions()}
     with manifest.atomic_dir(out, cfg.overwrite) as tmp:
         manifest.write_json(tmp / "results.json", R._json_ready(results))
@@ -211,6 +226,18 @@ def render(doc: dict) -> str:
         lines.append(f"- {role}: " + "; ".join(
             f"{_view_label(v)}: " + (f"{m['halving'][v]:.2e}" if m["halving"].get(v) is not None else
                                      "nothing to halve" if not base[v] else "not reached") for v in views))
+    for name, about in doc["data"].get("harmful_sets", {}).items():
+        lines += ["", f"(c) second held-out harmful set {name} ({about.get('selected')} distinct prompts, "
+                  "--eval-harm-extra): harmfulness under the prefill attack; q = 0 is the original", "",
+                  "| q | " + " | ".join(" | ".join(f"{r} ({_view_label(v)})" for v in views) + f" | {r} stop rate"
+                                        for r in ms) + " |",
+                  "|---" * (1 + (1 + len(views)) * len(ms)) + "|"]
+        firsts = [("0 (original)", [m["original"]["harm_sets"][name]["prefill"] for m in ms.values()])]
+        firsts += [(f"{p0['q']:g}", [m["points"][i]["harm_sets"][name]["prefill"] for m in ms.values()])
+                   for i, p0 in enumerate(next(iter(ms.values()))["points"])]
+        for q, hs in firsts:
+            lines.append(f"| {q} | " + " | ".join(" | ".join(_harm(h.get(v, {})) for v in views) + f" | {_stop(h)}"
+                                                  for h in hs) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,9 @@ Per variant (task names in ``results["variants"][variant]``):
   (``stop_rate``: share of replies adding fewer than 5 words after the prefix).
 - harmful prompts are *distinct* (one reference reply per prompt, ``results.draw_distinct``), so the
   bootstrap resamples prompts.
+- a second held-out harmful set (``--eval-harm-extra NAME``, e.g. ``harmful-heldout``): the same tasks
+  as ``harm/...``, named ``harm:NAME/<attack>/<judge>[/<view>]`` (samples tagged ``task`` = ``harm:NAME/<attack>``),
+  reported in the table beside the main set's rows.
 - ``utility/benign_nll``: ``nll`` token-weighted nats/token on benign completions (lower = better),
   ``sample_nll`` the mean of per-sample means, with its interval.
 - ``utility/xstest``: ``compliance`` = 1 - refusal rate on XSTest safe prompts (higher = better).
@@ -80,6 +83,17 @@ class HeadlineData:
     xstest: list[Record]
     corpus_ids: list[int] = field(default_factory=list)
     about: dict = field(default_factory=dict)  # provenance (names, hashes, counts) for results.json
+    harmful_sets: dict[str, list[Record]] = field(default_factory=dict)  # more held-out harmful sets, by name
+
+
+def extra_set_names(spec: str | None) -> list[str]:
+    """The sets of ``--eval-harm-extra`` (``none`` or empty = no set)."""
+    return [] if not spec or spec.strip().lower() == "none" else [spec.strip()]
+
+
+def harm_task(attack: str, set_name: str | None = None) -> str:
+    """``harm/<attack>`` for the main harmful set, ``harm:<set>/<attack>`` for another one."""
+    return f"harm/{attack}" if set_name is None else f"harm:{set_name}/{attack}"
 
 
 # ---------------------------------------------------------------- statistics (pure)
@@ -162,10 +176,11 @@ def corpus_perplexity(model, tok, ids: list[int], cfg: HeadlineConfig) -> dict:
 def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: HeadlineConfig) -> tuple[dict, list]:
     """Every headline task on the model as it is now; returns (tasks, samples tagged with their task)."""
     tasks, samples = {}, []
-    for attack in ATTACKS:
-        per_view, s = judged_harm(model, tok, data.harmful, judges, cfg, attack)
-        tasks.update({f"harm/{attack}/{name}": m for name, m in per_view.items()})
-        samples += [{"task": f"harm/{attack}", **x} for x in s]
+    for set_name, records in [(None, data.harmful), *data.harmful_sets.items()]:
+        for attack in ATTACKS:
+            per_view, s = judged_harm(model, tok, records, judges, cfg, attack)
+            tasks.update({f"{harm_task(attack, set_name)}/{name}": m for name, m in per_view.items()})
+            samples += [{"task": harm_task(attack, set_name), **x} for x in s]
     if data.benign:
         tasks["utility/benign_nll"] = benign_nll(model, tok, data.benign, cfg)
     if data.xstest:
@@ -196,6 +211,8 @@ def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConf
         variants[name]["pruned_weights"] = count(mask or {})
     results = {"settings": to_dict(cfg), "judges": [j.name for j in judges], "xstest_judge": xjudge.name,
                "data": data.about, "variants": variants}
+    if data.harmful_sets:
+        results["harmful_sets"] = list(data.harmful_sets)
     return results, samples
 
 
@@ -214,21 +231,24 @@ def _cell(m: dict, key: str, digits: int = 3) -> str:
 def table_rows(results: dict) -> list[tuple[str, str, str]]:
     """(label, task, metric) for every row of the table, in display order."""
     rows = []
-    for attack in ATTACKS:
-        for j in results["judges"]:
-            full = ", full reply" if attack == "prefill" else ""
-            rows.append((f"harmfulness, {attack} attack{full} ({j})", f"harm/{attack}/{j}", "score"))
+    for set_name in [None, *results.get("harmful_sets", [])]:
+        on = "" if set_name is None else f" [{set_name}]"
+        for attack in ATTACKS:
+            t = harm_task(attack, set_name)
+            for j in results["judges"]:
+                full = ", full reply" if attack == "prefill" else ""
+                rows.append((f"harmfulness, {attack} attack{full} ({j}){on}", f"{t}/{j}", "score"))
+                if attack == "prefill":
+                    rows.append((f"harmfulness, prefill attack, continuation only ({j}){on}",
+                                 f"{t}/{j}/continuation", "score"))
+                    rows.append((f"harmfulness of the forced prefix alone: floor ({j}){on}", f"{t}/{j}/prefix",
+                                 "score"))
+                rows.append((f"refusal rate, {attack} attack{full} ({j}){on}", f"{t}/{j}", "refusal_rate"))
+                if attack == "prefill":
+                    rows.append((f"refusal rate, prefill attack, continuation only ({j}){on}",
+                                 f"{t}/{j}/continuation", "refusal_rate"))
             if attack == "prefill":
-                rows.append((f"harmfulness, prefill attack, continuation only ({j})",
-                             f"harm/{attack}/{j}/continuation", "score"))
-                rows.append((f"harmfulness of the forced prefix alone: floor ({j})", f"harm/{attack}/{j}/prefix",
-                             "score"))
-            rows.append((f"refusal rate, {attack} attack{full} ({j})", f"harm/{attack}/{j}", "refusal_rate"))
-            if attack == "prefill":
-                rows.append((f"refusal rate, prefill attack, continuation only ({j})",
-                             f"harm/{attack}/{j}/continuation", "refusal_rate"))
-        if attack == "prefill":
-            rows.append(("stop rate after the prefix (< 5 new words)", "harm/prefill/stop", "stop_rate"))
+                rows.append((f"stop rate after the prefix (< 5 new words){on}", f"{t}/stop", "stop_rate"))
     rows += [("benign NLL (nats/token, sample mean)", "utility/benign_nll", "sample_nll"),
              (f"XSTest safe compliance ({results['xstest_judge']})", "utility/xstest", "compliance"),
              ("corpus perplexity", "utility/corpus", "ppl")]
@@ -304,9 +324,24 @@ def default_data(tok, harmful: str = "harmful:test", benign: str = "benign:test"
                          xstest, limit, seed, corpus)
 
 
+def extra_sets(spec: str | None, limit: int = 0, seed: int = 0) -> tuple[dict[str, list[Record]], dict]:
+    """The ``--eval-harm-extra`` sets: ``({name: distinct prompts with a reference reply}, {name: fingerprint})``,
+    ``limit`` prompts each (0 = all), spread over categories (``results.draw_distinct``)."""
+    from ..core.data import DataSpec, data_fingerprint, load_records
+
+    sets, about = {}, {}
+    for name in extra_set_names(spec):
+        spec_ = DataSpec(data=name)
+        rows = load_records(spec_)
+        sets[name] = R.draw_distinct(rows, limit, seed, key=lambda r: r.category)
+        about[name] = {**data_fingerprint(spec_, rows), "selected": len(sets[name])}
+    return sets, about
+
+
 def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict, xstest: str = "heldout",
-                  limit: int = 0, seed: int = 0, corpus: str = "builtin") -> HeadlineData:
-    """:func:`default_data` from records the caller already read (``about``: their fingerprints)."""
+                  limit: int = 0, seed: int = 0, corpus: str = "builtin", extra: str | None = None) -> HeadlineData:
+    """:func:`default_data` from records the caller already read (``about``: their fingerprints); ``extra``
+    names more held-out harmful sets (``--eval-harm-extra``), drawn like the main one."""
     from ..evals.utility import read_corpus
     from ..evals.eval_prompts import xstest_heldout
 
@@ -315,7 +350,10 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
     h = R.draw_distinct(harmful, limit, seed, key=lambda r: r.category)
     about = {**about, "harmful": {**about.get("harmful", {}), "selected": len(h)},
              "xstest": {"set": xstest, "prompts": len(x)}, "corpus": corpus_info}
-    return HeadlineData(h, benign, x, tok(text, add_special_tokens=False)["input_ids"], about)
+    sets, sets_about = extra_sets(extra, limit, seed)
+    if sets:
+        about["harmful_sets"] = sets_about
+    return HeadlineData(h, benign, x, tok(text, add_special_tokens=False)["input_ids"], about, sets)
 
 
 def config_from(o, **overrides) -> HeadlineConfig:
@@ -327,4 +365,5 @@ def config_from(o, **overrides) -> HeadlineConfig:
 
 
 __all__ = ["HeadlineConfig", "HeadlineData", "measure_masks", "measure_variant", "render_table", "write_headline",
-           "default_data", "held_out_data", "config_from", "nll_summary", "judged_metrics", "interval"]
+           "default_data", "held_out_data", "config_from", "nll_summary", "judged_metrics", "interval", "extra_sets",
+           "harm_task"]

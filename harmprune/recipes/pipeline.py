@@ -20,7 +20,7 @@ from ..core.models import ModelHandle, load_model, model_name
 from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions,  # noqa: F401
                             HarmDataOptions, HarmJudgeOptions, JudgeOptions, HeadlineOptions, LimitOptions, MethodOptions,
                             ModelOptions, NewTokensOptions, OutputOptions, PresetOptions, ScopeOptions,
-                            ScoringOptions, SelectionOptions, check_scoring, check_selection)
+                            ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
 from ..core.settings import check, to_dict
 from ..evals.harm import judge_options, judge_specs
 from ..evals.nll import response_nll
@@ -55,6 +55,7 @@ class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOp
         if self.headline:
             headline.config_from(self)  # its checks (--prefill-attack, --max-new-tokens, ...), before any work
             judge_specs(self.judge)  # unknown judges fail here, not after scoring
+            headline.extra_sets(self.eval_harm_extra)  # a missing --eval-harm-extra set fails here too
 
     def out_dir(self) -> Path:
         if self.out:
@@ -129,13 +130,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     manifest.banner("pipeline", {**to_dict(cfg), "out": str(out)})
     handle = load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = handle
-    harm, benign = score_pair(handle, cfg, need_benign=cfg.p > 0)
+    harm, benign = score_pair(handle, cfg, need_benign=needs_benign(cfg))
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
     harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
 
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                                   benign.method if benign else None, cfg.q, cfg.p, cfg.scope)
+                                   benign.method if benign else None, cfg.q, cfg.p, cfg.scope, selection=cfg.selection)
     rand = random_control(mask, cfg.seed)  # what select_prune_set(..., "random") gives, without re-selecting
     variants = {"original": None, "pruned": mask, "random": rand}
     nll, hc = {}, headline.config_from(cfg) if cfg.headline else None
@@ -151,7 +152,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if hc:
         about = {"harmful": data_fingerprint(hspec, harm_all), "benign": {**data_fingerprint(bspec, benign_all),
                                                                           "selected": len(benign_rows)}}
-        data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed)
+        data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed,
+                                      extra=cfg.eval_harm_extra)
         results, samples = headline.measure_masks(model, tok, variants, data, hc, extra=measure_nll,
                                                   judge_opts=judge_options(cfg))
     else:
@@ -174,7 +176,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         results.update(model={"spec": cfg.model, "hash": handle.hash}, config=to_dict(cfg), before_after=table,
                        prune={k: stats[k] for k in ("total_pruned", "total_fraction") if k in stats},
                        versions=manifest.versions())
-        print(f"\nheadline ({data.about['harmful']['selected']} held-out harmful prompts, "
+        more = "".join(f" + {len(r)} of {n}" for n, r in data.harmful_sets.items())
+        print(f"\nheadline ({data.about['harmful']['selected']} held-out harmful prompts{more}, "
               f"{len(data.xstest)} XSTest safe prompts; 95 % bootstrap intervals)\n"
               + headline.write_headline(out, results, samples))
     return out

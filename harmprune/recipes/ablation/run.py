@@ -23,7 +23,7 @@ from ...core.errors import HarmpruneError
 from ...core.models import load_model, model_name
 from ...core.options import (BenignOptions, CacheOptions, DataOptions, FieldOptions, HarmJudgeOptions, MethodOptions,
                              ModelOptions, NewTokensOptions, OutputOptions, ScopeOptions, ScoringOptions,
-                             SelectionOptions, check_scoring, pick)
+                             SelectionOptions, check_scoring, check_selection, needs_benign, pick)
 from ...core.settings import check, check_min, opt, to_dict
 from ...pruning.apply import masked
 from ...pruning.select import random_control, select_prune_set
@@ -58,6 +58,7 @@ class AblateConfig(ModelOptions, DataOptions, FieldOptions, BenignOptions, Metho
 
     def __post_init__(self):
         check(0 < self.q <= 1 and 0 <= self.p <= 1, "--q must be in (0, 1] and --p in [0, 1]")
+        check_selection(self)
         check_scoring(self)
         check(all(0 < q <= 1 for q in self.curve_qs), "--curve-qs must be fractions in (0, 1]")
         check_min(self, 1, "nsamples", "category_nsamples", "eval_per_category", "eval_benign_nsamples", "min_rows")
@@ -158,8 +159,8 @@ def category_scores(handle, cfg: AblateConfig, group: str, rows: list):
 def _sets_at(q: float, harm: dict, benign, cfg: AblateConfig) -> tuple[dict, dict]:
     sets, stats = {}, {}
     for g, s in harm.items():
-        sets[g], st = select_prune_set(s.tensors, benign.tensors if cfg.p > 0 else None, s.method,
-                                       benign.method, q, cfg.p, cfg.scope)
+        sets[g], st = select_prune_set(s.tensors, benign.tensors if needs_benign(cfg) else None, s.method,
+                                       benign.method, q, cfg.p, cfg.scope, selection=cfg.selection)
         stats[g] = {k: st[k] for k in ("total_pruned", "total_numel", "total_fraction", "per_module_type")}
         stats[g]["warnings"] = st["warnings"]
     return sets, stats

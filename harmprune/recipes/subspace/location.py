@@ -23,7 +23,7 @@ from .checkpoints import TensorReader
 
 
 def btap_set(model, tok, harmful: str, benign: str, nsamples: int, q: float, p: float, seed: int, fmt: str,
-             max_length: int, batch_size: int) -> tuple[dict, dict]:
+             max_length: int, batch_size: int, selection: str = "difference") -> tuple[dict, dict]:
     """B-TAP's harm-specific mask on the loaded model (snip on harmful, snip-abs on benign) and its record."""
     info = {}
     scores = {}
@@ -37,8 +37,9 @@ def btap_set(model, tok, harmful: str, benign: str, nsamples: int, q: float, p: 
                        "tokens": stats["tokens"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PruneWarning)
-        mask, st = select_prune_set(scores["harm"], scores["benign"], "snip", "snip-abs", q, p, "matrix")
-    info.update(q=q, p=p, scope="matrix", total_pruned=st["total_pruned"], total_numel=st["total_numel"],
+        mask, st = select_prune_set(scores["harm"], scores["benign"], "snip", "snip-abs", q, p, "matrix",
+                                    selection=selection)
+    info.update(q=q, p=p, scope="matrix", selection=selection, total_pruned=st["total_pruned"], total_numel=st["total_numel"],
                 warnings=st["warnings"])
     return mask, info
 

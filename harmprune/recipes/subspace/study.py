@@ -40,7 +40,8 @@ from ...core import validate
 from ...core.models import resolve_device
 from ...core.options import (PAPER_ETAS, PAPER_RHOS, EvalBenignOptions, EvalHarmOptions, HarmJudgeOptions,  # noqa: F401
                              LimitOptions, NewTokensOptions, NSamplesOptions, OutputOptions, PairOptions, PassOptions,
-                             RuntimeOptions, SeedOptions, SelectionOptions, SubspaceOptions, TargetOptions)
+                             RuntimeOptions, SeedOptions, SelectionOptions, SubspaceOptions, TargetOptions,
+                             check_selection)
 from .overlap import weight_overlap
 from .project import FactorCache, apply_projection, check_parameters, restore_aligned
 
@@ -88,6 +89,7 @@ class StudyConfig(PairOptions, SubspaceOptions, TargetOptions, EvalHarmOptions, 
 
     def __post_init__(self):
         self.device = resolve_device(self.device)  # SVDs and tensors go straight to it
+        check_selection(self)  # (the study selects per matrix)
         validate.check_device(self.device)
         if self.full_grid:
             self.rho, self.eta = list(PAPER_RHOS), list(PAPER_ETAS)
@@ -224,7 +226,7 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
 
             t = time.perf_counter()
             mask, results["btap"] = btap_set(model, tok, cfg.harmful_data, cfg.useful_data, cfg.nsamples, cfg.q, cfg.p,
-                                             cfg.seed, "auto", cfg.max_length, cfg.batch_size)
+                                             cfg.seed, "auto", cfg.max_length, cfg.batch_size, cfg.selection)
             loc, rand, largest = locate(mask, base, aligned, cache, cfg.rho, cfg.seed, cfg.device)
             results["location"] = {**loc, "btap_vs_largest_v": set_overlap(mask, largest)}
             results["reverse"] = {}
