@@ -79,6 +79,54 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- replayable settings
+
+CONFIG_YAML = "config.yaml"
+
+
+def write_config(out_dir: str | os.PathLike, command: str, *settings, **overrides) -> Path:
+    """Write ``out_dir/config.yaml``: every field of the command's settings objects (``to_dict``, in
+    order; ``overrides`` last, e.g. the resolved ``out``), so ``harmprune COMMAND --config FILE``
+    replays the run. Returns the file's path."""
+    import yaml
+
+    from .settings import to_dict
+
+    data: dict = {}
+    for s in settings:
+        data.update(to_dict(s))
+    data.update(overrides)
+    data = json.loads(json.dumps(data, default=str))  # plain YAML: tuples as lists, paths as strings
+    path = Path(out_dir) / CONFIG_YAML
+    path.write_text(f"# harmprune {command}: the run's resolved settings; replay with\n"
+                    f"#   harmprune {command} --config {CONFIG_YAML}  (flags you type override these)\n"
+                    + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The settings of a ``--config`` file: a YAML mapping of setting names (``max_length`` or
+    ``max-length``) to values. A missing, unreadable or malformed file is a one-line HarmpruneError."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise HarmpruneError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise HarmpruneError(f"--config {path}: is a directory (give its {CONFIG_YAML})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HarmpruneError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise HarmpruneError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise HarmpruneError(f"--config {path}: expected a YAML mapping of setting names to values "
+                             f"(a run's {CONFIG_YAML}), got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
 # ---------------------------------------------------------------- atomic output directories
 
 _REPORTED: set[Path] = set()

@@ -128,7 +128,9 @@ def prune(cfg: PruneConfig) -> Path:
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope,
                                    cfg.control, cfg.seed, weights)
-    return prune_loaded(cfg, handle, harm, benign, mask, stats, dtype=dtype)
+    out = prune_loaded(cfg, handle, harm, benign, mask, stats, dtype=dtype)
+    manifest.write_config(out, "prune", cfg)  # replay: harmprune prune --config
+    return out
 
 
 def prune_loaded(cfg: PruneConfig, handle: ModelHandle, harm: Scores, benign: Scores | None, mask: dict,
