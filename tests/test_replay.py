@@ -49,9 +49,12 @@ def test_pipeline_replay_reproduces_the_mask(run, tmp_path, capsys):
     assert cli.main(["pipeline", "--config", str(cfg_file), "--out", str(other), "--overwrite"]) == 0
     assert "settings from" in capsys.readouterr().err
     assert _mask_sha(other) == _mask_sha(run)
-    # the replay writes the same settings, but for what was typed (--out, --overwrite)
+    # the replay writes the same settings, but for the --out typed (--overwrite is never written: a replay
+    # without --out refuses to replace the run it reads)
     again = yaml.safe_load((other / CONFIG_YAML).read_text())
-    assert again == {**settings, "out": str(other), "overwrite": True}
+    assert again == {**settings, "out": str(other)}
+    assert cli.main(["pipeline", "--config", str(cfg_file)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
 
     # a typed flag wins over the file
     third = tmp_path / "q05"

@@ -84,10 +84,10 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 CONFIG_YAML = "config.yaml"
 
 
-def write_config(out_dir: str | os.PathLike, command: str, *settings, **overrides) -> Path:
-    """Write ``out_dir/config.yaml``: every field of the command's settings objects (``to_dict``, in
-    order; ``overrides`` last, e.g. the resolved ``out``), so ``harmprune COMMAND --config FILE``
-    replays the run. Returns the file's path."""
+def config_text(command: str, *settings, **overrides) -> str:
+    """The text of a run's ``config.yaml``: every field of the command's settings objects (``to_dict``,
+    in order; ``overrides`` last, e.g. the resolved ``out``; ``overwrite`` always false), so
+    ``harmprune COMMAND --config FILE`` replays the run."""
     import yaml
 
     from .settings import to_dict
@@ -96,11 +96,21 @@ def write_config(out_dir: str | os.PathLike, command: str, *settings, **override
     for s in settings:
         data.update(to_dict(s))
     data.update(overrides)
+    if "overwrite" in data:
+        # how the run was written, not what it holds: false, so a replay replaces a run only when
+        # --overwrite is typed, and a rerun with --overwrite writes the same bytes
+        data["overwrite"] = False
     data = json.loads(json.dumps(data, default=str))  # plain YAML: tuples as lists, paths as strings
+    return (f"# harmprune {command}: the run's resolved settings; replay with\n"
+            f"#   harmprune {command} --config {CONFIG_YAML}  (flags you type override these)\n"
+            + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def write_config(out_dir: str | os.PathLike, command: str, *settings, **overrides) -> Path:
+    """Write ``out_dir/config.yaml`` (:func:`config_text`); returns its path. Recipes call it on the
+    temporary directory of their ``atomic_dir`` where they have one, so the file is published with the run."""
     path = Path(out_dir) / CONFIG_YAML
-    path.write_text(f"# harmprune {command}: the run's resolved settings; replay with\n"
-                    f"#   harmprune {command} --config {CONFIG_YAML}  (flags you type override these)\n"
-                    + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    path.write_text(config_text(command, *settings, **overrides))
     return path
 
 

@@ -191,6 +191,7 @@ def apply_mask_stage(cfg: ApplyMaskConfig) -> Path:
         "versions": manifest.versions(),
     }
     out = save_checkpoint(cfg.out, model, original_tokenizer(cfg.model), mask, config, cfg.overwrite)
+    manifest.write_config(out, "apply-mask", cfg)  # replay: harmprune apply-mask --config
     _summary(stats, out, "pruned")
     return out
 
