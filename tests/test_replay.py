@@ -1,6 +1,8 @@
 """Issue 23, acceptance 3: a run writes its resolved settings (config.yaml) and ``--config`` replays it,
 flags typed on the command line winning; a bad file is one error line before anything loads."""
 
+import argparse
+import dataclasses
 import json
 
 import pytest
@@ -143,3 +145,25 @@ def test_values_are_read_as_the_flags_would_parse_them(tmp_path, monkeypatch):
     assert got["targets"] == ["q_proj", "v_proj"] and got["nsamples"] == 7
     # a preset named in the file is already resolved into its values: it is not applied again
     assert got["preset"] == "btap-llama3.1-8b" and got["model"] != "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize("cmd", cli.COMMANDS, ids=lambda c: c.name)
+def test_every_commands_settings_read_back(cmd, tmp_path, monkeypatch):
+    """The file any command writes (every field of its settings classes) is read back by that command's
+    --config unchanged: its fields are its flags, and each value parses as the flag would."""
+    parser = cli.build_parser()
+    leaf = parser
+    for word in cmd.name.split():
+        leaf = next(a for a in leaf._actions if a.__class__.__name__ == "_SubParsersAction").choices[word]
+    actions = [a for a in leaf._actions if a.option_strings and a.dest not in ("help", "config")
+               and a.default is not argparse.SUPPRESS]
+    settings = {a.dest: ((a.choices or ["x"])[0] if a.required else a.default) for a in actions}
+    fields = {f.name for c in cmd.configs for f in dataclasses.fields(c) if f.init} - set(cmd.positional)
+    assert fields == set(settings)
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(settings))
+    seen = {}
+    _stub_check(monkeypatch, seen)
+    with pytest.raises(Stop):
+        cli.main([*cmd.name.split(), *(["run1"] if cmd.positional else []), "--config", str(f)])
+    assert {k: seen[k] for k in settings} == settings

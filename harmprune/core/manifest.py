@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -93,8 +94,9 @@ def config_text(command: str, *settings, **overrides) -> str:
     from .settings import to_dict
 
     data: dict = {}
-    for s in settings:
-        data.update(to_dict(s))
+    for s in settings:  # the fields the command line has (dataclasses.fields: init, no leading _)
+        cli = {f.name for f in dataclasses.fields(s) if f.init and not f.name.startswith("_")}
+        data.update({k: v for k, v in to_dict(s).items() if k in cli})
     data.update(overrides)
     if "overwrite" in data:
         # how the run was written, not what it holds: false, so a replay replaces a run only when
