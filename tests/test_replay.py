@@ -167,3 +167,16 @@ def test_every_commands_settings_read_back(cmd, tmp_path, monkeypatch):
     with pytest.raises(Stop):
         cli.main([*cmd.name.split(), *(["run1"] if cmd.positional else []), "--config", str(f)])
     assert {k: seen[k] for k in settings} == settings
+
+
+def test_eval_replay_gives_the_same_results(tiny_ckpt, tmp_path):
+    """Every eval writes config.yaml through run_eval: eval recognition replayed gives the same samples."""
+    data = tmp_path / "rec.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"request {i}", "label": "harmful" if i % 2 else "benign"}) + "\n"
+                            for i in range(8)))
+    first, second = tmp_path / "rec1", tmp_path / "rec2"
+    assert cli.main(["eval", "recognition", "--model", tiny_ckpt, "--recognition-data", str(data), "--limit", "4",
+                     "--out", str(first)]) == 0
+    assert yaml.safe_load((first / CONFIG_YAML).read_text())["limit"] == 4
+    assert cli.main(["eval", "recognition", "--config", str(first / CONFIG_YAML), "--out", str(second)]) == 0
+    assert (second / "samples.jsonl").read_text() == (first / "samples.jsonl").read_text()
