@@ -18,6 +18,7 @@ from typing import Callable
 from .attribution.score import ScoreConfig, score
 from .core import manifest, validate
 from .core.errors import HarmpruneError
+from .core.options import ConfigOptions
 from .core.settings import add_arguments, add_deprecated, check_values, from_namespace
 from .evals.compare import CompareConfig, compare
 from .evals.em import EMConfig, eval_em
@@ -173,10 +174,84 @@ def add_command(sub, cmd: Command, name: str) -> argparse.ArgumentParser:
     for cls in cmd.configs:  # a field two classes share comes from the same group: add it once
         add_arguments(p, cls, skip=tuple(added), deprecated=False)
         added |= {f.name for f in dataclasses.fields(cls)}
+    add_arguments(p, ConfigOptions, skip=tuple(added), deprecated=False)  # --config: every command, one meaning
     for cls in cmd.configs:
         add_deprecated(p, cls, skip=cmd.positional)
     p.set_defaults(func=_runner(cmd))
     return p
+
+
+def _setting(action: argparse.Action, key: str, value, path: str):
+    """``value`` of a ``--config`` file as the option ``action`` would have parsed it (or a one-line error)."""
+    def bad(why: str):
+        return HarmpruneError(f"--config {path}: {key}: {why}, got {value!r}")
+
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
+        return value
+
+    def one(v):
+        tp = action.type or str
+        if isinstance(v, (list, dict, bool)) or (tp is int and isinstance(v, float) and not v.is_integer()):
+            raise bad(f"expected {'one ' if action.nargs in ('+', '*') else ''}{tp.__name__}")
+        try:
+            v = tp(v)
+        except (TypeError, ValueError):
+            raise bad(f"expected {tp.__name__}") from None
+        if action.choices is not None and v not in action.choices:
+            raise bad(f"expected one of {', '.join(map(str, action.choices))}")
+        return v
+
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            raise bad("expected a list")
+        return [one(v) for v in value]
+    return one(value)
+
+
+def apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, ns: argparse.Namespace) -> set[str]:
+    """Fill ``ns`` from the ``--config`` file under the flags the user typed (as a preset: the file's
+    values become the command's defaults, then what was typed wins); returns the typed settings.
+    Unknown settings and values of the wrong type are one-line errors, before anything loads."""
+    from .recipes.presets import explicit_flags, leaf_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = ns.config
+    values = manifest.read_config(path)
+    leaf, rest, words = leaf_parser(parser, argv)
+    actions = {a.dest: a for a in leaf._actions  # hidden old flag names (default SUPPRESS) are not settings
+               if a.dest not in (argparse.SUPPRESS, "help", "config") and a.default is not argparse.SUPPRESS}
+    unknown = [k for k in values if k not in actions]
+    if unknown:
+        raise HarmpruneError(f"--config {path}: not settings of `harmprune {words}`: "
+                             + ", ".join("--" + k.replace("_", "-") for k in unknown))
+    values = {k: _setting(actions[k], k, v, path) for k, v in values.items()}
+    typed = explicit_flags(leaf, rest)
+    leaf.set_defaults(**values)  # a --preset typed on top resolves against the file's values
+    for k, v in values.items():
+        if k not in typed:
+            setattr(ns, k, v)
+    over = sorted("--" + k.replace("_", "-") for k in typed if k in values and k != "config")
+    print(f"harmprune: {len(values)} settings from {path}" + (f"; given: {' '.join(over)}" if over else ""),
+          file=sys.stderr)
+    return typed
+
+
+def relax_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[argparse.Action]:
+    """When ``--config`` is typed, its file may give the command's required options: they stop being
+    required to argparse, and :func:`apply_config` checks them after reading the file."""
+    from .recipes.presets import leaf_parser
+
+    leaf, rest, _ = leaf_parser(parser, argv)
+    if leaf is parser or not any(t == "--config" or t.startswith("--config=") for t in rest):
+        return []
+    relaxed = [a for a in leaf._actions if a.required and a.option_strings]
+    for a in relaxed:
+        a.required = False
+    return relaxed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,12 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     manifest.install_signal_handlers()  # SIGTERM/SIGHUP clean up like Ctrl-C
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    relaxed = relax_required(parser, argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        if getattr(args, "preset", None) is not None:
+        preset_given = True
+        if getattr(args, "config", None) is not None:
+            # a preset named in the file is already resolved into its values: apply only a typed one
+            preset_given = "preset" in apply_config(parser, argv, args)
+            for a in relaxed:
+                if getattr(args, a.dest, None) is None:
+                    raise HarmpruneError(f"{a.option_strings[0]} is required (on the command line or in --config)")
+        if getattr(args, "preset", None) is not None and preset_given:
             if not args.preset.strip():
                 raise HarmpruneError("--preset needs a name (list: harmprune.recipes.presets); leave it out for none")
             from .recipes.presets import apply_preset

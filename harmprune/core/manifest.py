@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -77,6 +78,65 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise HarmpruneError(f"{out} exists and is not empty; pass --overwrite to replace it")
     clean_stale_siblings(out)
     return out
+
+
+# ---------------------------------------------------------------- replayable settings
+
+CONFIG_YAML = "config.yaml"
+
+
+def config_text(command: str, *settings, **overrides) -> str:
+    """The text of a run's ``config.yaml``: every field of the command's settings objects (``to_dict``,
+    in order; ``overrides`` last, e.g. the resolved ``out``; ``overwrite`` always false), so
+    ``harmprune COMMAND --config FILE`` replays the run."""
+    import yaml
+
+    from .settings import to_dict
+
+    data: dict = {}
+    for s in settings:  # the fields the command line has (dataclasses.fields: init, no leading _)
+        cli = {f.name for f in dataclasses.fields(s) if f.init and not f.name.startswith("_")}
+        data.update({k: v for k, v in to_dict(s).items() if k in cli})
+    data.update(overrides)
+    if "overwrite" in data:
+        # how the run was written, not what it holds: false, so a replay replaces a run only when
+        # --overwrite is typed, and a rerun with --overwrite writes the same bytes
+        data["overwrite"] = False
+    data = json.loads(json.dumps(data, default=str))  # plain YAML: tuples as lists, paths as strings
+    return (f"# harmprune {command}: the run's resolved settings; replay with\n"
+            f"#   harmprune {command} --config {CONFIG_YAML}  (flags you type override these)\n"
+            + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def write_config(out_dir: str | os.PathLike, command: str, *settings, **overrides) -> Path:
+    """Write ``out_dir/config.yaml`` (:func:`config_text`); returns its path. Recipes call it on the
+    temporary directory of their ``atomic_dir`` where they have one, so the file is published with the run."""
+    path = Path(out_dir) / CONFIG_YAML
+    path.write_text(config_text(command, *settings, **overrides))
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The settings of a ``--config`` file: a YAML mapping of setting names (``max_length`` or
+    ``max-length``) to values. A missing, unreadable or malformed file is a one-line HarmpruneError."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise HarmpruneError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise HarmpruneError(f"--config {path}: is a directory (give its {CONFIG_YAML})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HarmpruneError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise HarmpruneError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise HarmpruneError(f"--config {path}: expected a YAML mapping of setting names to values "
+                             f"(a run's {CONFIG_YAML}), got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 # ---------------------------------------------------------------- atomic output directories

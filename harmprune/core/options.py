@@ -153,6 +153,15 @@ class PresetOptions:
 
 
 @dataclass(kw_only=True)
+class ConfigOptions:
+    """Added to every command by the CLI's command table (not a field of any settings class)."""
+
+    config: str | None = opt(None, help="replay a run: read its settings from the config.yaml it wrote (or any YAML "
+                                        "mapping of setting names to values); flags you type override them",
+                             role="input")
+
+
+@dataclass(kw_only=True)
 class CacheOptions:
     scores_dir: str = opt("scores", help="score cache directory (entries keyed by model hash, data hash, method "
                                          "and every scoring setting)", role="output")

@@ -77,6 +77,8 @@ def run_eval(task: EvalTask, cfg, gen=None, overwrite_own: bool = False) -> Path
     saved replies), which the finished run replaces.
     """
     t0 = time.perf_counter()
+    # the settings as given (prepare may fill some in): what `harmprune eval TASK --config` replays
+    replay = manifest.config_text(f"eval {task.name}", cfg, *([gen] if gen is not None else []))
     if not overwrite_own:
         manifest.check_out_dir(cfg.out, cfg.overwrite)
     prep = task.prepare(cfg, gen)
@@ -88,6 +90,7 @@ def run_eval(task: EvalTask, cfg, gen=None, overwrite_own: bool = False) -> Path
     doc = R.results_doc(config, out.results, model=out.model, data=prep.data, notes=out.notes,
                         wall_seconds=round(time.perf_counter() - t0, 3), **out.extra)
     text = report(f"harmprune eval {task.name}: {task.title}", out.model, prep.data, out.notes, out.body)
-    path = R.write_run(cfg.out, doc, out.samples, text, overwrite=cfg.overwrite or overwrite_own)
+    path = R.write_run(cfg.out, doc, out.samples, text, overwrite=cfg.overwrite or overwrite_own,
+                       extra_files={manifest.CONFIG_YAML: replay})
     print(R.results_table({k: v for k, v in out.results.items() if k.count("/") <= out.table_depth}))
     return path

@@ -130,7 +130,9 @@ def prune(cfg: PruneConfig) -> Path:
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope,
                                    cfg.control, cfg.seed, weights, selection=cfg.selection)
-    return prune_loaded(cfg, handle, harm, benign, mask, stats, dtype=dtype)
+    out = prune_loaded(cfg, handle, harm, benign, mask, stats, dtype=dtype)
+    manifest.write_config(out, "prune", cfg)  # replay: harmprune prune --config
+    return out
 
 
 def prune_loaded(cfg: PruneConfig, handle: ModelHandle, harm: Scores, benign: Scores | None, mask: dict,
@@ -191,6 +193,7 @@ def apply_mask_stage(cfg: ApplyMaskConfig) -> Path:
         "versions": manifest.versions(),
     }
     out = save_checkpoint(cfg.out, model, original_tokenizer(cfg.model), mask, config, cfg.overwrite)
+    manifest.write_config(out, "apply-mask", cfg)  # replay: harmprune apply-mask --config
     _summary(stats, out, "pruned")
     return out
 

@@ -262,5 +262,6 @@ def run_attack(cfg: AttackConfig) -> Path:
                          "wall_seconds": sw.seconds, "versions": manifest.versions()}
     with manifest.atomic_dir(out, overwrite=True) as tmp:
         table = write_headline(tmp, results, samples)
+        manifest.write_config(tmp, "attack", cfg, out=str(out))
     print(f"\n{cfg.attack} attack ({model_info['spec']}; --pruned {cfg.pruned})\n{table}")
     return out

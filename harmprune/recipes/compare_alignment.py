@@ -145,6 +145,7 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
                "models": models, "versions": manifest.versions()}
     with manifest.atomic_dir(out, cfg.overwrite) as tmp:
         manifest.write_json(tmp / "results.json", R._json_ready(results))
+        manifest.write_config(tmp, "compare-alignment", cfg, out=str(out))
         doc = manifest.read_json(tmp / "results.json")
         table = render(doc)
         (tmp / "table.md").write_text(table)

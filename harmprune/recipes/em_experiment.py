@@ -395,6 +395,7 @@ def run_em_experiment(cfg: EMExperimentConfig) -> Path:
         plot_harm(harm_rows, out / "harm_broad.png", f"{cfg.model} fine-tuned on {data}: harm in the other categories")
     (out / "report.md").write_text(experiment_report(cfg, rows, info, harm_rows, cats), encoding="utf-8")
     results = {f"em/{r['name']}": r for r in rows} | {f"harm_broad/{r['name']}": r for r in harm_rows}
+    manifest.write_config(out, "em-experiment", cfg, out=str(out))
     manifest.write_json(out / "experiment.json", R.results_doc(to_dict(cfg), results, **info, broad_categories=cats,
                                                                finetuned={a: str(p) for a, p in tuned.items()}))
     print(f"\n{rows_table(rows)}\n" + (f"\n{harm_table(harm_rows)}\n" if harm_rows else "")

@@ -169,6 +169,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                             p=cfg.p, out=str(out), model=cfg.model, scope=cfg.scope, seed=cfg.seed,
                             overwrite=cfg.overwrite, dtype=cfg.dtype, device=handle.device)
     prune_loaded(prune_cfg, handle, harm, benign, mask, stats, extra={"before_after": table})
+    manifest.write_config(out, "pipeline", cfg, out=str(out))  # replay: harmprune pipeline --config
     text = format_table(rows)
     print(f"\nheld-out NLL ({measured['harmful']} harmful, {measured['benign']} benign; nats/token)\n{text}")
     (out / "before_after.md").write_text("```\n" + text + "\n```\n")

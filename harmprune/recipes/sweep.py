@@ -140,6 +140,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
         plot(rows, base, tmp / "sweep.png", f"{model_name(cfg.model)}: {cfg.method} harm vs {cfg.benign_method} "
              f"benign, scope {cfg.scope}, held-out {len(harm_rows)}+{len(benign_rows)}")
         (tmp / "sweep.md").write_text(markdown_table(rows, best))
+        manifest.write_config(tmp, "sweep", cfg, out=str(out))
         manifest.write_json(tmp / "sweep.json", {"config": to_dict(cfg), "model_hash": handle.hash, "base": base,
                                                  "rows": rows, "recommended": best, "versions": manifest.versions()})
     print(f"harmprune: sweep written to {out}")

@@ -303,5 +303,6 @@ def ablate(cfg: AblateConfig) -> Path:
         results["figures"] = figures
         manifest.write_json(tmp / "results.json", results)
         (tmp / "report.md").write_text(report.render(results))
+        manifest.write_config(tmp, "ablate", cfg, out=str(out))
     print(f"harmprune: ablation written to {out} ({timing['total'] / 60:.1f} min)")
     return out

@@ -170,6 +170,7 @@ def run_activations(cfg: ActivationsConfig) -> Path:
                                                f"activation MSO, mean over blocks {res['layers']}")]
         results["wall_seconds"] = time.perf_counter() - t0
         manifest.write_json(tmp / "results.json", results)
+        manifest.write_config(tmp, "subspace activations", cfg)
     for pair, pts in res["mean"].items():
         mid = pts[len(pts) // 2]
         print(f"harmprune: {pair}: MSO {mid['mso'] if mid['mso'] is None else round(mid['mso'], 3)} at eta "

@@ -93,6 +93,7 @@ def run_overlap(cfg: OverlapConfig) -> Path:
         results["figures"] = [plots.weight_mso_figure(res, tmp / "mso_weights.png")]
         results["wall_seconds"] = time.perf_counter() - t0
         manifest.write_json(tmp / "results.json", results)
+        manifest.write_config(tmp, "subspace overlap", cfg)
     for pair in PAIRS:
         pts = res["overall"][pair]["all"]
         mid = pts[len(pts) // 2]

@@ -221,6 +221,7 @@ def run_project(cfg: ProjectConfig) -> Path:
             results["figures"] = [plots.energy_figure(results["energy_curve"], tmp / "energy_kept.png",
                                                       f"energy of the update kept ({Path(cfg.finetuned).name})")]
             manifest.write_json(tmp / "results.json", results)
+            manifest.write_config(tmp, "subspace project", cfg)
     print(f"harmprune: projected checkpoint written to {cfg.out}")
     return Path(cfg.out)
 

@@ -244,6 +244,7 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
         results["figures"] = figures(results, tmp) if cfg.figures else []
         manifest.write_json(tmp / "results.json", results)
         (tmp / "report.md").write_text(report.render(results))
+        manifest.write_config(tmp, "subspace study", cfg, out=str(out))
     print(f"harmprune: subspace study written to {out} ({timing['total'] / 60:.1f} min, "
           f"{evaluate.calls} evaluations)")
     return out
