@@ -57,7 +57,7 @@ HEADLINE_TOKENS ?= 48
 HEADLINE_JUDGE ?= keyword,classifier
 JUDGE_DEVICE ?= auto
 HEADLINE_ARGS = --headline --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --limit $(HEADLINE_LIMIT) \
-  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size 8
+  --max-new-tokens $(HEADLINE_TOKENS)
 HARM ?= harmful
 BENIGN ?= benign
 BENIGN_METHOD ?= snip-abs

@@ -271,7 +271,9 @@ class NewTokensOptions:
 
 @dataclass(kw_only=True)
 class GenBatchOptions:
-    gen_batch_size: int = opt(8, help="prompts per generation batch", deprecated=("--batch-size",))
+    gen_batch_size: int = opt(0, help="prompts per generation batch; 0 = the device's default (32 on a CPU, 64 on "
+                                      "CUDA: evals.backends.default_batch_size); greedy replies do not depend on it",
+                              deprecated=("--batch-size",))
 
 
 @dataclass(kw_only=True)
@@ -385,7 +387,8 @@ def check_scoring(o: ScoringOptions) -> None:
 
 
 def check_sampling(o: SamplingOptions) -> None:
-    check_min(o, 1, "max_new_tokens", "n", "gen_batch_size")
+    check_min(o, 1, "max_new_tokens", "n")
+    check_min(o, 0, "gen_batch_size")
     check_min(o, 0, "temperature")
     check(0 < o.top_p <= 1, "--top-p must be in (0, 1]")
 

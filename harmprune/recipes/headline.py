@@ -57,7 +57,9 @@ class HeadlineConfig:
     xstest_judge: str = opt("keyword:gcg", help="refusal judge of the XSTest safe prompts")
     prefill: int = opt(10, help="prefill attack: force the first K tokens of the harmful reference reply")
     max_new_tokens: int = opt(64, help="new tokens per reply (after any prefill)")
-    batch_size: int = opt(8, help="prompts per generation / NLL batch")
+    batch_size: int = opt(8, help="samples per benign NLL / corpus perplexity batch")
+    gen_batch_size: int = opt(0, help="prompts per generation batch (0 = the device's default, "
+                                      "evals.backends.default_batch_size)")
     max_length: int = opt(256, help="max tokens per benign NLL sample")
     corpus_tokens: int = opt(8192, help="corpus tokens scored for perplexity (0 = all)")
     block_size: int = opt(256, help="tokens per corpus block")
@@ -68,6 +70,7 @@ class HeadlineConfig:
         check(self.prefill >= 1, "--prefill must be >= 1 (the attack forces at least one token)")
         check(self.max_new_tokens >= 1 and self.batch_size >= 1 and self.n_boot >= 10,
               "--max-new-tokens, --batch-size must be >= 1 and --n-boot >= 10")
+        check(self.gen_batch_size >= 0, "--gen-batch-size must be 0 (the device's default) or positive")
 
 
 @dataclass
@@ -111,7 +114,8 @@ def stop_metrics(samples: list[dict], n_boot: int, seed: int) -> dict:
 
 
 def _gen(cfg: HeadlineConfig, prefill: int = 0) -> GenConfig:
-    return GenConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.batch_size, prefill=prefill, seed=cfg.seed)
+    return GenConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size, prefill=prefill,
+                     seed=cfg.seed)
 
 
 def judged_harm(model, tok, records: list[Record], judges: list, cfg: HeadlineConfig, attack: str) -> tuple[dict, list]:
@@ -320,10 +324,12 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
 
 def config_from(o, **overrides) -> HeadlineConfig:
     """A :class:`HeadlineConfig` from a recipe's options (``--judge``, ``--prefill-attack``,
-    ``--max-new-tokens``, ``--gen-batch-size``, ``--max-length``, ``--seed``)."""
+    ``--max-new-tokens``, ``--gen-batch-size``, ``--max-length``, ``--seed``). ``--gen-batch-size`` 0
+    (auto) lets generation pick the device's batch and leaves the NLL / perplexity batch at 8; a given
+    value sets both, as before."""
     return HeadlineConfig(**{"judges": o.judge, "prefill": o.prefill_attack, "max_new_tokens": o.max_new_tokens,
-                             "batch_size": o.gen_batch_size, "max_length": o.max_length, "seed": o.seed,
-                             **overrides})
+                             "batch_size": o.gen_batch_size or 8, "gen_batch_size": o.gen_batch_size,
+                             "max_length": o.max_length, "seed": o.seed, **overrides})
 
 
 __all__ = ["HeadlineConfig", "HeadlineData", "measure_masks", "measure_variant", "render_table", "write_headline",
