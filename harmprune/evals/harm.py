@@ -19,6 +19,7 @@ than 5 words. B-TAP's judge reads the whole reply (``harm/<judge>``, the ``full`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -122,18 +123,24 @@ def aggregate(samples: list[dict], judges: list[str], task: str = "harm") -> dic
     return out
 
 
-def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS)) -> None:
+def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS), memo: dict | None = None) -> None:
     """Fill ``samples[i][verdict_key(view)][judge.name]`` in place for each view whose text a sample
     has (a sample without a prefill has no continuation or prefix view). Identical (prompt, text) pairs
-    are judged once: judges are deterministic, and the prefix repeats across samples of one prompt."""
+    are judged once: judges are deterministic, and the prefix repeats across samples of one prompt.
+    ``memo``: ``{(judge name, prompt, text): verdict dict}`` shared between calls (e.g. the variants
+    of one headline run: the forced prefix and many unchanged replies recur), read and filled here."""
+    memo = {} if memo is None else memo
     for view in views:
         field, key = VIEWS[view], verdict_key(view)
         rows = [s for s in samples if isinstance(s.get(field), str)]
         pairs = list(dict.fromkeys((s["prompt"], s[field]) for s in rows))
         for j in judges:
-            got = dict(zip(pairs, judge_all(j, [p for p, _ in pairs], [t for _, t in pairs])))
+            new = [pt for pt in pairs if (j.name, *pt) not in memo]
+            if new:
+                for pt, v in zip(new, judge_all(j, [p for p, _ in new], [t for _, t in new])):
+                    memo[(j.name, *pt)] = v.to_dict()
             for s in rows:
-                s.setdefault(key, {})[j.name] = got[(s["prompt"], s[field])].to_dict()
+                s.setdefault(key, {})[j.name] = copy.deepcopy(memo[(j.name, s["prompt"], s[field])])
 
 
 def generate_samples(model, tok, records, gen: GenConfig) -> list[dict]:
