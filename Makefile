@@ -46,7 +46,9 @@ score: install
 # prompts without and under the 10-token prefill attack (full reply, continuation only, prefix floor, stop rate), XSTest safe compliance, corpus perplexity, with
 # 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
 # tokens add ~14 min on 2 busy cores to the NLL run (~20-30 min in all, cold; 19 min 23 s measured on a quiet
-# CPU); HEADLINE_LIMIT=0 = all 19 distinct harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned
+# CPU, before issue 25: generation now runs at the device's default batch, 32 on a CPU, and the judged replies
+# are cached in gencache/, so a re-run with another Q or P generates only the pruned model and the control);
+# HEADLINE_LIMIT=0 = all 19 distinct harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned
 # builds it into ~/.cache/harmprune (~15 min).
 PRUNE_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
@@ -101,7 +103,7 @@ bench: install
 	$(PY) bench/attribution.py
 
 clean:
-	rm -rf out scores results
+	rm -rf out scores results gencache
 
 # Emergent-misalignment experiment (docs/em.md): original / harm-pruned / random control, each fine-tuned
 # on DATA (default: the shipped insecure-code set), then `eval em` of all six models.

@@ -157,6 +157,14 @@ class CacheOptions:
 
 
 @dataclass(kw_only=True)
+class GenCacheOptions:
+    gen_cache_dir: str = opt("auto", help="judged-generation cache (evals/gencache.py): replies and verdicts keyed by "
+                                          "the (masked) model's hash, the prompts, every generation setting and the "
+                                          "judge, re-used by later runs; auto = gencache/ beside --scores-dir; "
+                                          "off = no cache")
+
+
+@dataclass(kw_only=True)
 class MethodOptions:
     method: str = opt("snip", help="attribution method (of the harmful data where there are two): snip = signed "
                                    "W*sum grad (most negative = most helpful), snip-abs = |W|*sum|grad|, "
