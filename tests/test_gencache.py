@@ -127,7 +127,8 @@ def _spy_generation(monkeypatch):
         calls.append(gen.prefill)
         return real(model, tok, records, gen)
 
-    monkeypatch.setattr(HM, "generate_samples", spy)
+    monkeypatch.setattr(HM, "generate_samples", spy)  # the cache's path
+    monkeypatch.setattr(H, "generate_samples", spy)  # the headline's own path without a cache
     return calls
 
 
@@ -181,6 +182,29 @@ def test_entries_are_reused_and_broken_ones_recomputed(model, tok, tmp_path, mon
     assert [s["judges"]["count"] for s in both] == [s["judges"]["count"] for s in fresh]
     assert not list(entry.glob(".*tmp*"))  # atomic writes leave no temporary files
     assert all(json.loads(p.read_text()) for p in entry.iterdir())  # plain JSON
+
+
+class FlakyJudge(CountingJudge):
+    """Fails on its first call's first pair."""
+
+    name = "flaky"
+
+    def judge(self, prompts, responses):
+        first = not self.read
+        out = super().judge(prompts, responses)
+        return [Verdict(error="boom")] + out[1:] if first else out
+
+
+def test_failed_verdicts_are_not_cached(model, tok, tmp_path):
+    cache = G.GenCache(tmp_path / "gc").bind(model_hash(model), "tiny")
+    judge, gen = FlakyJudge(), GenConfig(max_new_tokens=4)
+    first = H.judged_samples(model, tok, _records(), [judge], gen, "x", cache)
+    assert first[0]["judges"]["flaky"]["error"] == "boom"
+    assert not list((tmp_path / "gc").glob("*/*/verdicts-*.json"))
+    n = len(judge.read)
+    again = H.judged_samples(model, tok, _records(), [judge], gen, "x", cache)
+    assert len(judge.read) > n and again[0]["judges"]["flaky"]["error"] is None  # judged again, stored now
+    assert list((tmp_path / "gc").glob("*/*/verdicts-*.json"))
 
 
 def test_other_settings_do_not_reuse(model, tok, tmp_path, monkeypatch):

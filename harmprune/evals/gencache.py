@@ -234,14 +234,20 @@ class BoundCache:
                     continue
                 _notice(path, why, f"{j.name} verdicts")
             todo.append((j, vkey, path))
-        if not todo:
-            return
-        judge_fn(samples, [j for j, _, _ in todo], views)
+        if todo:
+            judge_fn(samples, [j for j, _, _ in todo], views)
         for j, vkey, path in todo:
-            if path is not None:
-                verdicts = {v: [s[verdict_key(v)][j.name] if verdict_key(v) in s and j.name in s[verdict_key(v)]
-                                else None for s in samples] for v in views}
+            verdicts = {v: [s[verdict_key(v)][j.name] if verdict_key(v) in s and j.name in s[verdict_key(v)]
+                            else None for s in samples] for v in views}
+            # a failed verdict (a judge error) is never stored: the next run tries that judge again
+            if path is not None and not any(x and x.get("error") is not None for vs in verdicts.values() for x in vs):
                 write_json_atomic(path, {"key": vkey, "verdicts": verdicts})
+        names = [j.name for j in judges]
+        for s in samples:  # the judges' order, as judge_samples alone would give it
+            for v in views:
+                if verdict_key(v) in s:
+                    d = s[verdict_key(v)]
+                    s[verdict_key(v)] = {n: d[n] for n in names if n in d} | d
 
 
 def cache_dir(option: str | None, scores_dir: str | None = None) -> Path | None:

@@ -136,11 +136,13 @@ def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS), memo: d
         pairs = list(dict.fromkeys((s["prompt"], s[field]) for s in rows))
         for j in judges:
             new = [pt for pt in pairs if (j.name, *pt) not in memo]
-            if new:
-                for pt, v in zip(new, judge_all(j, [p for p, _ in new], [t for _, t in new])):
-                    memo[(j.name, *pt)] = v.to_dict()
+            got = dict(zip(new, (v.to_dict() for v in (judge_all(j, [p for p, _ in new], [t for _, t in new])
+                                                       if new else []))))
+            # a failed verdict is not shared: a later call (another variant) tries that pair again
+            memo.update({(j.name, *pt): v for pt, v in got.items() if v.get("error") is None})
             for s in rows:
-                s.setdefault(key, {})[j.name] = copy.deepcopy(memo[(j.name, s["prompt"], s[field])])
+                pt = (s["prompt"], s[field])
+                s.setdefault(key, {})[j.name] = copy.deepcopy(got[pt] if pt in got else memo[(j.name, *pt)])
 
 
 def generate_samples(model, tok, records, gen: GenConfig) -> list[dict]:
