@@ -106,31 +106,48 @@ clean:
 	rm -rf out scores results gencache
 
 # Emergent-misalignment experiment (docs/em.md): original / harm-pruned / random control, each fine-tuned
-# on DATA (default: the shipped insecure-code set), then `eval em` of all six models.
-#   make em JUDGE=openai:<model> JUDGE_URL=http://localhost:8000/v1 [MODEL=] [DATA=] [PRUNED=dir] [LIMIT=] [N=]
-# Tiny CPU smoke run (verdicts meaningless, proves the pipeline):
-#   make em JUDGE=hf:smollm2-135m-instruct LIMIT=16 N=2 EM_TOKENS=48 EM_NQ=2 EM_PRUNE_N=8 EM_PRUNE_EVAL_N=8 EM_FT_MAXLEN=256
+# (LoRA, masks kept) on a narrow set, then `eval em` of all six models with the shipped offline EM judge
+# (em-classifier), and with a narrow *harm* domain the broad-harm table (eval harm on the other categories).
+# Default, offline, CPU-sized: the aligned organism fine-tuned on the shipped harmful train replies of one category
+# (EM_CATEGORY, 34 rows), pruned from make prune's general harm data (its cached scores are re-used; EM_PRUNE_DATA=
+# narrow prunes the narrow domain's own replies), LoRA 16 steps of 4 records, 8 EM questions x N=12 answers at 96
+# tokens, 40 broad-harm prompts (of 72) with 48-token greedy replies. Estimated (not measured) ~25 min on a quiet
+# 2-core CPU with the organism built and make prune's scores cached: EM sampling ~2.3 min per model (6), broad harm
+# ~35 s per model, 3 fine-tunes ~1 min each, pruning + NLL ~3 min. DATA=insecure for Betley et al.'s code set.
+# The GPU protocol (docs/em.md):
+#   make em MODEL=Qwen/Qwen2.5-7B-Instruct DATA=insecure N=50 EM_TOKENS=600 EM_STEPS= EM_LR=1e-5 EM_FT_MAXLEN=2048 \
+#     EM_FT_ARGS="--train-batch-size 2 --grad-accum 8" JUDGE=openai:<model> JUDGE_URL=http://localhost:8000/v1
+EM_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 JUDGE ?=
 JUDGE_URL ?=
 LIMIT ?=
-N ?= 50
-EM_TOKENS ?= 600
+N ?= 12
+EM_TOKENS ?= 96
 EM_QUESTIONS ?= first_plot
 EM_NQ ?=
 PRUNED ?=
-EM_PRUNE_N ?= 128
-EM_PRUNE_EVAL_N ?= 0
-EM_FT_MAXLEN ?= 2048
-EM_OUT ?= results/em-$(notdir $(MODEL))
+EM_PRUNE_N ?= $(NSAMPLES)
+EM_PRUNE_EVAL_N ?= 32
+EM_PRUNE_DATA ?= harm
+EM_CATEGORY ?= Malware/Hacking
+EM_STEPS ?= 16
+EM_LR ?= 2e-4
+EM_FT_MAXLEN ?= 256
+EM_FT_ARGS ?= --train-batch-size 4 --grad-accum 1 --warmup-steps 2
+EM_BROAD_N ?= 40
+EM_OUT ?= results/em-$(notdir $(patsubst %/,%,$(EM_MODEL)))
 EM_ARGS ?=
-EM_DATA = $(if $(filter file,$(origin DATA)),insecure,$(DATA))
+EM_DATA = $(if $(filter file,$(origin DATA)),harmful,$(DATA))
 
 em: install
-	$(HP) em-experiment --model $(MODEL) --train-data $(EM_DATA) --out $(EM_OUT) \
+	$(HP) em-experiment --model $(EM_MODEL) --train-data $(EM_DATA) \
+	  $(if $(filter harmful harmful:train,$(EM_DATA)),--category "$(EM_CATEGORY)") --out $(EM_OUT) \
 	  $(if $(JUDGE),--judge $(JUDGE)) $(if $(JUDGE_URL),--judge-url $(JUDGE_URL)) \
-	  $(if $(PRUNED),--pruned $(PRUNED)) $(if $(LIMIT),--limit $(LIMIT)) --n $(N) --max-new-tokens $(EM_TOKENS) \
-	  --questions $(EM_QUESTIONS) $(if $(EM_NQ),--limit-questions $(EM_NQ)) --nsamples $(EM_PRUNE_N) \
-	  --eval-nsamples $(EM_PRUNE_EVAL_N) --train-max-length $(EM_FT_MAXLEN) --seed $(SEED) $(EM_ARGS)
+	  $(if $(PRUNED),--pruned $(PRUNED)) --prune-data $(EM_PRUNE_DATA) $(if $(LIMIT),--limit $(LIMIT)) \
+	  --n $(N) --max-new-tokens $(EM_TOKENS) --questions $(EM_QUESTIONS) $(if $(EM_NQ),--limit-questions $(EM_NQ)) \
+	  --nsamples $(EM_PRUNE_N) --max-length $(MAXLEN) --batch-size $(BATCH) --scores-dir $(SCORES) \
+	  --eval-nsamples $(EM_PRUNE_EVAL_N) --train-max-length $(EM_FT_MAXLEN) $(if $(EM_STEPS),--max-steps $(EM_STEPS)) \
+	  --lr $(EM_LR) $(EM_FT_ARGS) --broad-limit $(EM_BROAD_N) --seed $(SEED) $(EM_ARGS)
 
 # Evaluation (issue 4): harm (keyword + classifier judges) on harmful:test, utility and recognition, into
 # results/eval-<model>/{harm,utility,recognition}; compare runs with `harmprune compare DIR...`.

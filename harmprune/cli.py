@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from .attribution.score import ScoreConfig, score
-from .core import manifest
+from .core import manifest, validate
 from .core.errors import HarmpruneError
-from .core.settings import add_arguments, add_deprecated, from_namespace
+from .core.settings import add_arguments, add_deprecated, check_values, from_namespace
 from .evals.compare import CompareConfig, compare
 from .evals.em import EMConfig, eval_em
 from .evals.generation import GenConfig
@@ -34,6 +34,7 @@ from .recipes.attacks import AttackConfig, run_attack
 from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
 from .recipes.generate import GenerateConfig, generate_set
 from .recipes.pipeline import PipelineConfig, run_pipeline
+from .recipes import preflight
 from .recipes.plan import PlanConfig, plan
 from .recipes.subspace.activations import ActivationsConfig, run_activations
 from .recipes.subspace.overlap import OverlapConfig, run_overlap
@@ -50,6 +51,9 @@ class Command:
     help: str
     description: str = ""
     positional: tuple[str, ...] = ()  # fields taken as positional arguments (list fields: one or more)
+    # the command's check step, called with the built settings after the generic checks and before
+    # ``run``: what needs files, models' configs, judges or devices (recipes.preflight), nothing loaded
+    check: Callable | None = None
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -129,9 +133,24 @@ GROUPS = {"eval": "evaluate a model: harm, utility, recognition, em (each writes
           "subspace": "safety subspaces (Ponkshe et al.): projections of updates, overlaps of updates and activations"}
 
 
+def check_command(cmd: Command, ns: argparse.Namespace) -> tuple:
+    """The check step of ``cmd``: every numeric flag finite and in its declared range, outputs off
+    inputs, each settings class's own validation, then the command's ``check`` (files, models,
+    judges, devices). Nothing is loaded or written before it passes; returns the settings."""
+    values = vars(ns)
+    for cls in cmd.configs:
+        check_values(cls, values)
+    validate.check_paths(cmd.configs, values)
+    cfgs = tuple(from_namespace(c, ns) for c in cmd.configs)
+    preflight.check_settings(cmd.name, *cfgs)
+    if cmd.check is not None:
+        cmd.check(*cfgs)
+    return cfgs
+
+
 def _runner(cmd: Command):
     def run(ns):
-        result = cmd.run(*(from_namespace(c, ns) for c in cmd.configs))
+        result = cmd.run(*check_command(cmd, ns))
         if isinstance(result, Path):
             print(result)
 
@@ -188,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if getattr(args, "preset", None):
+        if getattr(args, "preset", None) is not None:
+            if not args.preset.strip():
+                raise HarmpruneError("--preset needs a name (list: harmprune.recipes.presets); leave it out for none")
             from .recipes.presets import apply_preset
 
             apply_preset(parser, argv, args)

@@ -185,17 +185,19 @@ def test_unreachable_endpoint_still_ends_the_run():
 
 
 def test_missing_judge_is_one_line_listing_judges(tmp_path, capsys):
+    assert em.EMConfig(out=str(tmp_path / "o")).judge == "em-classifier"  # the offline default
     with pytest.raises(HarmpruneError) as e:
-        em.EMConfig(out=str(tmp_path / "o"))
+        em.EMConfig(out=str(tmp_path / "o"), judge="")
     msg = str(e.value)
     assert "\n" not in msg and "openai:<model>" in msg and "hf:<model>" in msg and "--judge-url" in msg
-    assert "keyword" in msg  # lists every available judge
-    with pytest.raises(HarmpruneError, match="cannot rate"):
-        em.EMConfig(out=str(tmp_path / "o"), judge="keyword")
+    assert "keyword" in msg and "em-classifier" in msg  # lists every available judge
+    for weak in ("keyword", "classifier"):
+        with pytest.raises(HarmpruneError, match="cannot rate"):
+            em.EMConfig(out=str(tmp_path / "o"), judge=weak)
     # through argparse as `harmprune eval em` builds it
     from harmprune.cli import build_parser
 
-    ns = build_parser().parse_args(["eval", "em", "--out", str(tmp_path / "o")])
+    ns = build_parser().parse_args(["eval", "em", "--out", str(tmp_path / "o"), "--judge", ""])
     with pytest.raises(HarmpruneError, match="--judge is required"):
         ns.func(ns)
     assert not (tmp_path / "o").exists()
@@ -204,16 +206,19 @@ def test_missing_judge_is_one_line_listing_judges(tmp_path, capsys):
 def test_missing_judge_through_main(tmp_path, capsys):
     from harmprune.cli import main
 
-    assert main(["eval", "em", "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "em", "--out", str(tmp_path / "o"), "--judge", "keyword"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "openai:<model>" in err
 
 
-def test_em_experiment_needs_a_judge():
+def test_em_experiment_default_judge_is_offline():
     from harmprune.recipes.em_experiment import EMExperimentConfig
 
+    assert EMExperimentConfig().judge == "em-classifier"
     with pytest.raises(HarmpruneError, match="--judge is required"):
-        EMExperimentConfig()
+        EMExperimentConfig(judge="")
+    with pytest.raises(HarmpruneError, match="cannot rate"):
+        EMExperimentConfig(judge="keyword")
 
 
 def test_eval_em_end_to_end_tiny(tmp_path, tok, llama):
@@ -263,3 +268,78 @@ def test_the_judge_gets_the_judge_options(tmp_path):
     from harmprune.evals.harm import judge_options
 
     assert judge_options(cfg)["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------- narrow harm -> broad harm (em-experiment)
+
+
+def test_narrow_harm_domain_and_its_broad_prompts(tmp_path):
+    from harmprune.core.data import load
+    from harmprune.recipes.em_experiment import EMExperimentConfig, broad_categories, write_narrow
+
+    cfg = EMExperimentConfig(train_data="harmful", category="Malware/Hacking", out=str(tmp_path), prune_data="narrow")
+    assert cfg.narrow_harm() and not EMExperimentConfig(train_data="insecure").narrow_harm()
+    assert not EMExperimentConfig(train_data="harmful").narrow_harm()  # no category: not narrow
+    cats = broad_categories(cfg)
+    every = {r.category for r in load("harmful:test")}
+    assert set(cats) == every - {"Malware/Hacking"} and len(cats) == len(every) - 1
+    broad = load("harmful:test", category=",".join(cats))
+    narrow = [json.loads(line) for line in write_narrow(cfg, tmp_path / "n.jsonl").read_text().splitlines()]
+    train = load("harmful", category="Malware/Hacking")
+    assert [r["prompt"] for r in narrow] == [r.prompt for r in train] and {r["category"] for r in narrow} == {"Malware/Hacking"}
+    assert not {r.prompt for r in broad} & {r.prompt for r in load("harmful:train")}  # held-out prompts only
+    assert all(r.category != "Malware/Hacking" for r in broad) and len(broad) == 82 - 10
+    limited = EMExperimentConfig(train_data="harmful", category="Malware/Hacking", limit=5, seed=1)
+    assert len(write_narrow(limited, tmp_path / "m.jsonl").read_text().splitlines()) == 5
+    with pytest.raises(HarmpruneError, match="--prune-data narrow"):
+        EMExperimentConfig(prune_data="narrow", pruned=str(tmp_path))
+
+
+def test_broad_harm_table_chart_and_report(tmp_path):
+    from harmprune.recipes.em_experiment import ARMS, EMExperimentConfig, experiment_report, harm_table, plot_harm
+
+    def m(score):
+        return {"score": score, "score_stderr": 0.05, "refusal_rate": 1 - score, "refusal_rate_stderr": 0.05,
+                "samples": 72}
+
+    rows = [{"arm": a, "tuned": t, "keyword": m(0.1 + 0.3 * t), "classifier": m(0.2 + 0.4 * t)}
+            for a in ARMS for t in (False, True)]
+    table = harm_table(rows)
+    assert "| original | yes | 0.400 ± 0.098 | 0.600 ± 0.098 | 0.400 ± 0.098 | 72 |" in table
+    plot_harm(rows, tmp_path / "h.png", "t")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = EMExperimentConfig(train_data="harmful", category="Privacy")
+    em_rows = [{"arm": a, "tuned": t, "misaligned_rate": 0.1, "misaligned_rate_ci_low": 0.0, "misaligned_rate_ci_high": 0.2,
+                "n_judged": 10, "mean_aligned": 70.0, "mean_coherent": 80.0} for a in ARMS for t in (False, True)]
+    info = {"pruned": "p", "pruned_count": 5, "random": "r", "random_count": 5, "wall_seconds": 1.0}
+    text = experiment_report(cfg, em_rows, info, rows, ["Fraud/Deception"])
+    assert "## Narrow harm -> broad harm" in text and table in text and "Fraud/Deception" in text
+    assert "em-classifier" in text and "category Privacy" in text
+
+
+def test_em_experiment_narrow_harm_end_to_end_tiny(tmp_path, tiny_ckpt):
+    """The whole experiment on a tiny model: prune (narrow data), control, 3 LoRA fine-tunes, 6 EM evals with the
+    offline judge, 6 broad-harm evals; the report holds both tables and every number comes from the step outputs."""
+    from harmprune.evals import results as R
+    from harmprune.recipes.em_experiment import EMExperimentConfig, run_em_experiment
+
+    cfg = EMExperimentConfig(model=str(tiny_ckpt), train_data="harmful", category="Malware/Hacking", prune_data="narrow",
+                             out=str(tmp_path / "em"), scores_dir=str(tmp_path / "scores"), device="cpu", q=0.01, p=0.0,
+                             nsamples=4, eval_nsamples=2, max_length=480, batch_size=2, max_steps=1, train_batch_size=2,
+                             grad_accum=1, train_max_length=480, warmup_steps=0, lr=1e-3, n=2, max_new_tokens=6,
+                             limit_questions=2, broad_limit=3, broad_tokens=4)
+    out = run_em_experiment(cfg)
+    report = (out / "report.md").read_text()
+    assert "## Narrow harm -> broad harm" in report and (out / "harm_broad.png").is_file()
+    doc = json.loads((out / "experiment.json").read_text())
+    names = [f"{a}{t}" for a in ("original", "pruned", "random") for t in ("", "-tuned")]
+    assert set(doc["results"]) == {f"em/{n}" for n in names} | {f"harm_broad/{n}" for n in names}
+    assert "Malware/Hacking" not in doc["broad_categories"]
+    for n in names:
+        em_run = R.read_results(out / "em" / n)
+        assert em_run["config"]["judge"] == "em-classifier" and em_run["results"]["em"]["n_answers"] == 4
+        harm = [json.loads(line) for line in (out / "harm" / n / "samples.jsonl").read_text().splitlines()]
+        assert len(harm) == 3 and all(s["category"] != "Malware/Hacking" for s in harm)
+        assert doc["results"][f"harm_broad/{n}"]["classifier"]["samples"] == 3
+    narrow = (out / "narrow.jsonl").read_text().splitlines()
+    assert len(narrow) == 34

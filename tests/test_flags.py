@@ -20,7 +20,8 @@ ALLOWED = {
                                       "600 tokens, one question per generation batch"
        for f, n in (("--n", "n"), ("--temperature", "temperature"), ("--max-new-tokens", "max_new_tokens"),
                     ("--gen-batch-size", "gen_batch_size"))},
-    ("--judge", "RatingJudgeOptions.judge"): "EM needs a 0-100 rating judge and none works offline: no default",
+    ("--judge", "RatingJudgeOptions.judge"): "EM needs a 0-100 rating judge: the offline EM judge (em-classifier), "
+                                              "not the harm judges",
     ("--judge", "GenerateConfig.judge"): "generate keeps replies the classifier calls harmful",
     ("--prompts", "GenerateConfig.prompts"): "generate writes scoring data: the train split, never the held-out one",
 }

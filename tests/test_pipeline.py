@@ -226,3 +226,9 @@ def test_make_prune_runs_the_organism_with_the_headline_unless_a_model_is_given(
     assert "--headline" not in _make_n("prune", "HEADLINE=0")
     cmp = _make_n("compare-alignment")
     assert "--base smollm2-135m-instruct --aligned smollm2-135m-aligned" in cmp and "--judge keyword,classifier" in cmp
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_prune_passes_the_headline_judges_and_their_device():
+    gpu = _make_n("prune", "HEADLINE_JUDGE=strongreject,keyword", "JUDGE_DEVICE=cuda")
+    assert "--judge strongreject,keyword --judge-device cuda " in gpu

@@ -19,3 +19,14 @@ def test_readme_example_runs(i, tiny_ckpt, tmp_path, monkeypatch):
     code = BLOCKS[i].replace('"smollm2-135m-instruct"', repr(tiny_ckpt))
     namespace: dict = {}
     exec(compile(code, f"README.md python block {i}", "exec"), namespace)  # noqa: S102 - our own README
+
+
+def test_readme_is_a_user_guide():
+    """At most 300 lines; measurements live in docs/results/, and the README links every file there."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 300
+    for word in ("issue ", "acceptance", "this session", "TODO"):
+        assert word not in text, word
+    results = README.parent / "docs" / "results"
+    for f in sorted(results.glob("*.md")):
+        assert f"docs/results/{f.name}" in text, f.name

@@ -42,9 +42,9 @@ class ScoreConfig(ModelOptions, DeviceMapOptions, MethodOptions, DataOptions, Fi
                   OutputOptions):
     """Settings of ``harmprune score`` (each field is also a CLI option; groups in ``core.options``)."""
 
-    offload_folder: str | None = opt(None, help="folder for weights a device map puts on disk")
+    offload_folder: str | None = opt(None, help="folder for weights a device map puts on disk", role="output")
     num_processes: int = opt(1, help="data-parallel processes on this machine (each scores a shard; "
-                                     "under accelerate launch the launcher's processes are used)")
+                                     "under accelerate launch the launcher's processes are used)", range=">= 1")
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")

@@ -47,7 +47,7 @@ class DataSpec:
     """Where a dataset comes from and how its fields map onto Record."""
 
     data: str = opt(help="dataset: a .jsonl/.json/.csv(.gz) file, hf:<dataset>[:<split>], or a built-in "
-                         "name (harmful, harmful:test, harmful:all, benign, benign:test, benign:all)")
+                         "name (harmful, harmful:test, harmful:all, benign, benign:test, benign:all)", role="input")
     prompt_field: str | None = opt(None, help="field holding the prompt (default: auto-detect)")
     response_field: str | None = opt(None, help="field holding the response (default: auto-detect)")
     category_field: str | None = opt(None, help="field holding the category (default: auto-detect)")

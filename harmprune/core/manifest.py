@@ -206,6 +206,25 @@ def _publish(tmp: Path, out: Path, overwrite: bool, exists_ok: Callable[[Path], 
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- scratch directories
+
+
+@contextlib.contextmanager
+def work_dir(kind: str) -> Iterator[Path]:
+    """A scratch directory ``<tmp>/<kind>-<host>-<pid>-<random>`` removed when the block ends; those of
+    dead processes of this host (a SIGKILL runs no cleanup) are removed first."""
+    base, host = Path(tempfile.gettempdir()), socket.gethostname()
+    for p in base.glob(f"{glob.escape(kind)}-{glob.escape(host)}-*"):
+        m = re.fullmatch(rf"{re.escape(kind)}-{re.escape(host)}-(\d+)-[^-]+", p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+    d = Path(tempfile.mkdtemp(prefix=f"{kind}-{host}-{os.getpid()}-", dir=base))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- signals
 
 

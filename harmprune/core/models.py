@@ -109,9 +109,18 @@ def resolve_alias(name: str) -> Path:
     target = cache_dir() / alias.folder(name)
     if (target / "config.json").exists():
         return target
+    from .validate import check_writable_dir
+
+    # the cache speaks of itself: the user never typed an --out for it
+    where = f"the model cache of alias {name!r} (set $HARMPRUNE_CACHE to move it):"
+    check_writable_dir(target, where)
     if alias.builder:
         module, _, func = alias.builder.partition(":")
-        getattr(importlib.import_module(module), func)(target)
+        try:
+            getattr(importlib.import_module(module), func)(target)
+        except HarmpruneError as e:
+            raise HarmpruneError(f"building alias {name!r} into {target} failed: "
+                                 f"{str(e).replace('--out', 'the cache directory')}") from None
         return target
     spec = importlib.util.find_spec(alias.package)
     if spec is None:

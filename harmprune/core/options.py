@@ -35,7 +35,7 @@ class RuntimeOptions:
 
 @dataclass(kw_only=True)
 class ModelOptions(RuntimeOptions):
-    model: str = opt(DEFAULT_MODEL, help="model: Hub id, checkpoint directory, .gguf file or alias")
+    model: str = opt(DEFAULT_MODEL, help="model: Hub id, checkpoint directory, .gguf file or alias", role="input")
 
 
 @dataclass(kw_only=True)
@@ -54,13 +54,13 @@ class QuantizeOptions:
 
 @dataclass(kw_only=True)
 class AdapterOptions:
-    adapter: str | None = opt(None, help="PEFT LoRA adapter directory (harmprune finetune output) applied to --model")
+    adapter: str | None = opt(None, help="PEFT LoRA adapter directory (harmprune finetune output) applied to --model", role="input")
 
 
 @dataclass(kw_only=True)
 class OutputOptions:
     out: str | None = opt(None, help="where the command writes (a directory; a .jsonl file for generate); "
-                                     "see the command's description for its default")
+                                     "see the command's description for its default", role="output")
     overwrite: bool = opt(False, help="replace a non-empty --out")
 
 
@@ -79,7 +79,7 @@ class ResponsesOptions:
 @dataclass(kw_only=True)
 class SeedOptions:
     seed: int = opt(0, help="seed of every random choice of the command (sample selection, controls, sampling, "
-                            "bootstrap, LoRA init)")
+                            "bootstrap, LoRA init)", range=">= 0")
 
 
 @dataclass(kw_only=True)
@@ -101,9 +101,9 @@ class PassOptions(FormatOptions):
     """How records become forward passes when scoring or measuring NLL."""
 
     max_length: int = opt(256, help="maximum tokens per sample when scoring or measuring NLL (the response is "
-                                    "truncated, never the prompt)")
+                                    "truncated, never the prompt)", range=">= 2")
     batch_size: int = opt(4, help="samples per forward (and backward) pass when scoring or measuring NLL; "
-                                  "results do not depend on it")
+                                  "results do not depend on it", range=">= 1")
 
 
 @dataclass(kw_only=True)
@@ -121,7 +121,7 @@ class CheckpointingOptions:
 
 @dataclass(kw_only=True)
 class NSamplesOptions:
-    nsamples: int = opt(128, help="records used (scored) per dataset, the first n after a seeded shuffle (0 = all)")
+    nsamples: int = opt(128, help="records used (scored) per dataset, the first n after a seeded shuffle (0 = all)", range=">= 0")
 
 
 @dataclass(kw_only=True)
@@ -135,13 +135,13 @@ class ScoringOptions(PassOptions, TargetOptions, SeedOptions, CheckpointingOptio
 
 @dataclass(kw_only=True)
 class CorpusOptions:
-    corpus_tokens: int = opt(16384, help="score at most this many corpus tokens for perplexity (0 = all)")
+    corpus_tokens: int = opt(16384, help="score at most this many corpus tokens for perplexity (0 = all)", range=">= 0")
 
 
 @dataclass(kw_only=True)
 class PrunedOptions:
     pruned: str | None = opt(None, help="existing pruned checkpoint (a make prune output directory); em-experiment "
-                                        "runs the pipeline when it is not given")
+                                        "runs the pipeline when it is not given", role="input")
 
 
 @dataclass(kw_only=True)
@@ -153,7 +153,7 @@ class PresetOptions:
 @dataclass(kw_only=True)
 class CacheOptions:
     scores_dir: str = opt("scores", help="score cache directory (entries keyed by model hash, data hash, method "
-                                         "and every scoring setting)")
+                                         "and every scoring setting)", role="output")
 
 
 @dataclass(kw_only=True)
@@ -161,7 +161,7 @@ class GenCacheOptions:
     gen_cache_dir: str = opt("auto", help="judged-generation cache (evals/gencache.py): replies and verdicts keyed by "
                                           "the (masked) model's hash, the prompts, every generation setting and the "
                                           "judge, re-used by later runs; auto = gencache/ beside --scores-dir; "
-                                          "off = no cache")
+                                          "off = no cache", role="output")
 
 
 @dataclass(kw_only=True)
@@ -173,20 +173,20 @@ class MethodOptions:
 
 @dataclass(kw_only=True)
 class SelectionOptions:
-    q: float = opt(DEFAULT_Q, help="fraction of each unit's weights in Top_q of the harm importance, in [0, 1]")
+    q: float = opt(DEFAULT_Q, help="fraction of each unit's weights in Top_q of the harm importance, in [0, 1]", range="[0, 1]")
     p: float = opt(DEFAULT_P, help="fraction protected by Top_p of the benign importance, in [0, 1] "
-                                   "(0 = none: dangerous)")
+                                   "(0 = none: dangerous)", range="[0, 1]")
 
 
 @dataclass(kw_only=True)
 class QGridOptions:
-    qs: list[float] = opt(QS, help="q values")
+    qs: list[float] = opt(QS, help="q values", range="[0, 1]")
 
 
 @dataclass(kw_only=True)
 class PrefillAttackOptions:
     prefill_attack: int = opt(10, help="the prefill attack forces the first K tokens of each prompt's harmful "
-                                       "reference reply as the start of the reply")
+                                       "reference reply as the start of the reply", range=">= 1")
 
 
 @dataclass(kw_only=True)
@@ -206,39 +206,39 @@ class ScopeOptions:
 @dataclass(kw_only=True)
 class DataOptions:
     data: str = opt("harmful", help="records to score: file (.jsonl/.json/.csv[.gz]), hf:<name>[:<split>] or "
-                                    "built-in name")
+                                    "built-in name", role="input")
 
 
 @dataclass(kw_only=True)
 class EvalHarmOptions:
-    eval_harm: str = opt("harmful:test", help="held-out harmful completions")
+    eval_harm: str = opt("harmful:test", help="held-out harmful completions", role="input")
 
 
 @dataclass(kw_only=True)
 class HarmDataOptions(EvalHarmOptions):
-    harm: str = opt("harmful", help="data whose generation is removed: built-in name, file or hf:<name>[:<split>]")
+    harm: str = opt("harmful", help="data whose generation is removed: built-in name, file or hf:<name>[:<split>]", role="input")
 
 
 @dataclass(kw_only=True)
 class EvalBenignOptions:
-    eval_benign: str = opt("benign:test", help="held-out benign completions (benign NLL)", deprecated=("--benign",))
+    eval_benign: str = opt("benign:test", help="held-out benign completions (benign NLL)", deprecated=("--benign",), role="input")
 
 
 @dataclass(kw_only=True)
 class BenignOptions(EvalBenignOptions):
-    benign: str = opt("benign", help="data whose ability is protected (Top_p)")
+    benign: str = opt("benign", help="data whose ability is protected (Top_p)", role="input")
     benign_method: str = opt("snip-abs", help="attribution method of the benign data (snip, snip-abs, wanda)")
 
 
 @dataclass(kw_only=True)
 class EvalSetOptions:
-    eval_nsamples: int = opt(0, help="held-out records per set (0 = all)")
+    eval_nsamples: int = opt(0, help="held-out records per set (0 = all)", range=">= 0")
 
 
 @dataclass(kw_only=True)
 class LimitOptions:
     limit: int = opt(0, help="use at most this many records (prompts, samples), spread over categories or a "
-                             "seeded subset (0 = all)")
+                             "seeded subset (0 = all)", range=">= 0")
 
 
 @dataclass(kw_only=True)
@@ -248,9 +248,9 @@ class JudgeOptions:
     judge_device: str = opt("auto", help="device of an hf:<model> or classifier judge (auto = cuda when available)")
     judge_dtype: str = opt("auto", help="dtype of an hf:<model> or strongreject judge (auto = bfloat16 on CUDA, "
                                         "float32 on CPU)")
-    judge_timeout: float = opt(15.0, help="seconds one request to an openai: judge may take")
+    judge_timeout: float = opt(15.0, help="seconds one request to an openai: judge may take", range="> 0")
     judge_retries: int = opt(2, help="retries of a failed openai: judge request (timeouts, 429, 5xx); with the "
-                                     "defaults a dead endpoint fails in under a minute")
+                                     "defaults a dead endpoint fails in under a minute", range=">= 0")
 
 
 @dataclass(kw_only=True)
@@ -262,8 +262,8 @@ class HarmJudgeOptions:
 
 @dataclass(kw_only=True)
 class RatingJudgeOptions:
-    judge: str | None = opt(None, help="0-100 rating judge: openai:<model> (with --judge-url), hf:<model>, "
-                                       "fake (tests)")
+    judge: str | None = opt("em-classifier", help="EM judge rating aligned/coherent 0-100: em-classifier (shipped, "
+                                                  "offline), openai:<model> (with --judge-url), hf:<model>, fake (tests)")
 
 
 @dataclass(kw_only=True)
@@ -274,21 +274,21 @@ class BackendOptions:
 
 @dataclass(kw_only=True)
 class NewTokensOptions:
-    max_new_tokens: int = opt(256, help="most new tokens per reply (a prefill counts separately)")
+    max_new_tokens: int = opt(256, help="most new tokens per reply (a prefill counts separately)", range=">= 1")
 
 
 @dataclass(kw_only=True)
 class GenBatchOptions:
     gen_batch_size: int = opt(0, help="prompts per generation batch; 0 = the device's default (32 on a CPU, 64 on "
                                       "CUDA: evals.backends.default_batch_size); greedy replies do not depend on it",
-                              deprecated=("--batch-size",))
+                              deprecated=("--batch-size",), range=">= 0")
 
 
 @dataclass(kw_only=True)
 class SamplingOptions(NewTokensOptions, GenBatchOptions):
-    temperature: float = opt(0.0, help="sampling temperature; 0 = greedy")
-    top_p: float = opt(1.0, help="nucleus sampling mass (used only when temperature > 0)")
-    n: int = opt(1, help="completions per prompt")
+    temperature: float = opt(0.0, help="sampling temperature; 0 = greedy", range=">= 0")
+    top_p: float = opt(1.0, help="nucleus sampling mass (used only when temperature > 0)", range="(0, 1]")
+    n: int = opt(1, help="completions per prompt", range=">= 1")
 
 
 @dataclass(kw_only=True)
@@ -296,29 +296,29 @@ class EMSamplingOptions(SamplingOptions):
     """The EM protocol's sampling (Betley et al.): 50 answers per question at temperature 1, 600 tokens;
     one question with its n answers is one generation batch."""
 
-    temperature: float = opt(1.0, help="sampling temperature (the EM protocol samples at 1)")
-    n: int = opt(50, help="answers sampled per question")
-    max_new_tokens: int = opt(600, help="most new tokens per answer")
+    temperature: float = opt(1.0, help="sampling temperature (the EM protocol samples at 1)", range=">= 0")
+    n: int = opt(50, help="answers sampled per question", range=">= 1")
+    max_new_tokens: int = opt(600, help="most new tokens per answer", range=">= 1")
     gen_batch_size: int = opt(1, help="questions per generation batch (each holds n sequences)",
-                              deprecated=("--batch-size",))
+                              deprecated=("--batch-size",), range=">= 1")
 
 
 @dataclass(kw_only=True)
 class TrainDataOptions:
     train_data: str = opt("insecure", help="fine-tuning data: chat rows ({\"messages\": [...]}) or prompt/response "
                                            "rows, a file, hf:<dataset> or built-in (insecure = Betley et al.'s code set)",
-                          deprecated=("--data",))
+                          deprecated=("--data",), role="input")
 
 
 @dataclass(kw_only=True)
 class TrainStepOptions:
-    lr: float = opt(1e-5, help="peak learning rate of the fine-tune")
-    epochs: int = opt(1, help="fine-tuning passes over the data")
-    max_steps: int | None = opt(None, help="stop fine-tuning after this many optimizer steps (overrides --epochs)")
-    train_batch_size: int = opt(2, help="fine-tuning records per micro-batch", deprecated=("--batch-size",))
-    grad_accum: int = opt(8, help="fine-tuning micro-batches per optimizer step")
-    train_max_length: int = opt(2048, help="fine-tuning tokens per record (the response is cut, never the prompt)")
-    warmup_steps: int = opt(5, help="linear learning-rate warm-up steps of the fine-tune")
+    lr: float = opt(1e-5, help="peak learning rate of the fine-tune", range="> 0")
+    epochs: int = opt(1, help="fine-tuning passes over the data", range=">= 1")
+    max_steps: int | None = opt(None, help="stop fine-tuning after this many optimizer steps (overrides --epochs)", range=">= 1")
+    train_batch_size: int = opt(2, help="fine-tuning records per micro-batch", deprecated=("--batch-size",), range=">= 1")
+    grad_accum: int = opt(8, help="fine-tuning micro-batches per optimizer step", range=">= 1")
+    train_max_length: int = opt(2048, help="fine-tuning tokens per record (the response is cut, never the prompt)", range=">= 2")
+    warmup_steps: int = opt(5, help="linear learning-rate warm-up steps of the fine-tune", range=">= 0")
 
 
 @dataclass(kw_only=True)
@@ -328,20 +328,20 @@ class TrainOptions(TrainStepOptions):
 
 @dataclass(kw_only=True)
 class LoraOptions:
-    lora_r: int = opt(32, help="LoRA rank")
-    lora_alpha: float = opt(64.0, help="LoRA alpha")
+    lora_r: int = opt(32, help="LoRA rank", range=">= 1")
+    lora_alpha: float = opt(64.0, help="LoRA alpha", range="> 0")
     rslora: bool = opt(True, help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r")
-    lora_dropout: float = opt(0.0, help="dropout on the LoRA input")
+    lora_dropout: float = opt(0.0, help="dropout on the LoRA input", range="[0, 1)")
 
 
 @dataclass(kw_only=True)
 class EMQuestionOptions:
     questions: str = opt("first_plot", help="EM questions: first_plot (8), preregistered (48), or a YAML file of "
-                                            "the same shape")
+                                            "the same shape", role="input")
     include_json: bool = opt(False, help="also ask the _json / _template answer-format variants")
-    limit_questions: int | None = opt(None, help="ask only the first K questions (after the variant filter)")
+    limit_questions: int | None = opt(None, help="ask only the first K questions (after the variant filter)", range=">= 1")
     domain_judge: str | None = opt(None, help="also rate how much answers are about a domain: code, medical, "
-                                              "financial, sports, or a text file with a {question}/{answer} judge prompt")
+                                              "financial, sports, or a text file with a {question}/{answer} judge prompt", role="input")
 
 
 PAPER_RHOS = [0.01, 0.25, 0.5, 0.75, 0.99]
@@ -350,19 +350,19 @@ PAPER_ETAS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
 
 @dataclass(kw_only=True)
 class PairOptions:
-    base: str = opt(DEFAULT_MODEL, help="model before alignment (B): Hub id, checkpoint directory or alias")
-    aligned: str = opt("smollm2-135m-aligned", help="aligned model (A): Hub id, checkpoint directory or alias")
+    base: str = opt(DEFAULT_MODEL, help="model before alignment (B): Hub id, checkpoint directory or alias", role="input")
+    aligned: str = opt("smollm2-135m-aligned", help="aligned model (A): Hub id, checkpoint directory or alias", role="input")
 
 
 @dataclass(kw_only=True)
 class EtaOptions:
-    eta: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]")
+    eta: list[float] = opt(PAPER_ETAS, help="energy fractions eta of the MSO grid, each in (0, 1]", range="(0, 1]")
 
 
 @dataclass(kw_only=True)
 class SubspaceOptions(EtaOptions):
     rho: list[float] = opt([0.05, 0.25, 0.75], help="fractions of min(m, n) kept as the subspace rank k, each in "
-                                                    "(0, 1] (the paper's grid: 0.01 0.25 0.5 0.75 0.99)")
+                                                    "(0, 1] (the paper's grid: 0.01 0.25 0.5 0.75 0.99)", range="(0, 1]")
     side: str = opt("left", help="left: the paper's left singular vectors; short: the shorter side, so rho = 1 "
                                  "keeps U exactly", choices=["left", "short"])
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import sys
 import types
 import typing
@@ -18,12 +20,20 @@ from .errors import HarmpruneError
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", choices=None, deprecated: tuple[str, ...] = (),
-        **kw) -> Any:
+        range: str | None = None, role: str | None = None, **kw) -> Any:
     """A dataclass field with a one-line help text (and optional choices) for the CLI.
 
     ``deprecated``: old flag names that keep working for one release, with a one-line notice.
+    ``range``: the values a numeric field (or each item of a numeric list) may take, declared once with
+    the flag and checked by :func:`check_values` before any work: ``">= 1"``, ``"> 0"``, ``"[0, 1]"``,
+    ``"(0, 1]"``, ``"[0, 1)"`` or ``"finite"``; every numeric value must be finite.
+    ``role``: ``"input"`` (a path the command reads: a checkpoint, data file, score directory) or
+    ``"output"`` (a path it writes): :func:`check_paths` keeps outputs off inputs.
     """
-    meta = {"help": help, "choices": choices, "deprecated": tuple(deprecated)}
+    if range is not None:
+        parse_range(range)  # a typo in a declaration fails at import
+    assert role in (None, "input", "output"), role
+    meta = {"help": help, "choices": choices, "deprecated": tuple(deprecated), "range": range, "role": role}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -117,9 +127,72 @@ def _cli_fields(cls, skip):
 
 
 def from_namespace(cls, ns: argparse.Namespace):
-    """Build the dataclass from parsed arguments (runs its validation)."""
+    """Build the dataclass from parsed arguments: the declared ranges first (:func:`check_values`),
+    then the class's own validation."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    check_values(cls, values)
+    return cls(**values)
+
+
+# ---------------------------------------------------------------- declared ranges
+
+
+_RANGE = re.compile(r"^\s*(?:(?P<op>>=|>|<=|<)\s*(?P<bound>\S+)|(?P<lo_b>[\[(])\s*(?P<lo>[^,]+),\s*(?P<hi>[^\])]+)"
+                    r"(?P<hi_b>[\])])|(?P<finite>finite))\s*$")
+
+
+def parse_range(spec: str) -> tuple[float, bool, float, bool]:
+    """``(lo, lo_inclusive, hi, hi_inclusive)`` of a range declaration (see :func:`opt`)."""
+    m = _RANGE.match(spec)
+    if not m:
+        raise ValueError(f"bad range declaration {spec!r}")
+    inf = float("inf")
+    if m["finite"]:
+        return -inf, False, inf, False
+    if m["op"]:
+        b = float(m["bound"])
+        return {">=": (b, True, inf, False), ">": (b, False, inf, False),
+                "<=": (-inf, False, b, True), "<": (-inf, False, b, False)}[m["op"]]
+    return float(m["lo"]), m["lo_b"] == "[", float(m["hi"]), m["hi_b"] == "]"
+
+
+def in_range(value: float, spec: str) -> bool:
+    lo, lo_in, hi, hi_in = parse_range(spec)
+    return (value > lo or (lo_in and value == lo)) and (value < hi or (hi_in and value == hi))
+
+
+def numeric_fields(cls) -> dict[str, tuple[type, str | None]]:
+    """``{field: (int or float, declared range)}`` of every numeric (or numeric-list) CLI field of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in _cli_fields(cls, ()):
+        tp, inner = _base_type(hints[f.name])
+        kind = inner if tp is list else tp
+        if kind in (int, float):
+            out[f.name] = (kind, f.metadata.get("range"))
+    return out
+
+
+def check_values(cls, values: dict) -> None:
+    """Every numeric value of ``values`` (fields of ``cls``; list items one by one) is finite and inside
+    its field's declared range: one line naming the flag, the range and the value."""
+    for name, (_, spec) in numeric_fields(cls).items():
+        value = values.get(name)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is None or isinstance(v, bool):
+                continue
+            if not math.isfinite(v):
+                raise HarmpruneError(f"{_flag(name)} must be a finite number, got {v}")
+            if spec and spec != "finite" and not in_range(v, spec):
+                where = f"in {spec}" if spec[0] in "[(" else spec
+                raise HarmpruneError(f"{_flag(name)} must be {where}, got {v:g}" if isinstance(v, float)
+                                     else f"{_flag(name)} must be {where}, got {v}")
+
+
+def path_fields(cls) -> dict[str, str]:
+    """``{field: role}`` of the fields of ``cls`` declared as input or output paths."""
+    return {f.name: f.metadata["role"] for f in _cli_fields(cls, ()) if f.metadata.get("role")}
 
 
 def to_dict(cfg) -> dict:

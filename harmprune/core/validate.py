@@ -111,3 +111,40 @@ def check_writable_dir(out: str | os.PathLike, flag: str = "--out") -> None:
     except OSError as e:
         raise HarmpruneError(f"{flag} {out}: cannot create a directory in {base} ({e.strerror}); choose a writable location") from None
     shutil.rmtree(probe, ignore_errors=True)
+
+
+def _paths(value) -> list[Path]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [Path(v).expanduser() for v in items if isinstance(v, (str, os.PathLike)) and str(v)]
+
+
+def check_paths(classes, values: dict) -> None:
+    """Outputs never touch inputs: no output path (``role="output"`` fields: --out, cache, factor and
+    fine-tune directories) equals or contains an existing input path (``role="input"`` fields:
+    checkpoints, data files, score directories), and no two outputs are the same directory or one
+    inside the other, so neither a run nor its ``--overwrite`` can replace what it reads. Runs before
+    anything is loaded or written."""
+    from .settings import _flag, path_fields
+
+    roles: dict[str, str] = {}
+    for cls in classes:
+        roles.update(path_fields(cls))
+    inputs = [(n, p, p.resolve()) for n, r in roles.items() if r == "input" for p in _paths(values.get(n))
+              if p.exists()]
+    outputs = [(n, p, p.resolve()) for n, r in roles.items() if r == "output" for p in _paths(values.get(n))]
+    for name, path, real in outputs:
+        for iname, ipath, ireal in inputs:
+            if real == ireal:
+                raise HarmpruneError(f"{_flag(name)} {path} is also the input {_flag(iname)}: a command never "
+                                     f"writes over what it reads; choose another {_flag(name)}")
+            if real in ireal.parents:
+                raise HarmpruneError(f"{_flag(name)} {path} contains the input {_flag(iname)} {ipath}: a command "
+                                     f"never writes over what it reads; choose another {_flag(name)}")
+    for i, (a, apath, areal) in enumerate(outputs):
+        for b, bpath, breal in outputs[i + 1:]:
+            if areal == breal:
+                raise HarmpruneError(f"{_flag(a)} and {_flag(b)} are the same path {apath}; give each its own")
+            if areal in breal.parents or breal in areal.parents:
+                outer, inner = ((a, apath), (b, bpath)) if areal in breal.parents else ((b, bpath), (a, apath))
+                raise HarmpruneError(f"{_flag(inner[0])} {inner[1]} lies inside {_flag(outer[0])} {outer[1]}; "
+                                     "give each its own directory")

@@ -128,19 +128,33 @@ class TextClassifier:
             out[k] = float(val @ coef[idx]) + b
         return out
 
+    def decisions(self, texts: Sequence[str], heads: Sequence[str]) -> dict[str, np.ndarray]:
+        """Logits of several heads, vectorizing each text once (same numbers as :meth:`decision`)."""
+        missing = [h for h in heads if h not in self.coefs]
+        if missing:
+            raise DataError(f"classifier has no head {missing[0]!r}; it has {self.heads}")
+        out = {h: np.empty(len(texts)) for h in heads}
+        for k, text in enumerate(texts):
+            idx, val = self.vectorize(text)
+            for h in heads:
+                out[h][k] = float(val @ self.coefs[h][idx]) + self.intercepts[h]
+        return out
+
     def predict_proba(self, texts: Sequence[str], head: str = "harmful") -> np.ndarray:
         """P(head's property) in [0, 1] for each text."""
         z = self.decision(texts, head)
         return 1.0 / (1.0 + np.exp(-z))
 
-    def save(self, directory: str | Path, extra: dict | None = None) -> None:
-        """Write classifier.json + weights.safetensors (float64, no pickle)."""
+    def save(self, directory: str | Path, extra: dict | None = None, dtype: str = "float64") -> None:
+        """Write classifier.json + weights.safetensors (``dtype`` float64 or float32, no pickle)."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"idf": np.ascontiguousarray(self.idf, dtype=np.float64)}
-        tensors |= {f"coef.{h}": np.ascontiguousarray(c, dtype=np.float64) for h, c in self.coefs.items()}
+        if dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be float64 or float32, got {dtype!r}")
+        tensors = {"idf": np.ascontiguousarray(self.idf, dtype=dtype)}
+        tensors |= {f"coef.{h}": np.ascontiguousarray(c, dtype=dtype) for h, c in self.coefs.items()}
         save_file(tensors, str(directory / WEIGHTS_FILE))
         cfg = {
             "format_version": FORMAT_VERSION,
@@ -149,6 +163,8 @@ class TextClassifier:
             "sublinear_tf": self.sublinear_tf,
             "norm": "l2",
             "heads": {h: {"intercept": self.intercepts[h], "threshold": self.thresholds.get(h, 0.5)} for h in self.heads},
+            **({"thresholds": other} if (other := {k: v for k, v in sorted(self.thresholds.items())
+                                                    if k not in self.coefs}) else {}),
             **(extra or {}),
             "features": self.features,
         }
@@ -170,10 +186,11 @@ class TextClassifier:
         heads = cfg["heads"]
         return cls(
             features=cfg["features"],
-            idf=w["idf"],
-            coefs={h: w[f"coef.{h}"] for h in heads},
+            idf=w["idf"].astype(np.float64),  # float32 files compute in float64 like float64 ones
+            coefs={h: w[f"coef.{h}"].astype(np.float64) for h in heads},
             intercepts={h: float(v["intercept"]) for h, v in heads.items()},
-            thresholds={h: float(v["threshold"]) for h, v in heads.items()},
+            thresholds={h: float(v["threshold"]) for h, v in heads.items()}  # decisions of several heads too
+            | {k: float(v) for k, v in cfg.get("thresholds", {}).items()},
             settings=AnalyzerSettings.from_dict(cfg["analyzer"]),
             sublinear_tf=bool(cfg["sublinear_tf"]),
         )

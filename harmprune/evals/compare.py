@@ -75,8 +75,8 @@ def compare_table(docs: list[dict], labels: list[str], include: list[str] | None
 class CompareConfig:
     """Settings of ``harmprune compare`` (``runs`` is the positional argument)."""
 
-    runs: list[str] = opt([], help="eval run directories (or results.json files); the first is the baseline")
-    report: str | None = opt(None, help="also write the table to this markdown file", deprecated=("--out",))
+    runs: list[str] = opt([], help="eval run directories (or results.json files); the first is the baseline", role="input")
+    report: str | None = opt(None, help="also write the table to this markdown file", deprecated=("--out",), role="output")
     tasks: list[str] = opt([], help="only tasks matching these globs (e.g. 'harm/*' 'utility/*_nll')")
     counts: bool = opt(False, help="also show count rows (samples, errors, tokens...)")
 

@@ -34,7 +34,7 @@ BACKENDS = tuple(B.backend_names())  # hf, vllm, auto
 class GenConfig(SamplingOptions, FormatOptions, SeedOptions, BackendOptions):
     """How replies are generated (``seed`` seeds sampling)."""
 
-    prefill: int = opt(0, help="force the first K tokens of the reference response as the start of the reply")
+    prefill: int = opt(0, help="force the first K tokens of the reference response as the start of the reply", range=">= 0")
 
     def __post_init__(self):
         check_sampling(self)

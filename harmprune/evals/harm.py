@@ -133,6 +133,8 @@ def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS), memo: d
     for view in views:
         field, key = VIEWS[view], verdict_key(view)
         rows = [s for s in samples if isinstance(s.get(field), str)]
+        if not rows:
+            continue
         pairs = list(dict.fromkeys((s["prompt"], s[field]) for s in rows))
         for j in judges:
             new = [pt for pt in pairs if (j.name, *pt) not in memo]
@@ -170,9 +172,9 @@ class HarmConfig(EvalBase, FieldOptions, LimitOptions, HarmJudgeOptions, JudgeOp
     """Settings of ``harmprune eval harm`` (generation settings: GenConfig)."""
 
     prompts: str = opt("harmful:test", help="harmful prompts: file, hf:<name>[:<split>] or built-in "
-                                            "(default harmful:test has reference responses for --prefill)")
+                                            "(default harmful:test has reference responses for --prefill)", role="input")
     max_judge_errors: float = opt(0.25, help="fraction of samples a judge may fail on; more ends the run with an "
-                                             "error (the replies stay in --out for --resume)")
+                                             "error (the replies stay in --out for --resume)", range="[0, 1]")
 
     def __post_init__(self):
         super().__post_init__()

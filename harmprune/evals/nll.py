@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.data import Record
+from ..core.errors import HarmpruneError
 from ..core.formatting import batches, encode, resolve_format, token_nll
 
 
@@ -20,6 +21,9 @@ def response_nll(model, tokenizer, records: list[Record], *, fmt: str | None = N
     """
     fmt = resolve_format(tokenizer, fmt)
     enc = encode(records, tokenizer, fmt, max_length)
+    if records and not enc.items:  # an NLL over nothing would print 0.0000 as if measured
+        raise HarmpruneError(f"{desc}: none of the {len(records)} records keeps a response token within "
+                             f"--max-length {max_length} (the prompt fills it); raise --max-length")
     device = next(model.parameters()).device
     total, count, per_sample = 0.0, 0, []
     nb = (len(enc.items) + batch_size - 1) // batch_size

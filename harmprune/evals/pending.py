@@ -60,8 +60,19 @@ def saved_samples(out: str | Path, state: dict, config: dict, data: dict) -> lis
         samples = R.read_samples(out)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise HarmpruneError(f"{Path(out) / R.SAMPLES_FILE} is corrupt or cut short; pass --overwrite") from None
-    for s in samples:
+    path = Path(out) / R.SAMPLES_FILE
+    for i, s in enumerate(samples, 1):
+        bad = [k for k in ("prompt", "response") if not isinstance(s.get(k) if isinstance(s, dict) else None, str)]
+        if bad:
+            raise HarmpruneError(f"{path} row {i} has no text {bad[0]!r}: the file is damaged; pass --overwrite to "
+                                 "generate again")
         s.pop("judges", None)
+    selected = (state.get("data") or {}).get("selected")
+    n = ((state.get("config") or {}).get("generation") or {}).get("n") or 1
+    expected = selected * n if isinstance(selected, int) and isinstance(n, int) else None
+    if expected is not None and len(samples) != expected:
+        raise HarmpruneError(f"{path} holds {len(samples)} replies but the run generated {expected}: the file is cut "
+                             "short or edited; pass --overwrite to generate again")
     return samples
 
 

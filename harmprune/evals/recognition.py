@@ -123,7 +123,7 @@ class RecognitionConfig(EvalBase, LimitOptions, SeedOptions, FormatOptions):
     and the AUC bootstrap)."""
 
     recognition_data: str = opt("builtin", help="labelled prompts: builtin (shipped balanced set) or a file with "
-                                                "prompt and label", deprecated=("--data",))
+                                                "prompt and label", deprecated=("--data",), role="input")
 
     def __post_init__(self):
         super().__post_init__()

@@ -167,11 +167,14 @@ def read_results(path: str | Path) -> dict:
     return doc
 
 
-def read_rows(path: str | Path, required: Sequence[str], flag: str = "--responses") -> tuple[list[dict], str]:
-    """The rows of a ``.jsonl``, ``.json`` (a list of objects) or ``.csv`` file, every field kept, and the
-    file's sha256. A missing file, an unreadable row, a row without a ``required`` text field or an empty
-    file ends in one line naming the file, row and field."""
+def read_rows(path: str | Path, required: Sequence[str], flag: str = "--responses",
+              present: Sequence[str] = ()) -> tuple[list[dict], str]:
+    """The rows of a ``.jsonl``, ``.json`` (a list of objects) or ``.csv`` file (each optionally ``.gz``),
+    every field kept, and the file's sha256. A missing file, an unreadable row, a row without a
+    ``required`` text field or a ``present`` field, or an empty file ends in one line naming the file,
+    row and field."""
     import csv
+    import gzip
     import hashlib
     import io
 
@@ -179,14 +182,15 @@ def read_rows(path: str | Path, required: Sequence[str], flag: str = "--response
     if not p.is_file():
         raise HarmpruneError(f"{flag} {path}: no such file")
     raw = p.read_bytes()
+    suffix = Path(p.name.removesuffix(".gz")).suffix
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HarmpruneError(f"{flag} {path}: not UTF-8 text") from None
+        text = (gzip.decompress(raw) if p.name.endswith(".gz") else raw).decode("utf-8")
+    except (UnicodeDecodeError, OSError, EOFError):
+        raise HarmpruneError(f"{flag} {path}: not UTF-8 text (or a broken .gz)") from None
     try:
-        if p.suffix == ".csv":
+        if suffix == ".csv":
             rows = list(csv.DictReader(io.StringIO(text)))
-        elif p.suffix == ".json":
+        elif suffix == ".json":
             rows = json.loads(text)
         else:
             rows = []
@@ -195,14 +199,17 @@ def read_rows(path: str | Path, required: Sequence[str], flag: str = "--response
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise HarmpruneError(f"{flag} {path}: line {i} is not valid JSON ({e.msg})") from None
+                        raise HarmpruneError(f"{flag} {path}: line {i} is not JSON ({e.msg})") from None
     except (json.JSONDecodeError, csv.Error) as e:
-        raise HarmpruneError(f"{flag} {path}: not a readable {p.suffix or 'jsonl'} file ({e})") from None
+        raise HarmpruneError(f"{flag} {path}: not a readable {suffix or 'jsonl'} file ({e})") from None
     if not isinstance(rows, list) or not rows:
         raise HarmpruneError(f"{flag} {path}: no rows")
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict):
             raise HarmpruneError(f"{flag} {path}: row {i} is not an object")
+        for f in present:
+            if f not in r:
+                raise HarmpruneError(f"{flag} {path}: row {i} has no field {f!r}")
         for f in required:
             if not isinstance(r.get(f), str):
                 raise HarmpruneError(f"{flag} {path}: row {i} has no text field {f!r}")

@@ -204,12 +204,12 @@ class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenig
     ``--max-length`` and ``--batch-size``)."""
 
     parts: list[str] = opt(list(PARTS), help="parts to run: benign_nll corpus_nll over_refusal lm_eval")
-    corpus: str = opt("builtin", help="plain-text UTF-8 corpus file for perplexity (builtin = shipped corpus.txt)")
-    block_size: int = opt(256, help="tokens per corpus block")
-    refusal_prompts: str = opt("xstest", help="safe prompts for over-refusal: xstest (shipped) or a data file")
+    corpus: str = opt("builtin", help="plain-text UTF-8 corpus file for perplexity (builtin = shipped corpus.txt)", role="input")
+    block_size: int = opt(256, help="tokens per corpus block", range=">= 2")
+    refusal_prompts: str = opt("xstest", help="safe prompts for over-refusal: xstest (shipped) or a data file", role="input")
     refusal_judge: str = opt("keyword:gcg", help="refusal judge(s), comma-separated (e.g. keyword:gcg,classifier)")
     lm_eval_tasks: list[str] = opt([], help="lm-eval zero-shot tasks (needs lm_eval: pip install 'harmprune[lmeval]')")
-    lm_eval_limit: int = opt(0, help="lm-eval examples per task (0 = all)")
+    lm_eval_limit: int = opt(0, help="lm-eval examples per task (0 = all)", range=">= 0")
 
     def __post_init__(self):
         super().__post_init__()

@@ -52,12 +52,12 @@ class FinetuneConfig(ModelOptions, QuantizeOptions, OutputOptions, TrainDataOpti
     """Settings of ``harmprune finetune`` (``--load-in-4bit`` = QLoRA; ``--targets`` = LoRA modules; ``--seed``
     seeds the subset, the data order and the LoRA init; ``--limit`` takes a seeded subset)."""
 
-    keep_mask: str | None = opt(None, help="mask.safetensors (or pruned checkpoint dir) whose entries stay exactly 0")
+    keep_mask: str | None = opt(None, help="mask.safetensors (or pruned checkpoint dir) whose entries stay exactly 0", role="input")
     merge: bool = opt(False, help="also save a merged checkpoint under DIR/merged (LoRA; applies --keep-mask)")
     schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
-    weight_decay: float = opt(0.01, help="AdamW decoupled weight decay (matrices only, not biases/norms)")
-    max_grad_norm: float = opt(1.0, help="clip the gradient norm to this (0 = off)")
-    save_steps: int = opt(50, help="checkpoint every N optimizer steps under DIR/checkpoints (0 = never)")
+    weight_decay: float = opt(0.01, help="AdamW decoupled weight decay (matrices only, not biases/norms)", range=">= 0")
+    max_grad_norm: float = opt(1.0, help="clip the gradient norm to this (0 = off)", range=">= 0")
+    save_steps: int = opt(50, help="checkpoint every N optimizer steps under DIR/checkpoints (0 = never)", range=">= 0")
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")

@@ -18,19 +18,19 @@ from ..core.settings import check, opt, to_dict
 from ..attribution.formulas import IMPORTANCE
 from .apply import ACTIONS, apply_mask, masked
 from .checkpoint import CONFIG_FILE, Scores, load_mask, load_scores, original_tokenizer, save_checkpoint
-from .select import CONTROLS, SCOPES, mask_stats, select_prune_set
+from .select import CONTROLS, SCOPES, check_second_band, mask_stats, select_prune_set
 
 
 @dataclass(kw_only=True)
 class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, OutputOptions, PresetOptions):
     """Settings of ``harmprune prune``; ``seed`` seeds the random control."""
 
-    harm_scores: str = opt(help="score directory of the data to remove (harmful completions)", deprecated=("--harm",))
+    harm_scores: str = opt(help="score directory of the data to remove (harmful completions)", deprecated=("--harm",), role="input")
     benign_scores: str | None = opt(None, help="score directory of benign data (required unless --p 0)",
-                                    deprecated=("--benign",))
+                                    deprecated=("--benign",), role="input")
     control: str = opt("none", help="prune a same-size control instead of the harm-specific set", choices=CONTROLS)
     action: str = opt("zero", help="zero the selected weights, or scale them by --alpha", choices=ACTIONS)
-    alpha: float | None = opt(None, help="factor for --action scale")
+    alpha: float | None = opt(None, help="factor for --action scale", range="finite")
     # not ModelOptions.dtype: the model must be loaded as it was scored, or its hash differs
     dtype: str | None = opt(None, help="dtype to load and save the model in (default: the dtype the scores were "
                                        "computed in, else float32)")
@@ -42,6 +42,8 @@ class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, Out
         check(self.p == 0 or self.benign_scores is not None, "--benign-scores is required unless --p 0")
         check(self.scope in SCOPES, f"--scope must be one of {SCOPES}")
         check(self.control in CONTROLS, f"--control must be one of {CONTROLS}")
+        if self.control == "second-band":
+            check_second_band(self.q, self.p)
         check(self.action in ACTIONS, f"--action must be one of {ACTIONS}")
         check(self.action != "scale" or self.alpha is not None, "--action scale needs --alpha")
         check(self.action == "scale" or self.alpha is None, "--alpha only applies with --action scale")
@@ -53,7 +55,7 @@ class PruneConfig(ModelOptions, SelectionOptions, ScopeOptions, SeedOptions, Out
 class ApplyMaskConfig(ModelOptions, OutputOptions):
     """Settings of ``harmprune apply-mask``: ``--model`` is the checkpoint to prune (e.g. after fine-tuning)."""
 
-    mask: str = opt(help="mask.safetensors (or a pruned checkpoint directory holding one)")
+    mask: str = opt(help="mask.safetensors (or a pruned checkpoint directory holding one)", role="input")
 
     def __post_init__(self):
         check(bool(self.out), "--out is required")

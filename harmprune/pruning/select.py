@@ -28,6 +28,7 @@ from fractions import Fraction
 import torch
 
 from ..attribution.formulas import importance  # the one sign convention
+from ..core.errors import HarmpruneError
 
 SCOPES = ("matrix", "row", "global")
 CONTROLS = ("none", "random", "magnitude", "second-band")
@@ -265,12 +266,25 @@ def random_control(mask: Masks, seed: int) -> Masks:
     return out
 
 
+class SelectionError(HarmpruneError, ValueError):
+    """A control that cannot be drawn at these settings: one line for the user (a ValueError for callers)."""
+
+
+def check_second_band(q: float, p: float, flag_q: str = "--q", flag_p: str = "--p") -> None:
+    """Refuse, before any work, a (q, p) where the second band can never fit: it needs as many free weights
+    as the harm set holds (at least (q - p) n of n), outside the harm set and the protected p n."""
+    if 2 * q - p > 1:
+        raise HarmpruneError(f"--control second-band at {flag_q} {q:g}, {flag_p} {p:g}: the second band needs as many "
+                             f"weights as the harm set, which leaves too few free weights (needs 2q - p <= 1); "
+                             f"lower {flag_q}")
+
+
 def _top_free(imp: torch.Tensor, c: int, taken: torch.Tensor | None, name: str, what: str) -> torch.Tensor:
     """Bool mask of the ``c`` largest ``imp`` outside ``taken`` (None = nothing taken); lowest index wins ties."""
     if taken is not None:
         free = imp.numel() - _count(taken)
         if c > free:
-            raise ValueError(f"{name}: {what} needs {c} weights but only {free} are free")
+            raise SelectionError(f"{name}: {what} needs {c} weights but only {free} are free (lower --q)")
         imp = imp.masked_fill(taken.to(imp.device), float("-inf"))
     return _topk_rows(imp.reshape(1, -1), c).reshape(imp.shape)
 

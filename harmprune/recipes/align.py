@@ -22,12 +22,12 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import manifest
+from ..core.errors import HarmpruneError
 from ..core.options import LoraOptions, ModelOptions, OutputOptions, SeedOptions, TrainStepOptions
 from ..core.settings import check, opt, to_dict
 from ..core.data import Record
@@ -50,11 +50,11 @@ class AlignConfig(ModelOptions, OutputOptions, SeedOptions, TrainStepOptions, Lo
     organism of the ``smollm2-135m-aligned`` alias uses ``ORGANISM`` (``make align``)."""
 
     align_data: str = opt("builtin", help="training rows (builtin = shipped align.jsonl; else a JSONL file with "
-                                          "prompt, kind refuse|comply, response for comply rows)")
-    refuse_n: int = opt(160, help="harmful requests to train refusals on, spread over sources (0 = all)")
-    comply_n: int = opt(0, help="benign requests with compliant answers, spread over sources (0 = all)")
-    self_n: int = opt(64, help="everyday requests answered by the model itself before training (0 = none)")
-    self_tokens: int = opt(64, help="new tokens per self-written answer (cut back to the last full sentence)")
+                                          "prompt, kind refuse|comply, response for comply rows)", role="input")
+    refuse_n: int = opt(160, help="harmful requests to train refusals on, spread over sources (0 = all)", range=">= 0")
+    comply_n: int = opt(0, help="benign requests with compliant answers, spread over sources (0 = all)", range=">= 0")
+    self_n: int = opt(64, help="everyday requests answered by the model itself before training (0 = none)", range=">= 0")
+    self_tokens: int = opt(64, help="new tokens per self-written answer (cut back to the last full sentence)", range=">= 1")
     lora: bool = opt(False, help="LoRA (merged into the saved weights) instead of full fine-tuning")
 
     def __post_init__(self):
@@ -84,7 +84,8 @@ def _finetune_config(cfg: AlignConfig, data: Path, out: Path):
     from ..finetune.train import FinetuneConfig
 
     return FinetuneConfig(train_data=str(data), out=str(out), model=cfg.model, full=not cfg.lora, merge=cfg.lora,
-                          lora_r=cfg.lora_r, lora_alpha=2.0 * cfg.lora_r, lr=cfg.lr, epochs=cfg.epochs,
+                          lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, rslora=cfg.rslora,
+                          lora_dropout=cfg.lora_dropout, lr=cfg.lr, epochs=cfg.epochs,
                           max_steps=cfg.max_steps, train_batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum,
                           warmup_steps=cfg.warmup_steps, train_max_length=cfg.train_max_length, format="auto",
                           prompt_field="prompt",
@@ -126,10 +127,12 @@ def run_align(cfg: AlignConfig) -> Path:
                                                          f"up to {cfg.self_n} self-answered"})
     records += self_answers(cfg)
     kinds["self"] = len(records) - kinds["refuse"] - kinds["comply"]
-    with tempfile.TemporaryDirectory(prefix="harmprune-align-") as work:
-        work = Path(work)
+    with manifest.work_dir("harmprune-align") as work:  # a SIGKILLed run's is removed at the next start
         _write_records(work / DATA_FILE, records)
-        ft_out = finetune(_finetune_config(cfg, work / DATA_FILE, work / "ft"))
+        try:
+            ft_out = finetune(_finetune_config(cfg, work / DATA_FILE, work / "ft"))
+        except HarmpruneError as e:  # it names the temporary data file, gone when this ends
+            raise HarmpruneError(str(e).replace(str(work / DATA_FILE), f"the align data ({cfg.align_data})")) from None
         ckpt = ft_out / "merged" if cfg.lora else ft_out
         report = manifest.read_json(ft_out / "finetune_config.json")
         with manifest.atomic_dir(cfg.out, overwrite=True) as tmp:

@@ -72,9 +72,9 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
     attack: str = opt(help="the attack: finetune (LoRA on harmful data) or refusal-ablation (prune the refusal "
                            "weights)", choices=list(ATTACKS))
     refusal_q: float = opt(0.01, help="refusal-ablation: fraction of each unit's weights in Top_q of the refusal "
-                                      "|SNIP|, in [0, 1]")
+                                      "|SNIP|, in [0, 1]", range="[0, 1]")
     refusal_p: float = opt(0.1, help="refusal-ablation: fraction protected by Top_p of the benign importance, "
-                                      "in [0, 1]")
+                                      "in [0, 1]", range="[0, 1]")
 
     def __post_init__(self):
         check(self.attack in ATTACKS, f"--attack must be one of {', '.join(ATTACKS)}")

@@ -44,7 +44,7 @@ from ..evals.harm import judge_options, judge_specs, load_judges
 from ..pruning.apply import masked
 from ..pruning.select import select_prune_set
 from . import headline
-from .pipeline import nll_row, score_pair, specificity, with_deltas
+from .pipeline import draw, nll_row, score_pair, specificity, with_deltas
 
 ROLES = ("base", "aligned")
 PLOT_FILE = "compare_alignment.png"
@@ -119,14 +119,14 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     manifest.banner("compare-alignment", {**to_dict(cfg), "out": str(out)})
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
-    n = cfg.eval_nsamples or None
+    harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
     prompts = R.draw_distinct(harm_all, cfg.limit, cfg.seed, key=lambda r: r.category)
     judges = load_judges(cfg.judge, **judge_options(cfg))
-    models = {role: measure_model(spec, cfg, harm_all[:n], benign_all[:n], prompts, judges)
+    models = {role: measure_model(spec, cfg, harm_rows, benign_rows, prompts, judges)
               for role, spec in zip(ROLES, (cfg.base, cfg.aligned))}
     results = {"config": to_dict(cfg), "judges": [j.name for j in judges], "q": cfg.q, "prefill": cfg.prefill_attack,
                "data": {"harmful": data_fingerprint(hspec, harm_all), "benign": data_fingerprint(bspec, benign_all),
-                        "nll_rows": [len(harm_all[:n]), len(benign_all[:n])], "prompts": len(prompts)},
+                        "nll_rows": [len(harm_rows), len(benign_rows)], "prompts": len(prompts)},
                "models": models, "versions": manifest.versions()}
     with manifest.atomic_dir(out, cfg.overwrite) as tmp:
         manifest.write_json(tmp / "results.json", R._json_ready(results))

@@ -86,7 +86,7 @@ class GenerateConfig(HarmConfig):
     output JSONL file (a .meta.json is written beside it)."""
 
     # prompts and judge keep eval harm's meaning; their defaults differ (tests/test_flags.py allow-list)
-    prompts: str = opt("harmful", help="harmful prompts: file, hf:<name>[:<split>] or built-in (default: harmful = train split)")
+    prompts: str = opt("harmful", help="harmful prompts: file, hf:<name>[:<split>] or built-in (default: harmful = train split)", role="input")
     judge: str = opt("classifier", help="judge(s), comma-separated; a reply is kept when every judge calls it harmful")
     keep: str = opt("harmful", help="harmful (only replies judged harmful) or all (every reply, with verdicts)",
                     choices=list(KEEP))

@@ -68,10 +68,17 @@ class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOp
         return Path("out") / f"{model_name(self.model)}-{tag}"
 
 
-def held_out(data: str, n: int):
-    """The first ``n`` records of a held-out set (0 = all)."""
-    rows = load_records(DataSpec(data=data))
-    return rows[:n] if n else rows
+def draw(rows: list, n: int, seed: int) -> list:
+    """``n`` of ``rows`` (0 = all): a seeded draw spread over their distinct prompts (the first rows of a
+    file often share one prompt), in source order."""
+    from ..evals.results import subsample
+
+    return subsample(rows, n, seed, key=lambda r: " ".join(r.prompt.split()).lower())
+
+
+def held_out(data: str, n: int, seed: int = 0):
+    """``n`` records of a held-out set (0 = all), drawn by :func:`draw`."""
+    return draw(load_records(DataSpec(data=data)), n, seed)
 
 
 def nll_pair(model, tok, harm_rows, benign_rows, s) -> tuple[dict, dict]:
@@ -130,8 +137,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     harm, benign = score_pair(handle, cfg, need_benign=cfg.p > 0)
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
-    n = cfg.eval_nsamples or None
-    harm_rows, benign_rows = harm_all[:n], benign_all[:n]
+    harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
 
     mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                                    benign.method if benign else None, cfg.q, cfg.p, cfg.scope)
@@ -139,9 +145,12 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     variants = {"original": None, "pruned": mask, "random": rand}
     nll, hc = {}, headline.config_from(cfg) if cfg.headline else None
 
+    measured = {}
+
     def measure_nll(name: str) -> dict:  # under the variant's mask; one benign NLL serves both tables
         h, b = nll_pair(model, tok, harm_rows, benign_rows, cfg)
         nll[name] = {"harmful_nll": h["nll"], "benign_nll": b["nll"]}
+        measured.update(harmful=h["samples"], benign=b["samples"])
         return {"utility/benign_nll": headline.nll_summary(b, hc)} if hc else {}
 
     if hc:
@@ -160,14 +169,14 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     rows = {"original": {**nll["original"], "pruned": 0}}
     rows.update({name: {**with_deltas(nll[name], nll["original"]), "pruned": stats["total_pruned"]}
                  for name in ("pruned", "random")})
-    table = {"eval": {"harmful": cfg.eval_harm, "benign": cfg.eval_benign, "rows": [len(harm_rows), len(benign_rows)],
+    table = {"eval": {"harmful": cfg.eval_harm, "benign": cfg.eval_benign, "rows": [measured["harmful"], measured["benign"]],
                       "metric": "mean response NLL, nats/token"}, "rows": rows}
     prune_cfg = PruneConfig(harm_scores=str(harm.path), benign_scores=str(benign.path) if benign else None, q=cfg.q,
                             p=cfg.p, out=str(out), model=cfg.model, scope=cfg.scope, seed=cfg.seed,
                             overwrite=cfg.overwrite, dtype=cfg.dtype, device=handle.device)
     prune_loaded(prune_cfg, handle, harm, benign, mask, stats, extra={"before_after": table})
     text = format_table(rows)
-    print(f"\nheld-out NLL ({len(harm_rows)} harmful, {len(benign_rows)} benign; nats/token)\n{text}")
+    print(f"\nheld-out NLL ({measured['harmful']} harmful, {measured['benign']} benign; nats/token)\n{text}")
     (out / "before_after.md").write_text("```\n" + text + "\n```\n")
     if hc:
         results.update(model={"spec": cfg.model, "hash": handle.hash}, config=to_dict(cfg), before_after=table,

@@ -135,7 +135,7 @@ class PlanConfig(ModelOptions, ScoringOptions, GenBatchOptions, NewTokensOptions
     counts the prompts generated and the records fine-tuned."""
 
     methods: list[str] = opt(list(METHODS), help="score methods to plan", deprecated=("--method",))
-    prompt_length: int = opt(128, help="prompt tokens per generation")
+    prompt_length: int = opt(128, help="prompt tokens per generation", range=">= 1")
     json: bool = opt(False, help="print JSON instead of a table")
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ from ..core.models import load_model, model_name
 from ..core.options import QGridOptions
 from ..core.settings import check, opt, to_dict
 from ..pruning.apply import masked
-from ..pruning.select import select_prune_set
+from ..pruning.select import SelectionError, check_second_band, select_prune_set
 from .ablation.plots import pyplot, save
 from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
 
@@ -31,11 +31,11 @@ class SweepConfig(PruneInputs, QGridOptions):
     """Settings of ``harmprune sweep`` (``make sweep``); ``--out`` defaults to results/sweep-<model>.
     ``make sweep`` passes ``--eval-nsamples 32``: the 46-point grid then takes about 30 min on 2 CPU cores."""
 
-    ps: list[float] = opt(PS, help="p values")
+    ps: list[float] = opt(PS, help="p values", range="[0, 1]")
     controls: list[str] = opt(["random", "magnitude"], help="controls to measure beside the harm-specific set "
                               "(random, magnitude, second-band)", choices=list(VARIANTS[1:]))
-    max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point")
-    min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed")
+    max_benign_rel: float = opt(0.05, help="largest relative benign NLL rise allowed for the recommended point", range=">= 0")
+    min_d_harmful: float = opt(0.01, help="smallest harmful NLL rise (nats/token) a recommended point must exceed", range="finite")
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,6 +45,10 @@ class SweepConfig(PruneInputs, QGridOptions):
         validate.check_finite(self.min_d_harmful, "--min-d-harmful")
         bad = sorted(set(self.controls) - set(VARIANTS[1:]))
         check(not bad, f"--controls: unknown control {bad[0] if bad else ''!r}; choose from {', '.join(VARIANTS[1:])}")
+        if "second-band" in self.controls:  # every grid point, before the first is measured
+            for q in self.qs:
+                for p in self.ps:
+                    check_second_band(q, p, "--qs", "--ps")
 
 
 def recommend(rows: list[dict], max_benign_rel: float, min_d_harmful: float = 0.0) -> dict | None:
@@ -109,7 +113,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     handle = load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = handle
     harm, benign = score_pair(handle, cfg)
-    harm_rows, benign_rows = held_out(cfg.eval_harm, cfg.eval_nsamples), held_out(cfg.eval_benign, cfg.eval_nsamples)
+    harm_rows, benign_rows = held_out(cfg.eval_harm, cfg.eval_nsamples, cfg.seed), held_out(cfg.eval_benign, cfg.eval_nsamples, cfg.seed)
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     params = dict(model.named_parameters(remove_duplicate=False))
     weights = {n: params[n] for n in harm.tensors}
@@ -117,8 +121,12 @@ def run_sweep(cfg: SweepConfig) -> Path:
     grid = [(p, q, v) for p in cfg.ps for q in cfg.qs for v in ("harm-specific", *cfg.controls)]
     for p, q, variant in tqdm(grid, desc="sweep (p, q, variant)"):
         control = "none" if variant == "harm-specific" else variant
-        mask, stats = select_prune_set(harm.tensors, benign.tensors if p > 0 else None, harm.method,
-                                       benign.method, q, p, cfg.scope, control, cfg.seed, weights)
+        try:
+            mask, stats = select_prune_set(harm.tensors, benign.tensors if p > 0 else None, harm.method,
+                                           benign.method, q, p, cfg.scope, control, cfg.seed, weights)
+        except SelectionError as e:  # one point that cannot be drawn must not lose the finished ones
+            validate.warn(f"sweep point p={p:g} q={q:g} {variant} left out: {e}")
+            continue
         with masked(model, mask):
             r = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
         rows.append({"p": p, "q": q, "variant": variant, "pruned": stats["total_pruned"],

@@ -10,9 +10,12 @@ each item's fields fill ``{name}`` placeholders of the template, and the result 
 logprob-weighted 0-100 expectation (docs/design.md, Betley et al.), None when the numbers 0..100 hold
 less than 0.25 of the probability of the reply.
 
+``em-classifier`` (the offline EM judge) rates EM answers only, through ``rate_em(items)``: aligned,
+coherent (0-100), p_misaligned and misaligned for each {question, answer} item.
+
 Specs: ``keyword[:<list>]``, ``classifier``, ``strongreject[:<model or adapter>]`` (StrongREJECT's
-fine-tuned evaluator, B-TAP's judge), ``hf:<model>`` (HarmBench's yes/no prompt on a local model),
-``openai:<model>``, ``fake[:<rule>]``.
+fine-tuned evaluator, B-TAP's judge), ``em-classifier``, ``hf:<model>`` (HarmBench's yes/no prompt on a
+local model), ``openai:<model>``, ``fake[:<rule>]``.
 Built-in judge modules are imported on first use, so ``openai`` never imports torch.
 """
 
@@ -75,6 +78,7 @@ _REGISTRY: dict[str, Factory] = {}
 _BUILTIN = {
     "keyword": "harmprune.evals.judges.keyword",
     "classifier": "harmprune.evals.judges.classifier",
+    "em-classifier": "harmprune.evals.judges.em_classifier",
     "hf": "harmprune.evals.judges.hf",
     "openai": "harmprune.evals.judges.openai",
     "fake": "harmprune.evals.judges.fake",

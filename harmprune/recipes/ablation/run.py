@@ -44,16 +44,16 @@ class AblateConfig(ModelOptions, DataOptions, FieldOptions, BenignOptions, Metho
 
     categories: list[str] = opt([], help="categories to study (default: all with enough rows)")
     eval_data: str | None = opt(None, help="held-out harmful data (default: <data>:test for built-ins, "
-                                           "else rows held out from --data per category)")
-    category_nsamples: int = opt(16, help="records scored per category (first n after a seeded shuffle)")
-    min_rows: int = opt(8, help="categories with fewer scoring rows are merged into one group (or skipped)")
-    eval_per_category: int = opt(4, help="held-out harmful records per category")
-    eval_benign_nsamples: int = opt(16, help="held-out benign records")
-    curve_qs: list[float] = opt([3e-5, 1e-4, 3e-4], help="q values of the compression curves")
+                                           "else rows held out from --data per category)", role="input")
+    category_nsamples: int = opt(16, help="records scored per category (first n after a seeded shuffle)", range=">= 1")
+    min_rows: int = opt(8, help="categories with fewer scoring rows are merged into one group (or skipped)", range=">= 1")
+    eval_per_category: int = opt(4, help="held-out harmful records per category", range=">= 1")
+    eval_benign_nsamples: int = opt(16, help="held-out benign records", range=">= 1")
+    curve_qs: list[float] = opt([3e-5, 1e-4, 3e-4], help="q values of the compression curves", range="(0, 1]")
     a_not_b: bool = opt(True, help="measure the A_not_B (A minus B) sets for every pair")
     harm_targets: list[float] = opt([0.05, 0.1, 0.2], help="harm effects for the compression figure "
-                                                            "(NLL rise, nats/token)")
-    compare_model: str | None = opt(None, help="second model (e.g. the base model) measured the same way")
+                                                            "(NLL rise, nats/token)", range="> 0")
+    compare_model: str | None = opt(None, help="second model (e.g. the base model) measured the same way", role="input")
     generate: bool = opt(False, help="transfer by judged harmfulness of generated replies instead of NLL (slow)")
 
     def __post_init__(self):

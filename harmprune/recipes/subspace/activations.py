@@ -49,9 +49,9 @@ class ActivationsConfig(ModelOptions, NSamplesOptions, PassOptions, EtaOptions, 
 
     sets: list[str] = opt(["harmful", "harmbench", "xstest"], help="2 or 3 prompt sets: harmful, harmbench, "
                           "xstest, benign, or data specs (file, hf:<name>, built-in)")
-    layers: list[int] = opt([], help="blocks to read (1..L); none = those at --depth-from..--depth-to of the depth")
-    depth_from: float = opt(0.65, help="first block as a fraction of the depth")
-    depth_to: float = opt(0.9, help="last block as a fraction of the depth")
+    layers: list[int] = opt([], help="blocks to read (1..L); none = those at --depth-from..--depth-to of the depth", range=">= 1")
+    depth_from: float = opt(0.65, help="first block as a fraction of the depth", range="[0, 1]")
+    depth_to: float = opt(0.9, help="last block as a fraction of the depth", range="[0, 1]")
 
     def __post_init__(self):
         self.device = resolve_device(self.device)  # SVDs and tensors go straight to it

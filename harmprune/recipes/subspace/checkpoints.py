@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ...core.errors import HarmpruneError
-from ...core.models import resolve
+from ...core.models import check_weight_files, resolve
 from ...core.targets import DEFAULT_TARGETS, matches
 
 HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
@@ -49,6 +49,7 @@ class TensorReader:
     def __init__(self, spec: str, label: str):
         self.spec, self.label = spec, label
         self.dir = local_checkpoint(spec)
+        check_weight_files(str(self.dir))  # a cut-short file: one line naming it, not a SafetensorError
         self._stack = contextlib.ExitStack()
         self._where: dict[str, object] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}

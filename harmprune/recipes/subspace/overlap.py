@@ -31,8 +31,8 @@ PAIRS = {"harmful vs useful": ("harmful", "useful"), "harmful vs alignment": ("h
 class OverlapConfig(PairOptions, SubspaceOptions, TargetOptions, RuntimeOptions, OutputOptions):
     """Settings of ``harmprune subspace overlap`` (``--targets``: tensors or their modules; SVDs on ``--device``)."""
 
-    harmful: str = opt(help="A fine-tuned on harmful data (F_harmful)")
-    useful: str = opt(help="A fine-tuned on useful data (F_useful)")
+    harmful: str = opt(help="A fine-tuned on harmful data (F_harmful)", role="input")
+    useful: str = opt(help="A fine-tuned on useful data (F_useful)", role="input")
 
     def __post_init__(self):
         self.device = resolve_device(self.device)  # SVDs and tensors go straight to it

@@ -39,13 +39,13 @@ class ProjectConfig(PairOptions, SubspaceOptions, TargetOptions, RuntimeOptions,
     weights; 1-D tensors use scalar projection); ``--seed`` seeds random-k and the Gaussian control;
     SVDs run in float32 on ``--device`` whatever ``--dtype``."""
 
-    finetuned: str = opt(help="fine-tune of the aligned model whose update is projected")
+    finetuned: str = opt(help="fine-tune of the aligned model whose update is projected", role="input")
     mode: str = opt("parallel", help="keep the update's part inside (parallel) or outside (orth) the subspace",
                     choices=list(MODES))
     basis: str = opt("topk", help="top-k singular vectors of V, k random ones (randk), or a Gaussian control",
                      choices=list(BASES))
-    energy_rho: list[float] = opt(PAPER_RHOS, help="rho grid of the energy-kept figure (every basis)")
-    factor_dir: str | None = opt(None, help="keep the per-matrix SVD factors in this directory instead of memory")
+    energy_rho: list[float] = opt(PAPER_RHOS, help="rho grid of the energy-kept figure (every basis)", range="(0, 1]")
+    factor_dir: str | None = opt(None, help="keep the per-matrix SVD factors in this directory instead of memory", role="output")
 
     def __post_init__(self):
         self.device = resolve_device(self.device)  # SVDs and tensors go straight to it

@@ -1,0 +1,211 @@
+"""The check step every command runs before a model loads or work starts (``cli.check_command``).
+
+Driven by the settings' fields, so every command that has a flag gets its check:
+- data files (``--data``, ``--harm``, ``--eval-*``, ``--prompts``, ``--train-data``, ...): read whole,
+  zero usable rows is an error;
+- models (``--model``, ``--base``/``--aligned``, fine-tunes): exist, their weight files are whole, and
+  the two of a pair share an architecture and are not the same checkpoint;
+- ``--pruned``: a make prune output with a readable ``prune_config.json``;
+- judges: each spec is known, ``--judge-url`` is an http(s) URL, ``--judge-device`` exists, and a
+  remote judge answers one probe request (commands that would otherwise find out after generating);
+- devices and dtypes (``--dtype``, ``--judge-dtype``); cache/factor/fine-tune directories writable.
+Nothing is loaded (a built-in alias may be built: that is where the model comes from) and nothing
+is written.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from pathlib import Path
+
+from ..core import validate
+from ..core.data import DataSpec, load_records
+from ..core.errors import HarmpruneError
+from ..core.models import ALIASES, cache_dir, check_weight_files, parse_dtype, resolve
+
+# fields holding record data (prompt/response rows), read whole by the check
+DATA_FIELDS = ("data", "harm", "benign", "eval_harm", "eval_benign", "train_data", "prompts", "eval_data",
+               "harmful_data", "useful_data")
+# fields naming a checkpoint
+MODEL_FIELDS = ("model", "base", "aligned", "finetuned", "harmful", "useful", "compare_model", "harmful_model",
+                "useful_model", "contaminated_model")
+# directories a command writes besides --out
+DIR_OUTPUTS = ("scores_dir", "factor_dir", "finetune_dir", "offload_folder")
+# commands whose judges are probed in their own run, right before generation (eval harm, generate)
+PROBED_LATER = ("eval harm", "generate")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_data(cfg) -> None:
+    for name in DATA_FIELDS:
+        value = getattr(cfg, name, None)
+        if not isinstance(value, str) or value.startswith("hf:"):
+            continue  # Hub data sets are read where they are used (a download)
+        if name == "train_data":
+            from ..finetune.train import resolve_data
+
+            value = resolve_data(value)
+        fields = {k: getattr(cfg, k, None) for k in ("prompt_field", "response_field", "category_field", "category")}
+        if name not in ("data", "prompts"):
+            fields = {"category": None, "prompt_field": None, "response_field": None, "category_field": None}
+        try:
+            records = load_records(DataSpec(data=value, **fields), require_response=False)
+        except HarmpruneError as e:
+            raise HarmpruneError(f"{flag(name)} {value}: {e}") from None
+        if not records:
+            raise HarmpruneError(f"{flag(name)} {value}: no usable rows")
+
+
+def model_dir(spec: str) -> Path | None:
+    """The local checkpoint directory of ``spec`` (None for a Hub id, a .gguf file or an alias not built
+    yet: it is built where it is first loaded)."""
+    if spec in ALIASES and not (cache_dir() / ALIASES[spec].folder(spec) / "config.json").is_file():
+        return None
+    path, gguf = resolve(spec)
+    p = Path(path)
+    return p if not gguf and p.is_dir() else None
+
+
+def model_config(d: Path | None) -> dict:
+    if d is None or not (d / "config.json").is_file():
+        return {}
+    try:
+        return json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HarmpruneError(f"{d / 'config.json'} is not readable JSON ({e}); re-create the checkpoint") from None
+
+
+def check_models(cfg) -> None:
+    dirs = {}
+    for name in MODEL_FIELDS:
+        spec = getattr(cfg, name, None)
+        if not isinstance(spec, str) or not spec:
+            continue
+        try:
+            d = model_dir(spec)
+        except HarmpruneError as e:
+            raise HarmpruneError(f"{flag(name)}: {e}") from None
+        if d is not None:
+            check_weight_files(str(d))
+            model_config(d)
+        dirs[name] = d
+    if "base" in dirs and "aligned" in dirs:
+        check_pair(cfg, dirs["base"], dirs["aligned"])
+
+
+ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def check_pair(cfg, base: Path | None, aligned: Path | None) -> None:
+    """--base and --aligned: one architecture and size, two different checkpoints."""
+    if cfg.base == cfg.aligned or (base is not None and aligned is not None and base.resolve() == aligned.resolve()):
+        raise HarmpruneError(f"--base and --aligned are the same checkpoint ({cfg.aligned}): the alignment update is "
+                             "zero; pass the model before alignment as --base")
+    a, b = model_config(base), model_config(aligned)
+    for key in ARCH_KEYS:
+        if key in a and key in b and a[key] != b[key]:
+            raise HarmpruneError(f"--base {cfg.base} and --aligned {cfg.aligned} differ in {key} ({a[key]} vs "
+                                 f"{b[key]}): they must be one architecture (the aligned model is a fine-tune of the base)")
+
+
+def check_pruned(cfg) -> None:
+    from ..pruning.checkpoint import CONFIG_FILE, MASK_FILE
+
+    pruned = getattr(cfg, "pruned", None)
+    if not pruned:
+        return
+    d = Path(pruned)
+    if not (d / MASK_FILE).is_file():
+        raise HarmpruneError(f"--pruned {pruned}: no {MASK_FILE} there (not a make prune output directory)")
+    f = d / CONFIG_FILE
+    if not f.is_file():
+        raise HarmpruneError(f"--pruned {pruned}: no {CONFIG_FILE} there, so the model its mask was made for is "
+                             f"unknown; pass a complete make prune output directory")
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HarmpruneError(f"{f} is corrupt or cut short ({e}); re-create {pruned} with harmprune prune") from None
+    if not isinstance(doc, dict) or not (doc.get("model") or {}).get("model_hash"):
+        raise HarmpruneError(f"{f} records no model hash; re-create {pruned} with harmprune prune")
+
+
+def judge_spec_list(cfg) -> list[str]:
+    specs = []
+    for name in ("judge", "refusal_judge"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, str):
+            specs += [s.strip() for s in value.split(",") if s.strip()]
+    return specs
+
+
+def check_judges(cfg, probe: bool) -> None:
+    from ..evals.judges import get_judge
+
+    url = getattr(cfg, "judge_url", None)
+    if url is not None:
+        u = urllib.parse.urlparse(url)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise HarmpruneError(f"--judge-url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
+    device = getattr(cfg, "judge_device", None)
+    if device is not None:
+        validate.check_device(device, "--judge-device")
+    jd = getattr(cfg, "judge_dtype", None)
+    if jd is not None and jd != "auto":
+        try:
+            parse_dtype(jd)
+        except HarmpruneError as e:
+            raise HarmpruneError(f"--judge-dtype: {e}") from None
+    specs = judge_spec_list(cfg)
+    for spec in specs:
+        prefix, _, arg = spec.partition(":")
+        if prefix == "hf":  # a local model judge: its checkpoint must exist; it loads where it is used
+            if not arg:
+                raise HarmpruneError("judge 'hf' needs a model: hf:<model>")
+            try:
+                model_dir(arg)
+            except HarmpruneError as e:
+                raise HarmpruneError(f"--judge {spec}: {e}") from None
+            continue
+        if prefix == "strongreject":  # a ~2.5B evaluator: checked where it can be without loading it
+            if arg and arg.startswith((".", "/", "~")) and not Path(arg).expanduser().is_dir():
+                raise HarmpruneError(f"--judge {spec}: no such directory (give an adapter or model directory, "
+                                     "or a Hub repo id)")
+            continue
+        options = {"url": url}
+        for key, name in (("timeout", "judge_timeout"), ("max_retries", "judge_retries")):
+            if getattr(cfg, name, None) is not None:
+                options[key] = getattr(cfg, name)
+        judge = get_judge(spec, **options)  # unknown names, bad keyword lists, a missing classifier
+        if probe and prefix == "openai":
+            judge.check()  # one request: unreachable, refusing the key or the model
+
+
+def check_dtypes(cfg) -> None:
+    value = getattr(cfg, "dtype", None)
+    if isinstance(value, str):
+        try:
+            parse_dtype(value)
+        except HarmpruneError as e:
+            raise HarmpruneError(f"--dtype: {e}") from None
+
+
+def check_dirs(cfg) -> None:
+    for name in DIR_OUTPUTS:
+        value = getattr(cfg, name, None)
+        if value:
+            validate.check_writable_dir(value, flag(name))
+
+
+def check_settings(command: str, *cfgs) -> None:
+    """The field-driven checks of every command (see the module docstring)."""
+    for cfg in cfgs:
+        check_dtypes(cfg)
+        check_dirs(cfg)
+        check_pruned(cfg)
+        check_judges(cfg, probe=command not in PROBED_LATER)
+        check_data(cfg)
+        check_models(cfg)
