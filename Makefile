@@ -46,12 +46,15 @@ score: install
 # prompts without and under the 10-token prefill attack (full reply, continuation only, prefix floor, stop rate), XSTest safe compliance, corpus perplexity, with
 # 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
 # tokens add ~14 min on 2 busy cores to the NLL run (~20-30 min in all, cold; 19 min 23 s measured on a quiet
-# CPU); HEADLINE_LIMIT=0 = all 19 distinct harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned
-# builds it into ~/.cache/harmprune (~15 min). Beside harmful:test the headline judges HARM_EXTRA (default
-# harmful-heldout: StrongREJECT prompts, a source scoring does not use, each prefilled from the base model's own
-# harmful reply; HEADLINE_LIMIT of them, spread over categories; about doubles the harm generation time;
-# HARM_EXTRA=none = off). SELECTION picks the pruned set (difference = B-TAP's Top_q \ Top_p; fill, contrastive,
-# rank: pruning/select.py); BENIGN may name several sets (BENIGN=benign,sensitive-safe).
+# CPU, at --gen-batch-size 8 and before the generation cache: judged replies are now cached in gencache/, so a
+# re-run with another Q or P generates only the pruned model and the control); HEADLINE_LIMIT=0 = all 19 distinct
+# harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned builds it into ~/.cache/harmprune
+# (~15 min). GEN_BATCH: generation batch of the headline (8 = the batch of the measured table in docs/results;
+# 0 = the device's default, 32 on a CPU: faster, greedy replies tested equal on tiny models, not yet re-measured
+# on the organism). HARM_EXTRA=harmful-heldout judges a second held-out set beside harmful:test (StrongREJECT
+# prompts, a source scoring does not use, each prefilled from the base model's own harmful reply; about doubles
+# the harm generation time; not yet measured). SELECTION picks the pruned set (difference = B-TAP's
+# Top_q \ Top_p; fill, contrastive, rank: pruning/select.py); BENIGN may name several sets (benign,sensitive-safe).
 PRUNE_MODEL = $(if $(filter file,$(origin MODEL)),smollm2-135m-aligned,$(MODEL))
 HEADLINE ?= $(if $(filter smollm2-135m-aligned,$(PRUNE_MODEL)),1)
 HEADLINE_LIMIT ?= 32
@@ -60,10 +63,11 @@ HEADLINE_TOKENS ?= 48
 # JUDGE_DEVICE=cuda (StrongREJECT's fine-tuned evaluator, a Gemma-2B LoRA from the Hub).
 HEADLINE_JUDGE ?= keyword,classifier
 JUDGE_DEVICE ?= auto
-HARM_EXTRA ?= harmful-heldout
+HARM_EXTRA ?= none
+GEN_BATCH ?= 8
 SELECTION ?= difference
 HEADLINE_ARGS = --headline --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --limit $(HEADLINE_LIMIT) \
-  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size 8 --eval-harm-extra $(HARM_EXTRA)
+  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size $(GEN_BATCH) --eval-harm-extra $(HARM_EXTRA)
 HARM ?= harmful
 BENIGN ?= benign
 BENIGN_METHOD ?= snip-abs
@@ -109,7 +113,7 @@ bench: install
 	$(PY) bench/attribution.py
 
 clean:
-	rm -rf out scores results
+	rm -rf out scores results gencache
 
 # Emergent-misalignment experiment (docs/em.md): original / harm-pruned / random control, each fine-tuned
 # (LoRA, masks kept) on a narrow set, then `eval em` of all six models with the shipped offline EM judge

@@ -95,7 +95,7 @@ def test_renamed_flag_works_with_a_one_line_notice(tmp_path, capsys):
 def test_old_flag_meaning_something_else_now_is_not_an_alias():
     """eval utility's --batch-size is the NLL batch (PassOptions), not the old generation-batch alias."""
     ns = build_parser().parse_args(["eval", "utility", "--out", "o", "--batch-size", "3"])
-    assert ns.batch_size == 3 and ns.gen_batch_size == 8
+    assert ns.batch_size == 3 and ns.gen_batch_size == 0  # 0 = the device's default
     ns = build_parser().parse_args(["eval", "harm", "--out", "o", "--batch-size", "3"])
     assert ns.gen_batch_size == 3
 

@@ -115,3 +115,20 @@ def test_bad_settings(model, tok):
         with pytest.raises(MissingDependency, match="vllm"):
             generate(model, tok, ["a"], GenConfig(backend="vllm"))
         assert generate(model, tok, ["a"], GenConfig(backend="auto", max_new_tokens=2))  # falls back to hf
+
+
+def test_default_batch_sorted_by_length_gives_the_one_at_a_time_greedy_replies(model, tok):
+    """The engine's default batch (``--gen-batch-size 0``: 32 on a CPU) over prompts of many lengths,
+    sorted longest first and left-padded, gives token for token the replies generated one at a time
+    (and by plain uncached decoding)."""
+    from harmprune.evals.backends import DEFAULT_BATCH, default_batch_size
+
+    assert default_batch_size(torch.device("cpu")) == DEFAULT_BATCH["cpu"] and default_batch_size("cuda:1") == 64
+    prompts = [("word " * (i * 7 % 23)).strip() + f" question {i}?" for i in range(DEFAULT_BATCH["cpu"] + 5)]
+    ctx = [_context(tok, p) for p in prompts]
+    assert len({len(c) for c in ctx}) > 10  # many lengths: real left padding in every batch
+    auto = generate_tokens(model, tok, ctx, GenConfig(max_new_tokens=10))
+    single = generate_tokens(model, tok, ctx, GenConfig(max_new_tokens=10, gen_batch_size=1))
+    assert auto == single
+    assert [s[0] for s in single[:6]] == [_brute_greedy(model, c, 10, tok.eos_token_id) for c in ctx[:6]]
+    assert len({tuple(a[0]) for a in auto}) > 5  # replies depend on the prompt

@@ -168,6 +168,14 @@ class CacheOptions:
 
 
 @dataclass(kw_only=True)
+class GenCacheOptions:
+    gen_cache_dir: str = opt("auto", help="judged-generation cache (evals/gencache.py): replies and verdicts keyed by "
+                                          "the (masked) model's hash, the prompts, every generation setting and the "
+                                          "judge, re-used by later runs; auto = gencache/ beside --scores-dir; "
+                                          "off = no cache", role="output")
+
+
+@dataclass(kw_only=True)
 class MethodOptions:
     method: str = opt("snip", help="attribution method (of the harmful data where there are two): snip = signed "
                                    "W*sum grad (most negative = most helpful), snip-abs = |W|*sum|grad|, "
@@ -296,7 +304,9 @@ class NewTokensOptions:
 
 @dataclass(kw_only=True)
 class GenBatchOptions:
-    gen_batch_size: int = opt(8, help="prompts per generation batch", deprecated=("--batch-size",), range=">= 1")
+    gen_batch_size: int = opt(0, help="prompts per generation batch; 0 = the device's default (32 on a CPU, 64 on "
+                                      "CUDA: evals.backends.default_batch_size); greedy replies do not depend on it",
+                              deprecated=("--batch-size",), range=">= 0")
 
 
 @dataclass(kw_only=True)
@@ -419,7 +429,8 @@ def check_scoring(o: ScoringOptions) -> None:
 
 
 def check_sampling(o: SamplingOptions) -> None:
-    check_min(o, 1, "max_new_tokens", "n", "gen_batch_size")
+    check_min(o, 1, "max_new_tokens", "n")
+    check_min(o, 0, "gen_batch_size")
     check_min(o, 0, "temperature")
     check(0 < o.top_p <= 1, "--top-p must be in (0, 1]")
 

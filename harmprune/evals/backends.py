@@ -141,22 +141,44 @@ def _hf_generate_batch(model, tokenizer, contexts: list[list[int]], cfg, stop: s
     return [c * cfg.n if reps == 1 else c for c in per_prompt]
 
 
+# Prompts per generation batch when ``--gen-batch-size`` is 0 (auto), by device type. A decode step
+# reads every weight once whatever the batch, and each step pays a fixed Python/dispatch cost, so
+# larger batches are faster until compute or memory runs out. CPU: bench/generation.py on the 2-core
+# dev box (bench/README.md: 8 -> 16 -> 32 -> 64 kept getting faster, the same greedy replies at each;
+# 32 = make prune's 32 prompts per set in one batch); CUDA: far from either limit at 64 for the
+# models this project runs.
+DEFAULT_BATCH = {"cpu": 32, "cuda": 64}
+
+
+def default_batch_size(device) -> int:
+    """The generation batch of ``--gen-batch-size 0`` on ``device`` (a torch.device or a string)."""
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    return DEFAULT_BATCH.get(kind, DEFAULT_BATCH["cpu"])
+
+
+def batch_size_for(cfg, device) -> int:
+    """``cfg.gen_batch_size``, or the device's default when it is 0 (auto)."""
+    return cfg.gen_batch_size or default_batch_size(device)
+
+
 def generate_tokens(model, tokenizer, contexts: list[list[int]], cfg, desc: str = "generate") -> list[list[list[int]]]:
     """New token ids (EOS and after removed), ``cfg.n`` lists per context, in the contexts' order.
 
     Contexts are sorted longest first so each batch pads little (and memory errors show at once);
-    the order is restored at the end.
+    the order is restored at the end. ``cfg.gen_batch_size`` 0 = the device's default
+    (:func:`default_batch_size`). Greedy replies do not depend on the batch (tests/test_generation.py).
     """
     stop = eos_ids(model, tokenizer)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     results: list = [None] * len(contexts)
     dev = model.device
+    bs = batch_size_for(cfg, dev)
     devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
         with tqdm(total=len(contexts), desc=desc, unit="prompt", file=sys.stderr) as bar:
-            for b in range(0, len(order), cfg.gen_batch_size):
-                idx = order[b : b + cfg.gen_batch_size]
+            for b in range(0, len(order), bs):
+                idx = order[b : b + bs]
                 outs = _hf_generate_batch(model, tokenizer, [contexts[i] for i in idx], cfg, stop)
                 for i, o in zip(idx, outs):
                     results[i] = o

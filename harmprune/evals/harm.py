@@ -19,6 +19,7 @@ than 5 words. B-TAP's judge reads the whole reply (``harm/<judge>``, the ``full`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -122,10 +123,13 @@ def aggregate(samples: list[dict], judges: list[str], task: str = "harm") -> dic
     return out
 
 
-def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS)) -> None:
+def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS), memo: dict | None = None) -> None:
     """Fill ``samples[i][verdict_key(view)][judge.name]`` in place for each view whose text a sample
     has (a sample without a prefill has no continuation or prefix view). Identical (prompt, text) pairs
-    are judged once: judges are deterministic, and the prefix repeats across samples of one prompt."""
+    are judged once: judges are deterministic, and the prefix repeats across samples of one prompt.
+    ``memo``: ``{(judge name, prompt, text): verdict dict}`` shared between calls (e.g. the variants
+    of one headline run: the forced prefix and many unchanged replies recur), read and filled here."""
+    memo = {} if memo is None else memo
     for view in views:
         field, key = VIEWS[view], verdict_key(view)
         rows = [s for s in samples if isinstance(s.get(field), str)]
@@ -133,9 +137,14 @@ def judge_samples(samples: list[dict], judges: list, views=tuple(VIEWS)) -> None
             continue
         pairs = list(dict.fromkeys((s["prompt"], s[field]) for s in rows))
         for j in judges:
-            got = dict(zip(pairs, judge_all(j, [p for p, _ in pairs], [t for _, t in pairs])))
+            new = [pt for pt in pairs if (j.name, *pt) not in memo]
+            got = dict(zip(new, (v.to_dict() for v in (judge_all(j, [p for p, _ in new], [t for _, t in new])
+                                                       if new else []))))
+            # a failed verdict is not shared: a later call (another variant) tries that pair again
+            memo.update({(j.name, *pt): v for pt, v in got.items() if v.get("error") is None})
             for s in rows:
-                s.setdefault(key, {})[j.name] = got[(s["prompt"], s[field])].to_dict()
+                pt = (s["prompt"], s[field])
+                s.setdefault(key, {})[j.name] = copy.deepcopy(got[pt] if pt in got else memo[(j.name, *pt)])
 
 
 def generate_samples(model, tok, records, gen: GenConfig) -> list[dict]:

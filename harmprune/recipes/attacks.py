@@ -86,7 +86,8 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
         validate.check_fraction(self.refusal_p, "--refusal-p")
         check(self.eval_nsamples >= 0 and self.corpus_tokens >= 0,
               "--eval-nsamples and --corpus-tokens must be 0 (all) or positive")
-        check(self.max_new_tokens >= 1 and self.gen_batch_size >= 1, "--max-new-tokens, --gen-batch-size must be >= 1")
+        check(self.max_new_tokens >= 1 and self.gen_batch_size >= 0,
+              "--max-new-tokens must be >= 1, --gen-batch-size >= 0 (0 = the device's default)")
         if self.attack == "finetune":
             self.finetune_config()  # the training settings fail now, not after the first measurement
 
@@ -99,7 +100,8 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
                     keep_mask=None, merge=False, device=resolve_device(self.device))
 
     def headline_config(self) -> HeadlineConfig:
-        return HeadlineConfig(max_new_tokens=self.max_new_tokens, batch_size=self.gen_batch_size,
+        return HeadlineConfig(max_new_tokens=self.max_new_tokens, batch_size=self.gen_batch_size or 8,
+                              gen_batch_size=self.gen_batch_size,
                               max_length=self.max_length, corpus_tokens=self.corpus_tokens, seed=self.seed)
 
 

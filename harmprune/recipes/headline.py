@@ -40,6 +40,7 @@ from ..core import manifest
 from ..core.data import Record
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
+from ..evals.gencache import effective_hash
 from ..evals.generation import GenConfig
 from ..evals.harm import VIEWS, generate_samples, judge_samples, load_judges, stops, verdict_key
 from ..evals.nll import response_nll
@@ -60,7 +61,9 @@ class HeadlineConfig:
     xstest_judge: str = opt("keyword:gcg", help="refusal judge of the XSTest safe prompts")
     prefill: int = opt(10, help="prefill attack: force the first K tokens of the harmful reference reply")
     max_new_tokens: int = opt(64, help="new tokens per reply (after any prefill)")
-    batch_size: int = opt(8, help="prompts per generation / NLL batch")
+    batch_size: int = opt(8, help="samples per benign NLL / corpus perplexity batch")
+    gen_batch_size: int = opt(0, help="prompts per generation batch (0 = the device's default, "
+                                      "evals.backends.default_batch_size)")
     max_length: int = opt(256, help="max tokens per benign NLL sample")
     corpus_tokens: int = opt(8192, help="corpus tokens scored for perplexity (0 = all)")
     block_size: int = opt(256, help="tokens per corpus block")
@@ -71,6 +74,7 @@ class HeadlineConfig:
         check(self.prefill >= 1, "--prefill must be >= 1 (the attack forces at least one token)")
         check(self.max_new_tokens >= 1 and self.batch_size >= 1 and self.n_boot >= 10,
               "--max-new-tokens, --batch-size must be >= 1 and --n-boot >= 10")
+        check(self.gen_batch_size >= 0, "--gen-batch-size must be 0 (the device's default) or positive")
 
 
 @dataclass
@@ -125,14 +129,33 @@ def stop_metrics(samples: list[dict], n_boot: int, seed: int) -> dict:
 
 
 def _gen(cfg: HeadlineConfig, prefill: int = 0) -> GenConfig:
-    return GenConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.batch_size, prefill=prefill, seed=cfg.seed)
+    return GenConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size, prefill=prefill,
+                     seed=cfg.seed)
 
 
-def judged_harm(model, tok, records: list[Record], judges: list, cfg: HeadlineConfig, attack: str) -> tuple[dict, list]:
+def judged_samples(model, tok, records: list[Record], judges: list, gen: GenConfig, label: str, cache=None,
+                   memo: dict | None = None) -> list[dict]:
+    """``generate_samples`` + ``judge_samples``; through the judged-generation cache when ``cache``
+    (an ``evals.gencache.BoundCache`` of this model) is given. ``memo``: verdicts shared between calls."""
+    def judge(samples, js, views=tuple(VIEWS)):
+        judge_samples(samples, js, views, memo=memo)
+
+    if cache is None:
+        samples = generate_samples(model, tok, records, gen)
+        judge(samples, judges)
+        return samples
+    samples, key = cache.samples(model, tok, records, gen, label)
+    cache.judge(samples, key, label, judges, judge, tuple(VIEWS))
+    return samples
+
+
+def judged_harm(model, tok, records: list[Record], judges: list, cfg: HeadlineConfig, attack: str, cache=None,
+                memo: dict | None = None) -> tuple[dict, list]:
     """``{judge: metrics}`` (the full replies; under the prefill attack also ``<judge>/continuation``,
-    ``<judge>/prefix`` and ``stop``) and the samples for one attack (``none`` or ``prefill``)."""
-    samples = generate_samples(model, tok, records, _gen(cfg, cfg.prefill if attack == "prefill" else 0))
-    judge_samples(samples, judges)
+    ``<judge>/prefix`` and ``stop``) and the samples for one attack (``none`` or ``prefill``).
+    ``cache``, ``memo``: :func:`judged_samples`."""
+    gen = _gen(cfg, cfg.prefill if attack == "prefill" else 0)
+    samples = judged_samples(model, tok, records, judges, gen, f"harm-{attack}", cache, memo)
     out = {}
     for view in VIEWS:
         if any(verdict_key(view) in s for s in samples):
@@ -143,9 +166,9 @@ def judged_harm(model, tok, records: list[Record], judges: list, cfg: HeadlineCo
     return out, samples
 
 
-def xstest_compliance(model, tok, records: list[Record], judge, cfg: HeadlineConfig) -> tuple[dict, list]:
-    samples = generate_samples(model, tok, records, _gen(cfg))
-    judge_samples(samples, [judge])
+def xstest_compliance(model, tok, records: list[Record], judge, cfg: HeadlineConfig, cache=None,
+                      memo: dict | None = None) -> tuple[dict, list]:
+    samples = judged_samples(model, tok, records, [judge], _gen(cfg), "xstest", cache, memo)
     comply = [1.0 - float(bool(s["judges"][judge.name]["refusal"])) for s in samples
               if s["judges"][judge.name].get("error") is None and s["judges"][judge.name].get("refusal") is not None]
     return {"compliance": R.mean(comply), "compliance_ci": interval(comply, cfg.n_boot, cfg.seed),
@@ -173,18 +196,21 @@ def corpus_perplexity(model, tok, ids: list[int], cfg: HeadlineConfig) -> dict:
     return {"ppl": math.exp(nll), "ppl_ci": [math.exp(lo), math.exp(hi)], "nll": nll, "blocks": len(blocks)}
 
 
-def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: HeadlineConfig) -> tuple[dict, list]:
-    """Every headline task on the model as it is now; returns (tasks, samples tagged with their task)."""
+def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: HeadlineConfig, cache=None,
+                    memo: dict | None = None) -> tuple[dict, list]:
+    """Every headline task on the model as it is now; returns (tasks, samples tagged with their task).
+    ``cache``: the judged-generation cache of the model as it is now (``evals.gencache.BoundCache``);
+    ``memo``: verdicts shared with the other variants' calls (``evals.harm.judge_samples``)."""
     tasks, samples = {}, []
     for set_name, records in [(None, data.harmful), *data.harmful_sets.items()]:
         for attack in ATTACKS:
-            per_view, s = judged_harm(model, tok, records, judges, cfg, attack)
+            per_view, s = judged_harm(model, tok, records, judges, cfg, attack, cache, memo)
             tasks.update({f"{harm_task(attack, set_name)}/{name}": m for name, m in per_view.items()})
             samples += [{"task": harm_task(attack, set_name), **x} for x in s]
     if data.benign:
         tasks["utility/benign_nll"] = benign_nll(model, tok, data.benign, cfg)
     if data.xstest:
-        tasks["utility/xstest"], s = xstest_compliance(model, tok, data.xstest, xjudge, cfg)
+        tasks["utility/xstest"], s = xstest_compliance(model, tok, data.xstest, xjudge, cfg, cache, memo)
         samples += [{"task": "utility/xstest", **x} for x in s]
     if data.corpus_ids:
         tasks["utility/corpus"] = corpus_perplexity(model, tok, data.corpus_ids, cfg)
@@ -192,20 +218,29 @@ def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: H
 
 
 def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConfig,
-                  extra: Callable[[str], dict] | None = None, judge_opts: dict | None = None) -> tuple[dict, list]:
+                  extra: Callable[[str], dict] | None = None, judge_opts: dict | None = None,
+                  gen_cache=None, model_hash: str | None = None, model_name: str = "model") -> tuple[dict, list]:
     """Measure each ``{variant: mask}`` (a mask ``None`` or ``{}`` = the model unchanged, e.g.
     ``original``); weights are restored exactly after each. ``extra(variant)``, called while that
     variant's mask is applied, returns more tasks for it (e.g. the pipeline's NLL, measured once).
     ``judge_opts``: options of the judges (device, dtype, endpoint: ``evals.harm.judge_options``).
-    Returns (results, samples)."""
+    ``gen_cache``: an ``evals.gencache.GenCache``: each variant's judged replies are read from it when
+    present (keyed by the unmasked model's ``model_hash``, computed here when not given, and the
+    variant's mask) and stored otherwise. Verdicts of identical (prompt, text) pairs are judged once
+    for all variants. Returns (results, samples)."""
     from ..pruning.apply import masked
 
     judges = load_judges(cfg.judges, **(judge_opts or {}))
     xjudge = load_judges(cfg.xstest_judge, **(judge_opts or {}))[0]
-    variants, samples = {}, []
+    if gen_cache is not None and model_hash is None:
+        from ..core.models import model_hash as hash_of
+
+        model_hash = hash_of(model)  # before any mask is applied
+    variants, samples, memo = {}, [], {}
     for name, mask in masks.items():
+        cache = gen_cache.bind(effective_hash(model_hash, mask), model_name) if gen_cache is not None else None
         with masked(model, mask or {}):
-            variants[name], s = measure_variant(model, tok, data, judges, xjudge, cfg)
+            variants[name], s = measure_variant(model, tok, data, judges, xjudge, cfg, cache, memo)
             variants[name].update(extra(name) if extra else {})
         samples += [{"variant": name, **x} for x in s]
         variants[name]["pruned_weights"] = count(mask or {})
@@ -358,10 +393,12 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
 
 def config_from(o, **overrides) -> HeadlineConfig:
     """A :class:`HeadlineConfig` from a recipe's options (``--judge``, ``--prefill-attack``,
-    ``--max-new-tokens``, ``--gen-batch-size``, ``--max-length``, ``--seed``)."""
+    ``--max-new-tokens``, ``--gen-batch-size``, ``--max-length``, ``--seed``). ``--gen-batch-size`` 0
+    (auto) lets generation pick the device's batch and leaves the NLL / perplexity batch at 8; a given
+    value sets both, as before."""
     return HeadlineConfig(**{"judges": o.judge, "prefill": o.prefill_attack, "max_new_tokens": o.max_new_tokens,
-                             "batch_size": o.gen_batch_size, "max_length": o.max_length, "seed": o.seed,
-                             **overrides})
+                             "batch_size": o.gen_batch_size or 8, "gen_batch_size": o.gen_batch_size,
+                             "max_length": o.max_length, "seed": o.seed, **overrides})
 
 
 __all__ = ["HeadlineConfig", "HeadlineData", "measure_masks", "measure_variant", "render_table", "write_headline",

@@ -5,7 +5,9 @@ original, the pruned model and the random control (``recipes/headline.py``: judg
 and under the prefill attack, XSTest compliance, corpus perplexity, 95 % intervals), re-using the NLL
 table's benign measurement. One model handle serves every step (its hash is computed once). Scores
 go through the one score cache (``attribution.cache``), so re-running with other ``q``/``p`` re-uses
-them, and so can ``sweep``, ``compare-alignment`` and ``ablate``.
+them, and so can ``sweep``, ``compare-alignment`` and ``ablate``; the headline's judged replies go
+through the judged-generation cache (``evals.gencache``), so such a re-run generates and judges only
+the pruned model and the control again.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from ..attribution.cache import cached_scores
 from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import ModelHandle, load_model, model_name
-from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions,  # noqa: F401
+from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions, GenCacheOptions,  # noqa: F401
                             HarmDataOptions, HarmJudgeOptions, JudgeOptions, HeadlineOptions, LimitOptions, MethodOptions,
                             ModelOptions, NewTokensOptions, OutputOptions, PresetOptions, ScopeOptions,
                             ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
 from ..core.settings import check, to_dict
+from ..evals.gencache import GenCache, cache_dir
 from ..evals.harm import judge_options, judge_specs
 from ..evals.nll import response_nll
 from ..pruning.apply import masked
@@ -42,11 +45,13 @@ class PruneInputs(ModelOptions, HarmDataOptions, BenignOptions, MethodOptions, S
 
 @dataclass(kw_only=True)
 class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOptions, JudgeOptions, LimitOptions,
-                     NewTokensOptions, GenBatchOptions):
+                     NewTokensOptions, GenBatchOptions, GenCacheOptions):
     """Settings of ``harmprune pipeline`` (``make prune``); ``--out`` defaults to out/<model>-<settings>.
     ``--headline`` adds B-TAP's headline (recipes/headline.py) on ``--limit`` of the ``--eval-harm``
     prompts (reference replies feed the prefill attack) and as many held-out XSTest safe prompts,
-    judged by ``--judge``; the other flags of that group only matter with ``--headline``."""
+    judged by ``--judge``; the other flags of that group only matter with ``--headline``. The headline's
+    judged replies go through the judged-generation cache (``--gen-cache-dir``, evals/gencache.py):
+    another ``q`` or ``p`` re-uses the original model's."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,8 +159,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                                                                           "selected": len(benign_rows)}}
         data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed,
                                       extra=cfg.eval_harm_extra)
+        gdir = cache_dir(cfg.gen_cache_dir, cfg.scores_dir)
         results, samples = headline.measure_masks(model, tok, variants, data, hc, extra=measure_nll,
-                                                  judge_opts=judge_options(cfg))
+                                                  judge_opts=judge_options(cfg),
+                                                  gen_cache=GenCache(gdir) if gdir else None,
+                                                  model_hash=handle.hash, model_name=handle.name)
     else:
         for name, m in variants.items():
             with masked(model, m or {}):

@@ -142,8 +142,9 @@ class PlanConfig(ModelOptions, ScoringOptions, GenBatchOptions, NewTokensOptions
         self.device = resolve_device(self.device)
         bad = [m for m in self.methods if m not in METHODS]
         check(not bad, f"unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)}")
-        check_min(self, 1, "nsamples", "batch_size", "max_length", "gen_batch_size", "prompt_length", "max_new_tokens",
+        check_min(self, 1, "nsamples", "batch_size", "max_length", "prompt_length", "max_new_tokens",
                   "train_batch_size", "grad_accum", "train_max_length", "lora_r")
+        check_min(self, 0, "gen_batch_size")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"--device must be cpu or cuda, got {self.device!r}")
         parse_dtype(self.dtype)
         parse_dtype(self.score_dtype)
@@ -233,7 +234,9 @@ def estimate_prune(s: ModelShape, cfg: PlanConfig) -> StageEstimate:
 
 def estimate_generate(s: ModelShape, cfg: PlanConfig) -> StageEstimate:
     parts = _common(s, cfg)
-    b, B = _nbytes(cfg.dtype), cfg.gen_batch_size
+    from ..evals.backends import default_batch_size
+
+    b, B = _nbytes(cfg.dtype), cfg.gen_batch_size or default_batch_size(cfg.device)
     total = cfg.prompt_length + cfg.max_new_tokens
     parts["kv_cache"] = 2 * s.layers * s.kv_heads * s.head_dim * B * total * b
     parts["activations"] = activation_bytes(s, B, cfg.prompt_length, cfg.dtype, backward=False)

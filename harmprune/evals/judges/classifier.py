@@ -23,6 +23,21 @@ class ClassifierJudge:
         self.name = "classifier" if directory is None else f"classifier:{directory}"
         self.refusal_threshold = self.model.thresholds.get("refusal", 0.5)
 
+    def identity(self) -> dict:
+        """What the verdicts depend on (the judged-generation cache's key): a hash of the weights."""
+        if not hasattr(self, "_identity"):
+            import hashlib
+            import json
+
+            m, h = self.model, hashlib.sha256()
+            h.update(json.dumps([m.features, m.intercepts, m.thresholds, repr(m.settings), m.sublinear_tf,
+                                 self.refusal_threshold], sort_keys=True, default=str).encode())
+            h.update(m.idf.tobytes())
+            for head in sorted(m.coefs):
+                h.update(head.encode() + m.coefs[head].tobytes())
+            self._identity = {"name": self.name, "weights_sha256": h.hexdigest()}
+        return self._identity
+
     def judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")

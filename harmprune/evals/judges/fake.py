@@ -27,6 +27,9 @@ class FakeJudge:
         self.ratings = dict(ratings or {})
         self.name = "fake" if rule is None else f"fake:{rule}"
 
+    def identity(self) -> dict:
+        return {"name": self.name, "ratings": self.ratings}
+
     def judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         return [self._one(p, r) for p, r in zip(prompts, responses, strict=True)]
 

@@ -58,6 +58,11 @@ class KeywordJudge:
         self.rule = rule_for(list_name)
         self.name = "keyword" if list_name == DEFAULT_LIST else f"keyword:{list_name}"
 
+    def identity(self) -> dict:
+        """What the verdicts depend on (the judged-generation cache's key): the list's strings and rules."""
+        return {"name": self.name, "prefixes": list(self.rule.prefixes), "case_sensitive": self.rule.case_sensitive,
+                "min_words": self.rule.min_words}
+
     def judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         out = []
         for response in responses:

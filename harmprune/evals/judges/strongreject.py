@@ -93,6 +93,18 @@ class StrongRejectJudge:
         self.batch_size = max(1, int(batch_size))
         self.max_response_tokens = max_response_tokens
 
+    def identity(self) -> dict:
+        """What the verdicts depend on (the judged-generation cache's key): the evaluator's weights
+        (``core.models.model_hash``), dtype and device type, the truncation."""
+        if not hasattr(self, "_identity"):
+            from ...core.models import model_hash
+
+            p = next(self.model.parameters())
+            self._identity = {"name": self.name, "model_hash": model_hash(self.model), "dtype": str(p.dtype),
+                              "device": p.device.type, "max_response_tokens": self.max_response_tokens,
+                              "batch_size": self.batch_size}
+        return self._identity
+
     def scores(self, prompts: list[str], responses: list[str]) -> list[tuple[float, list[float]]]:
         import torch
 
