@@ -190,7 +190,9 @@ def _check(prov: dict) -> list[str]:
 
 def test_evaluation_sets_are_every_shipped_split():
     sets = E.eval_sets()
-    assert {"harmful:test", "benign:test", "harmful_unseen", "xstest", "xstest_heldout", "recognition", "em"} == set(sets)
+    assert {"harmful:test", "benign:test", "harmful_unseen", "xstest", "xstest_heldout", "recognition", "em",
+            "harmful-heldout"} == set(sets)
+    assert set(sets["harmful-heldout"]) <= set(sets["harmful_unseen"])  # the generalisation set: same source
     assert len(set(sets["harmful:test"])) == 19 and len(sets["harmful_unseen"]) == 313 and len(sets["xstest"]) == 250
     assert set(sets["xstest_heldout"]) < set(sets["xstest"]) and len(sets["recognition"]) == 500
     assert all(sets.values())

@@ -133,6 +133,7 @@ def eval_sets() -> dict[str, tuple[str, ...]]:
         "xstest_heldout": tuple(r.prompt for r in xstest_heldout()),
         "recognition": tuple(r["prompt"] for r in _jsonl(RECOGNITION_FILE)),
         "em": tuple(_em_prompts()),
+        "harmful-heldout": tuple(r["prompt"] for r in _jsonl(builtin_data.FILES["harmful-heldout"])),
     }
 
 
