@@ -239,3 +239,12 @@ def test_extra_sets_from_the_builtin_heldout(tok):
     assert all(r.response for r in got) and len({r.category for r in got}) >= 5  # spread over categories
     rows = H.held_out_data(tok, _records(), [], {}, limit=3, extra="harmful-heldout")
     assert len(rows.harmful_sets["harmful-heldout"]) == 3 and "harmful-heldout" in rows.about["harmful_sets"]
+
+
+def test_eval_harm_draws_distinct_prompts():
+    from harmprune.core.data import DataSpec
+    from harmprune.evals.harm import load_prompts
+
+    for limit in (0, 5, 40):
+        chosen, info = load_prompts(DataSpec(data="harmful:test"), limit, 0, need_response=True)
+        assert len({r.prompt for r in chosen}) == len(chosen) == info["selected"] == (min(limit, 19) or 19)

@@ -207,11 +207,14 @@ def judge_options(cfg) -> dict:
 
 
 def load_prompts(spec: DataSpec, limit: int, seed: int, need_response: bool) -> tuple[list, dict]:
-    """Up to ``limit`` records of ``spec`` (0 = all; seeded, spread over categories) and their fingerprint."""
+    """Up to ``limit`` records of ``spec`` with distinct prompts (0 = one per distinct prompt; seeded, spread
+    over categories; a prompt with several reference replies keeps one, ``results.draw_distinct``) and their
+    fingerprint. Prompts are the unit: repeated prompts would give identical greedy replies counted as
+    independent samples (``--n`` draws several replies per prompt instead)."""
     records = load_records(spec, require_response=need_response)
     fingerprint = data_fingerprint(spec, records)
-    chosen = R.subsample(records, limit, seed, key=lambda r: r.category)
-    return chosen, {**fingerprint, "selected": len(chosen), "limit": limit}
+    chosen = R.draw_distinct(records, limit, seed, key=lambda r: r.category)
+    return chosen, {**fingerprint, "selected": len(chosen), "distinct_prompts": len(chosen), "limit": limit}
 
 
 def report_tables(judges: list[str], results: dict) -> str:
