@@ -28,5 +28,16 @@ def test_readme_is_a_user_guide():
     for word in ("issue ", "acceptance", "this session", "TODO"):
         assert word not in text, word
     results = README.parent / "docs" / "results"
+    assert {"headline.md", "em.md"} <= {f.name for f in results.glob("*.md")}  # shipped, not git-ignored
     for f in sorted(results.glob("*.md")):
         assert f"docs/results/{f.name}" in text, f.name
+
+
+def test_no_merge_conflict_markers_in_the_tree():
+    root = README.parent
+    marks = ("<" * 7 + " ", ">" * 7 + " ")
+    files = [root / "README.md", root / "Makefile", *root.glob("docs/**/*.md"), *root.glob("harmprune/**/*.py"),
+             *root.glob("harmprune/**/*.md"), *root.glob("tests/*.py"), *root.glob("scripts/*.py")]
+    bad = [f"{f.relative_to(root)}:{i}" for f in files for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+           if line.startswith(marks)]
+    assert not bad, bad
