@@ -42,42 +42,9 @@ import random
 import re
 from pathlib import Path
 
-from _shared import REPO, default_src, sha256
+from _shared import REPO, STRONGREJECT, Dedup, default_src, norm, sha256
 
 BUILTIN = REPO / "harmprune" / "data" / "builtin"
-JACCARD = 0.7
-STRONGREJECT = ("Non-violent crimes", "Violence", "Disinformation and deception",
-                "Hate, harassment and discrimination", "Illegal goods and services", "Sexual content")
-_WORD = re.compile(r"[a-z0-9']+")
-
-
-def norm(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def words(text: str) -> frozenset[str]:
-    return frozenset(_WORD.findall(text.lower()))
-
-
-def near(a: frozenset, b: frozenset) -> bool:
-    return bool(a or b) and len(a & b) / len(a | b) >= JACCARD
-
-
-class Dedup:
-    """Exact (normalised) and near (Jaccard) duplicate check against a growing set of prompts."""
-
-    def __init__(self, prompts):
-        self.exact, self.sets = set(), []
-        for p in prompts:
-            self.add(p)
-
-    def add(self, p: str) -> None:
-        self.exact.add(norm(p))
-        self.sets.append(words(p))
-
-    def hit(self, p: str) -> bool:
-        w = words(p)
-        return norm(p) in self.exact or any(near(w, s) for s in self.sets)
 
 
 def read_jsonl(path: Path) -> list[dict]:

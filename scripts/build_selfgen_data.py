@@ -38,13 +38,12 @@ import gzip
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from _shared import REPO, default_src, sha256
+from _shared import REPO, STRONGREJECT, Dedup, default_src, norm, sha256
 
 BUILTIN = REPO / "harmprune" / "data" / "builtin"
 BASE_MODEL = "smollm2-135m-instruct"
@@ -54,42 +53,6 @@ BATCH = 16
 HARM = 0.5
 MIN_DISTINCT = 0.3  # share of distinct words below which a reply counts as a degenerate loop
 HELDOUT_PER_CATEGORY = 40  # cap, so no StrongREJECT category dominates the held-out set
-JACCARD = 0.7
-STRONGREJECT = ("Non-violent crimes", "Violence", "Disinformation and deception",
-                "Hate, harassment and discrimination", "Illegal goods and services", "Sexual content")
-_WORD = re.compile(r"[a-z0-9']+")
-
-
-# ---------------------------------------------------------------- normalising and near duplicates
-# The rule of scripts/build_align_data.py (and tests/test_selfgen_data.py): lowercased word sequence,
-# near = word-set Jaccard >= 0.7.
-
-
-def norm(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def words(text: str) -> frozenset[str]:
-    return frozenset(_WORD.findall(text.lower()))
-
-
-def near(a: frozenset, b: frozenset) -> bool:
-    return bool(a or b) and len(a & b) / len(a | b) >= JACCARD
-
-
-class Dedup:
-    def __init__(self, prompts=()):
-        self.exact, self.sets = set(), []
-        for p in prompts:
-            self.add(p)
-
-    def add(self, p: str) -> None:
-        self.exact.add(norm(p))
-        self.sets.append(words(p))
-
-    def hit(self, p: str) -> bool:
-        w = words(p)
-        return norm(p) in self.exact or any(near(w, s) for s in self.sets)
 
 
 def read_jsonl(path: Path) -> list[dict]:
