@@ -43,15 +43,14 @@ score: install
 # It runs on the aligned organism unless MODEL is given (make prune MODEL=smollm2-135m-instruct = the
 # unaligned base: the NLL table only). On the organism (or with HEADLINE=1) it adds B-TAP's headline:
 # original / pruned / random control judged (keyword + classifier) on HEADLINE_LIMIT distinct held-out harmful
-# prompts without and under the 10-token prefill attack (full reply, continuation only, prefix floor, stop rate), XSTest safe compliance, corpus perplexity, with
-# 95 % intervals (results.json, table.md, headline.png). CPU-sized: 32 harmful + 32 XSTest prompts and 48 new
-# tokens add ~14 min on 2 busy cores to the NLL run (~20-30 min in all, cold; 19 min 23 s measured on a quiet
-# CPU, at --gen-batch-size 8 and before the generation cache: judged replies are now cached in gencache/, so a
-# re-run with another Q or P generates only the pruned model and the control); HEADLINE_LIMIT=0 = all 19 distinct
+# prompts without and under the 10-token prefill attack (full reply, continuation only, prefix floor, stop rate),
+# XSTest safe compliance, corpus perplexity, with 95 % intervals (results.json, table.md, headline.png).
+# 11 min 18 s cold on a quiet 2-core CPU (docs/results/headline.md); judged replies are cached in gencache/, so a
+# re-run with another Q or P generates only the pruned model and the control. HEADLINE_LIMIT=0 = all 19 distinct
 # harmful and 68 held-out XSTest prompts. The first use of smollm2-135m-aligned builds it into ~/.cache/harmprune
-# (~15 min). GEN_BATCH: generation batch of the headline (8 = the batch of the measured table in docs/results;
-# 0 = the device's default, 32 on a CPU: faster, greedy replies tested equal on tiny models, not yet re-measured
-# on the organism). HARM_EXTRA=harmful-heldout judges a second held-out set beside harmful:test (StrongREJECT
+# (~15 min). GEN_BATCH: generation batch of the headline (0 = the device's default, 32 on a CPU; batch 8 gave the
+# same table to every digit).
+# HARM_EXTRA=harmful-heldout judges a second held-out set beside harmful:test (StrongREJECT
 # prompts, a source scoring does not use, each prefilled from the base model's own harmful reply; about doubles
 # the harm generation time; not yet measured). SELECTION picks the pruned set (difference = B-TAP's
 # Top_q \ Top_p; fill, contrastive, rank: pruning/select.py); BENIGN may name several sets (benign,sensitive-safe).
@@ -64,7 +63,7 @@ HEADLINE_TOKENS ?= 48
 HEADLINE_JUDGE ?= keyword,classifier
 JUDGE_DEVICE ?= auto
 HARM_EXTRA ?= none
-GEN_BATCH ?= 8
+GEN_BATCH ?= 0
 SELECTION ?= difference
 HEADLINE_ARGS = --headline --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --limit $(HEADLINE_LIMIT) \
   --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size $(GEN_BATCH) --eval-harm-extra $(HARM_EXTRA)
