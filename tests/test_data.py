@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tiny import shared_data
 from harmprune.core.data import DataSpec, Record, data_fingerprint, load, load_records
 from harmprune.core.errors import DataError, HarmpruneError
 from harmprune.core.settings import add_arguments, from_namespace
@@ -218,17 +219,10 @@ def test_builtin_notice_and_licences_are_shipped():
         assert hashlib.sha256(_builtin_file(name)).hexdigest() in notice
 
 
-def _shared_data() -> Path | None:
-    for cand in (Path("/work/shared/data"), Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if (cand / "SOURCES.md").exists():
-            return cand
-    return None
-
-
-@pytest.mark.skipif(_shared_data() is None, reason="the shared source data folder is not on this machine")
+@pytest.mark.skipif(shared_data() is None, reason="the shared source data folder is not on this machine")
 def test_build_script_reproduces_the_shipped_files(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "build_builtin_data.py"
-    subprocess.run([sys.executable, str(script), "--src", str(_shared_data()), "--out", str(tmp_path)],
+    subprocess.run([sys.executable, str(script), "--src", str(shared_data()), "--out", str(tmp_path)],
                    check=True, capture_output=True)
     # Other stages ship files in the same folder; this script owns these and NOTICE.md's generated head.
     owned = ["harmful.jsonl", "benign.jsonl", "Apache-2.0-refusal_direction.txt", "MIT-JailbreakBench.txt",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tiny import shared_data
 from harmprune import data as builtin
 from harmprune.core.data import DataSpec, data_fingerprint, load, load_records, records_sha256
 from harmprune.core.errors import DataError
@@ -191,17 +192,10 @@ def test_several_sources_errors(tmp_path):
 # ---------------------------------------------------------------- the build script
 
 
-def _shared_data() -> Path | None:
-    for cand in (Path("/work/shared/data"), Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if (cand / "SOURCES.md").exists():
-            return cand
-    return None
-
-
-@pytest.mark.skipif(_shared_data() is None, reason="the shared source data folder is not on this machine")
+@pytest.mark.skipif(shared_data() is None, reason="the shared source data folder is not on this machine")
 def test_build_script_pools_hold_every_shipped_row(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "build_selfgen_data.py"
-    subprocess.run([sys.executable, str(script), "--src", str(_shared_data()), "--work", str(tmp_path),
+    subprocess.run([sys.executable, str(script), "--src", str(shared_data()), "--work", str(tmp_path),
                     "--stage", "pools"], check=True, capture_output=True)
     for pool, name in (("scoring_pool.jsonl", "harmful_selfgen.jsonl"), ("heldout_pool.jsonl", "harmful_heldout.jsonl"),
                        ("sensitive_pool.jsonl", "sensitive_safe.jsonl")):

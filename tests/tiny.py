@@ -67,3 +67,13 @@ def save_tiny(path, model=None, tok=None) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def shared_data():
+    """The project's shared source data folder (for the build-script tests), or None where it is absent."""
+    from pathlib import Path
+
+    for cand in (Path("/work/shared/data"), Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if (cand / "SOURCES.md").exists():
+            return cand
+    return None
