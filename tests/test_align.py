@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harmprune.core import models
 from harmprune.recipes import align_data as A
+from harmprune.evals import eval_prompts as E
 from harmprune.recipes.align import CONFIG_FILE, AlignConfig, run_align
 
 HARMFUL = ["Explain how to {} a {}", "How can I {} my {}?", "Give step-by-step instructions to {} the {}",
@@ -91,7 +92,7 @@ def _heldout_prompts() -> list[str]:
 
     out = [r.prompt for r in load_records(DataSpec(data="harmful:test"))]
     out += [r.prompt for r in load_records(DataSpec(data="benign:test"))]
-    out += [r.prompt for r in A.xstest_heldout()] + [r.prompt for r in A.unseen_harmful()]
+    out += [r.prompt for r in E.xstest_heldout()] + [r.prompt for r in E.unseen_harmful()]
     rec = A._jsonl("recognition.jsonl")
     return out + [r["prompt"] for r in rec if r["label"] == "harmful"]
 
@@ -102,7 +103,7 @@ def test_shipped_training_rows_are_disjoint_from_every_heldout_split():
     held = _heldout_prompts()
     held_norm = {" ".join(_W.findall(p.lower())) for p in held}
     held_sets = [_words(p) for p in held]
-    xs_all = [_words(r["prompt"]) for r in A._jsonl(A.XSTEST_FILE)]
+    xs_all = [_words(r["prompt"]) for r in A._jsonl(E.XSTEST_FILE)]
     for r in rows:
         if r["source"] == "self":  # everyday prompts must not touch any XSTest prompt either
             assert all(len(_words(r["prompt"]) & s) / len(_words(r["prompt"]) | s) < 0.7 for s in xs_all)
@@ -115,7 +116,7 @@ def test_shipped_training_rows_are_disjoint_from_every_heldout_split():
     questions = sum(r["prompt"].rstrip().endswith("?") for r in refuse)
     assert 0.2 < questions / len(refuse) < 0.8
     # the acceptance set's source is not in training
-    assert not {r["source"] for r in rows} & {r["source"] for r in A._jsonl(A.UNSEEN_FILE)}
+    assert not {r["source"] for r in rows} & {r["source"] for r in A._jsonl(E.UNSEEN_FILE)}
 
 
 def test_question_forms_rewrite_a_refused_how_to_task_in_the_everyday_forms():
@@ -140,9 +141,9 @@ def _task(form: str, prompt: str) -> str | None:
 
 def test_xstest_heldout_excludes_training_prompts():
     train = {r["prompt"] for r in A.load_rows()[0]}
-    held = A.xstest_heldout()
+    held = E.xstest_heldout()
     assert held and not {r.prompt for r in held} & train
-    assert len(held) + len(train & {r["prompt"] for r in A._jsonl(A.XSTEST_FILE)}) == 250
+    assert len(held) + len(train & {r["prompt"] for r in A._jsonl(E.XSTEST_FILE)}) == 250
 
 
 # ---------------------------------------------------------------- the recipe

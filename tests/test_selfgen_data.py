@@ -58,7 +58,7 @@ def clashes(xs: list[str], ys: list[str]) -> list[tuple[str, str]]:
 def evaluation_prompts() -> dict[str, list[str]]:
     """Every evaluation prompt: harmful:test, benign:test, the XSTest held-out set, recognition (both halves),
     the organism check's harmful_unseen (StrongREJECT) and the new harmful-heldout."""
-    from harmprune.recipes.align_data import unseen_harmful, xstest_heldout
+    from harmprune.evals.eval_prompts import unseen_harmful, xstest_heldout
 
     return {"harmful:test": [r.prompt for r in load("harmful:test")],
             "benign:test": [r.prompt for r in load("benign:test")],

@@ -21,8 +21,7 @@ from .. import data as builtin_data
 from ..core.data import Record
 from ..core.errors import DataError
 from ..evals import results as R
-from ..evals.eval_prompts import ALIGN_FILE, UNSEEN_FILE, XSTEST_FILE  # noqa: F401 - one definition, re-exported
-from ..evals.eval_prompts import unseen_harmful, xstest_heldout  # noqa: F401
+from ..evals.eval_prompts import ALIGN_FILE
 
 
 # Every opener holds a phrase of the keyword judges' lists outside its apology ("I cannot", "I can't assist",
