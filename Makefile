@@ -15,7 +15,7 @@ BATCH ?= 4
 SEED ?= 0
 SCORES ?= scores
 
-.PHONY: install test test-fast score prune sweep eval em ablation align subspaces compare-alignment attack bench clean
+.PHONY: install test test-fast score prune sweep generalise eval em ablation align subspaces compare-alignment attack bench clean
 
 install: $(VENV)/.installed
 
@@ -88,6 +88,22 @@ sweep: install
 	$(HP) sweep --model $(MODEL) --harm $(HARM) --benign $(BENIGN) --method $(METHOD) \
 	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \
 	  --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) --eval-nsamples $(SWEEP_EVAL_N) --overwrite
+
+# Does the harm set generalise, and what does it cost? (docs/results/generalise.md): a judged sweep on the organism,
+# scoring set x protect set x selection x q, each point judged under the prefill attack on harmful-heldout (119
+# StrongREJECT prompts, base-model prefills; continuation only and full reply, keyword + classifier), with refusal and
+# stop rates, XSTest held-out compliance and held-out NLL; the chosen point gets a random control. Writes
+# results/generalise-<model>/ (generalise.md, .png, .csv, .json, samples.jsonl). Scores and judged replies are cached.
+GEN_HARMS ?= harmful harmful-selfgen
+GEN_PROTECTS ?= benign benign,sensitive-safe
+GEN_SELECTIONS ?= difference contrastive
+GEN_QS ?= 1e-5 3e-5 1e-4 3e-4
+generalise: install
+	$(HP) generalise --model $(PRUNE_MODEL) --harms $(GEN_HARMS) --protects $(GEN_PROTECTS) --selections $(GEN_SELECTIONS) \
+	  --qs $(GEN_QS) $(if $(P),--p $(P)) --method $(METHOD) --benign-method $(BENIGN_METHOD) --scope $(SCOPE) \
+	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) \
+	  --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --max-new-tokens $(HEADLINE_TOKENS) \
+	  --gen-batch-size $(GEN_BATCH) $(if $(OUT),--out $(OUT)) --overwrite
 
 # Base vs aligned organism (issue 15; B-TAP's "alignment compresses harm"): make prune's scoring and
 # selection on BASE and ALIGNED, the harm-specificity at each q and the compression curve under the

@@ -33,6 +33,7 @@ from .recipes.align import AlignConfig, run_align
 from .recipes.compare_alignment import CompareAlignmentConfig, run_compare_alignment
 from .recipes.attacks import AttackConfig, run_attack
 from .recipes.em_experiment import EMExperimentConfig, run_em_experiment
+from .recipes.generalise import GeneraliseConfig, run_generalise
 from .recipes.generate import GenerateConfig, generate_set
 from .recipes.pipeline import PipelineConfig, run_pipeline
 from .recipes import preflight
@@ -73,6 +74,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("sweep", run_sweep, (SweepConfig,), "the before/after table over a (q, p) grid with controls (make sweep)",
             "Measure harmful and benign NLL increases over a (q, p) grid for the harm-specific set and "
             "same-size random/magnitude controls; CSV + PNG."),
+    Command("generalise", run_generalise, (GeneraliseConfig,),
+            "judged sweep: scoring set x protect set x selection x q on a held-out harmful set of another source",
+            "Does the harm set generalise, and what does it cost? Each point judged under the prefill attack on "
+            "--judged-set (continuation only and full reply), with refusal and stop rates, XSTest compliance and "
+            "held-out NLL; the chosen point gets a random control (make generalise); writes generalise.csv, .md, "
+            ".png, .json and samples.jsonl."),
     Command("compare-alignment", run_compare_alignment, (CompareAlignmentConfig,),
             "base vs aligned model: harm-specificity and the compression curve under the prefill attack",
             "The pipeline on --base and --aligned with the same data and settings: harm-specificity at each q, "

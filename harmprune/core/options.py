@@ -183,10 +183,14 @@ class MethodOptions:
 
 
 @dataclass(kw_only=True)
-class SelectionOptions:
-    q: float = opt(DEFAULT_Q, help="fraction of each unit's weights in Top_q of the harm importance, in [0, 1]", range="[0, 1]")
+class ProtectOptions:
     p: float = opt(DEFAULT_P, help="fraction protected by Top_p of the benign importance, in [0, 1] "
                                    "(0 = none: dangerous)", range="[0, 1]")
+
+
+@dataclass(kw_only=True)
+class SelectionOptions(ProtectOptions):
+    q: float = opt(DEFAULT_Q, help="fraction of each unit's weights in Top_q of the harm importance, in [0, 1]", range="[0, 1]")
     selection: str = opt("difference", help="which weights: difference = Top_q(harm) minus Top_p(benign) (B-TAP); "
                                             "fill = the k = floor(q*n) highest harm importances outside Top_p(benign); "
                                             "contrastive = the k highest z(harm) - z(benign) outside Top_p(benign); "
@@ -249,10 +253,14 @@ class EvalBenignOptions:
 
 
 @dataclass(kw_only=True)
-class BenignOptions(EvalBenignOptions):
+class BenignMethodOptions:
+    benign_method: str = opt("snip-abs", help="attribution method of the benign data (snip, snip-abs, wanda)")
+
+
+@dataclass(kw_only=True)
+class BenignOptions(EvalBenignOptions, BenignMethodOptions):
     benign: str = opt("benign", help="data whose ability is protected (Top_p); several, comma-separated, are "
                                      "concatenated (e.g. benign,sensitive-safe)", role="input")
-    benign_method: str = opt("snip-abs", help="attribution method of the benign data (snip, snip-abs, wanda)")
 
 
 @dataclass(kw_only=True)

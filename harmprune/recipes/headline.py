@@ -69,6 +69,7 @@ class HeadlineConfig:
     block_size: int = opt(256, help="tokens per corpus block")
     n_boot: int = opt(1000, help="bootstrap resamples per interval")
     seed: int = opt(0, help="seed of the bootstrap")
+    attacks: tuple = ATTACKS  # which of ATTACKS to measure (the generalisation sweep measures prefill only)
 
     def __post_init__(self):
         check(self.prefill >= 1, "--prefill must be >= 1 (the attack forces at least one token)")
@@ -203,7 +204,7 @@ def measure_variant(model, tok, data: HeadlineData, judges: list, xjudge, cfg: H
     ``memo``: verdicts shared with the other variants' calls (``evals.harm.judge_samples``)."""
     tasks, samples = {}, []
     for set_name, records in [(None, data.harmful), *data.harmful_sets.items()]:
-        for attack in ATTACKS:
+        for attack in cfg.attacks:
             per_view, s = judged_harm(model, tok, records, judges, cfg, attack, cache, memo)
             tasks.update({f"{harm_task(attack, set_name)}/{name}": m for name, m in per_view.items()})
             samples += [{"task": harm_task(attack, set_name), **x} for x in s]
