@@ -98,12 +98,17 @@ GEN_HARMS ?= harmful harmful-selfgen
 GEN_PROTECTS ?= benign benign,sensitive-safe
 GEN_SELECTIONS ?= difference contrastive
 GEN_QS ?= 1e-5 3e-5 1e-4 3e-4
+# CPU sizing: 64 of the 119 held-out prompts (spread over categories) and 64 XSTest prompts per point, 32 NLL rows per
+# set; the chosen point is then measured on all of them by make prune (docs/results/generalise.md). 0 = all.
+GEN_LIMIT ?= 64
+GEN_EVAL_N ?= 32
 generalise: install
 	$(HP) generalise --model $(PRUNE_MODEL) --harms $(GEN_HARMS) --protects $(GEN_PROTECTS) --selections $(GEN_SELECTIONS) \
 	  --qs $(GEN_QS) $(if $(P),--p $(P)) --method $(METHOD) --benign-method $(BENIGN_METHOD) --scope $(SCOPE) \
 	  --nsamples $(NSAMPLES) --max-length $(MAXLEN) --batch-size $(BATCH) --seed $(SEED) --scores-dir $(SCORES) \
 	  --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --max-new-tokens $(HEADLINE_TOKENS) \
-	  --gen-batch-size $(GEN_BATCH) $(if $(OUT),--out $(OUT)) --overwrite
+	  --gen-batch-size $(GEN_BATCH) --limit $(GEN_LIMIT) --eval-nsamples $(GEN_EVAL_N) $(if $(OUT),--out $(OUT)) \
+	  --overwrite
 
 # Base vs aligned organism (issue 15; B-TAP's "alignment compresses harm"): make prune's scoring and
 # selection on BASE and ALIGNED, the harm-specificity at each q and the compression curve under the
