@@ -9,7 +9,7 @@ import math
 import pytest
 
 from harmprune import cli
-from harmprune.recipes.generalise import choose, with_drops
+from harmprune.recipes.generalise import choose, matched_specificity, with_drops
 
 pytestmark = pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")
 
@@ -41,6 +41,18 @@ def test_with_drops_by_hand():
     assert got["harm_drop"] == pytest.approx(0.375) and got["xstest_loss"] == pytest.approx(0.1)
     zero = with_drops(row, {**base, "cont_keyword": 0.0}, ["keyword"])
     assert math.isnan(zero["harm_drop_keyword"])
+
+
+def test_matched_specificity_pairs_only_equal_benign_cost_within_one_scoring_and_protect_set():
+    def pt(sel, db, spec, harm="h", q=1e-4):
+        return {"harm": harm, "protect": "b", "selection": sel, "q": q, "pruned": 5, "d_benign": db, "specificity": spec}
+
+    rows = [pt("difference", 0.010, 2.0), pt("difference", 0.100, 1.0, q=1e-3), pt("contrastive", 0.011, 5.0),
+            pt("contrastive", 0.013, 9.0), pt("contrastive", 0.011, 7.0, harm="other"), pt("contrastive", 0.0, 3.0)]
+    got = {(m["point"], m["difference"]): m["ratio"] for m in matched_specificity(rows)}
+    # 0.010 is within 20 % of 0.011 (|diff| 0.001 <= 0.0022) but not of 0.013 (0.003 > 0.0026); another scoring
+    # set and a zero rise never pair
+    assert got == {("h | b | contrastive | q=0.0001", "h | b | difference | q=0.0001"): pytest.approx(2.5)}
 
 
 def _jsonl(path, rows):

@@ -117,6 +117,37 @@ def choose(rows: list[dict], max_xstest_loss: float, max_nll_rise: float) -> tup
     return max(pool, key=lambda r: r["harm_drop"] - r["xstest_loss"], default=None), False
 
 
+def matched_specificity(rows: list[dict], tol: float = 0.2) -> list[dict]:
+    """Each point of another selection beside each ``difference`` point of the same scoring and protect sets
+    whose benign NLL rise is within ``tol`` (relative) of its own (both rises > 0): ``ratio`` = its
+    harm-specificity / the difference point's (> 1 = more harm-specific at equal benign cost)."""
+    out = []
+    live = [r for r in rows if r["pruned"] > 0 and r["d_benign"] > 0]
+    for r in live:
+        if r["selection"] == "difference":
+            continue
+        for d in live:
+            if d["selection"] == "difference" and (d["harm"], d["protect"]) == (r["harm"], r["protect"]) \
+                    and abs(d["d_benign"] - r["d_benign"]) <= tol * r["d_benign"]:
+                out.append({"point": point_name(r), "difference": point_name(d), "d_benign": r["d_benign"],
+                            "d_benign_difference": d["d_benign"], "specificity": r["specificity"],
+                            "specificity_difference": d["specificity"],
+                            "ratio": r["specificity"] / d["specificity"] if d["specificity"] > 0 else float("nan")})
+    return out
+
+
+def matched_table(pairs: list[dict]) -> str:
+    if not pairs:
+        return "\nNo point of another selection has a difference point within ±20 % of its benign NLL rise.\n"
+    lines = ["", "Harm-specificity at equal benign NLL cost (±20 %): other selections against the set difference",
+             "", "| point | difference point | Δbenign | Δbenign (difference) | Δh/Δb | Δh/Δb (difference) | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for m in sorted(pairs, key=lambda m: -m["ratio"] if m["ratio"] == m["ratio"] else 0):
+        lines.append(f"| {m['point']} | {m['difference']} | {m['d_benign']:+.4f} | {m['d_benign_difference']:+.4f} | "
+                     f"{m['specificity']:.2f} | {m['specificity_difference']:.2f} | {m['ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def point_name(r: dict) -> str:
     return f"{r['harm']} | {r['protect']} | {r['selection']} | q={r['q']:g}"
 
@@ -261,7 +292,8 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows([*rows, *([rand] if rand else [])])
-        (tmp / "generalise.md").write_text(markdown_table(rows, base, best, rand, jn))
+        pairs = matched_specificity(rows)
+        (tmp / "generalise.md").write_text(markdown_table(rows, base, best, rand, jn) + matched_table(pairs))
         plot(rows, best, rand, jn, tmp / "generalise.png",
              f"{model_name(cfg.model)}: {len(data.harmful)} {cfg.judged_set} prompts under the {cfg.prefill_attack}-token "
              f"prefill, {len(data.xstest)} XSTest safe prompts")
@@ -269,7 +301,7 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
         manifest.write_config(tmp, "generalise", cfg, out=str(out))
         manifest.write_json(tmp / "generalise.json", R._json_ready({
             "config": to_dict(cfg), "model_hash": handle.hash, "judges": jn, "data": about, "original": base,
-            "rows": rows, "chosen": best, "chosen_within_bounds": within, "random_at_chosen": rand,
+            "rows": rows, "matched_specificity": pairs, "chosen": best, "chosen_within_bounds": within, "random_at_chosen": rand,
             "versions": manifest.versions()}))
     print(f"harmprune: generalise written to {out}\n" + markdown_table(rows, base, best, rand, jn))
     if best is not None:
