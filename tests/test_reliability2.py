@@ -427,6 +427,33 @@ def test_d22_scratch_dirs_of_dead_runs_are_removed_at_the_next_start(tmp_path, m
     assert not work.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_d23_ctrl_c_cancels_judge_requests_in_flight(judge_server):
+    """SIGINT while every worker waits on a hung endpoint: the process ends within 3 s, not after
+    --judge-timeout (20 s here) and its retries."""
+    import signal
+    import subprocess
+    import time
+
+    _Judge.mode = "hang"
+    code = ("import sys\nfrom harmprune.evals.judges import get_judge\n"
+            f"j = get_judge('openai:stub', url={judge_server!r}, timeout=20, concurrency=2)\n"
+            "try:\n    j.judge(['p'] * 6, ['r'] * 6)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while _Judge.calls < 2 and time.monotonic() < deadline:  # both workers wait on the server
+        time.sleep(0.05)
+    assert _Judge.calls == 2
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        rc = None
+    proc.kill()
+    assert rc == 130 and time.monotonic() - t0 < 3 and _Judge.calls == 2  # nothing queued was sent
+
+
 def test_d24_alias_cache_problems_name_the_cache(tmp_path, monkeypatch):
     from harmprune.core.errors import HarmpruneError
     from harmprune.core.models import resolve_alias
