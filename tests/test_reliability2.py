@@ -483,3 +483,23 @@ def test_d25_align_with_every_row_too_long_names_the_data_not_a_temp_file(tiny_c
 
 def test_d26_empty_preset_is_refused(tiny_ckpt, tmp_path, capsys, nothing_loads):
     one_error(*run(capsys, "pipeline", "--model", tiny_ckpt, "--preset", "", "--out", tmp_path / "o"), "--preset")
+
+
+
+def test_d26_empty_prompt_is_refused_naming_the_row(tiny_ckpt, tmp_path, capsys, nothing_loads):
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "question?"}, {"prompt": "  "}])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": ""}]}])
+    for f, needle in ((plain, "row 2: the prompt (field 'prompt') is empty"), (chat, "row 1: the prompt (the user turn")):
+        one_error(*run(capsys, "eval", "harm", "--model", tiny_ckpt, "--prompts", f, "--judge", "keyword",
+                       "--out", tmp_path / "o"), str(f), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_d26_prompt_longer_than_the_context_is_refused_before_generation(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import harmprune.evals.backends as backends
+
+    monkeypatch.setattr(backends, "_hf_generate_batch", lambda *a, **k: pytest.fail("generation started"))
+    long = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short?"}, {"prompt": "tell me more " * 120}])  # 3 x 512
+    one_error(*run(capsys, "eval", "harm", "--model", tiny_ckpt, "--prompts", long, "--judge", "keyword",
+                   "--max-new-tokens", 2, "--device", "cpu", "--out", tmp_path / "o"),
+              "1 of 2 prompts are longer than the model's context of 512 tokens", "'tell me more")
