@@ -503,3 +503,25 @@ def test_d26_prompt_longer_than_the_context_is_refused_before_generation(tiny_ck
     one_error(*run(capsys, "eval", "harm", "--model", tiny_ckpt, "--prompts", long, "--judge", "keyword",
                    "--max-new-tokens", 2, "--device", "cpu", "--out", tmp_path / "o"),
               "1 of 2 prompts are longer than the model's context of 512 tokens", "'tell me more")
+
+
+def test_d26_lm_eval_tasks_without_the_lm_eval_part_are_refused(tiny_ckpt, tmp_path, capsys, nothing_loads):
+    one_error(*run(capsys, "eval", "utility", "--model", tiny_ckpt, "--parts", "benign_nll", "--lm-eval-tasks",
+                   "harmprune_mc", "--out", tmp_path / "o"), "--lm-eval-tasks harmprune_mc", "omits lm_eval")
+    assert not (tmp_path / "o").exists()
+
+
+def test_d19_lm_eval_tasks_are_checked_before_loading(tiny_ckpt, tmp_path, capsys, monkeypatch, nothing_loads):
+    pytest.importorskip("lm_eval")
+    argv = ["eval", "utility", "--model", tiny_ckpt, "--parts", "lm_eval", "--out", tmp_path / "o"]
+    one_error(*run(capsys, *argv, "--lm-eval-tasks", "harmprune_mc", "no_such_task_xyz"),
+              "unknown lm-eval task(s) no_such_task_xyz")
+    import importlib.util as iu  # without lm-eval: said before the model loads, not in a note after the run
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main([str(a) for a in [*argv, "--lm-eval-tasks", "harmprune_mc"]])
+    assert "harmprune: warning: --lm-eval-tasks harmprune_mc will be skipped: lm_eval is not installed" in \
+        capsys.readouterr().err

@@ -8,6 +8,7 @@ Driven by the settings' fields, so every command that has a flag gets its check:
 - ``--pruned``: a make prune output with a readable ``prune_config.json``;
 - judges: each spec is known, ``--judge-url`` is an http(s) URL, ``--judge-device`` exists, and a
   remote judge answers one probe request (commands that would otherwise find out after generating);
+- lm-eval tasks: known names (lm-eval not installed: a warning now, not a note after the run);
 - devices and dtypes (``--dtype``, ``--judge-dtype``); cache/factor/fine-tune directories writable.
 Nothing is loaded (a built-in alias may be built: that is where the model comes from) and nothing
 is written.
@@ -184,6 +185,17 @@ def check_judges(cfg, probe: bool) -> None:
             judge.check()  # one request: unreachable, refusing the key or the model
 
 
+def check_lm_eval(cfg) -> None:
+    """``--lm-eval-tasks``: known to lm-eval (its task index needs no model); lm-eval missing is said now."""
+    tasks = getattr(cfg, "lm_eval_tasks", None)
+    if not tasks or "lm_eval" not in getattr(cfg, "parts", ("lm_eval",)):
+        return
+    from ..evals.utility import LM_EVAL_MISSING, checked_task_manager
+
+    if checked_task_manager(tasks) is None:
+        validate.warn(f"--lm-eval-tasks {' '.join(tasks)} will be skipped: {LM_EVAL_MISSING}")
+
+
 def check_dtypes(cfg) -> None:
     value = getattr(cfg, "dtype", None)
     if isinstance(value, str):
@@ -208,4 +220,5 @@ def check_settings(command: str, *cfgs) -> None:
         check_pruned(cfg)
         check_judges(cfg, probe=command not in PROBED_LATER)
         check_data(cfg)
+        check_lm_eval(cfg)
         check_models(cfg)
