@@ -525,3 +525,31 @@ def test_d19_lm_eval_tasks_are_checked_before_loading(tiny_ckpt, tmp_path, capsy
         main([str(a) for a in [*argv, "--lm-eval-tasks", "harmprune_mc"]])
     assert "harmprune: warning: --lm-eval-tasks harmprune_mc will be skipped: lm_eval is not installed" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("role", ["base", "harmful"])
+def test_d26_zero_update_is_refused(role, pair, tmp_path, capsys, nothing_loads):
+    """A copy of the aligned model as --base (or as a fine-tune of it): the update is zero, its MSO
+    undefined; refused before anything loads, not reported as MSO n/a."""
+    import shutil
+
+    base, aligned, ft = pair
+    copy = shutil.copytree(aligned, tmp_path / "copy")
+    argv = (["subspace", "project", "--base", copy, "--aligned", aligned, "--finetuned", ft] if role == "base" else
+            ["subspace", "overlap", "--base", base, "--aligned", aligned, "--harmful", copy, "--useful", ft])
+    one_error(*run(capsys, *argv, "--out", tmp_path / "o", "--device", "cpu"), "identical weights",
+              f"--{role} {copy}", "update between them is zero")
+    assert not (tmp_path / "o").exists()
+
+
+def test_d18_an_unbuilt_aligned_alias_is_resolved_before_the_base_arm(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """--aligned an alias not built yet: built (here: its cache is unusable, so refused) in the check
+    step, not after the base model's whole arm."""
+    import harmprune.recipes.compare_alignment as ca
+
+    monkeypatch.setattr(ca, "load_model", lambda *a, **k: pytest.fail("the base arm started"))
+    a_file = tmp_path / "cache"
+    a_file.write_text("x")
+    monkeypatch.setenv("HARMPRUNE_CACHE", str(a_file))
+    one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", "smollm2-135m-aligned",
+                   "--out", tmp_path / "o"), "--aligned", "model cache of alias 'smollm2-135m-aligned'")
