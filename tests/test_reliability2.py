@@ -383,13 +383,16 @@ def test_d17_study_refuses_an_unknown_judge_first(tmp_path, capsys, nothing_load
 
 
 def test_d18_compare_alignment_pair_is_checked_first(tiny_ckpt, tmp_path, tok, capsys, nothing_loads):
-    from tiny import save_tiny, tiny_qwen2
+    from tiny import save_tiny, tiny_llama, tiny_qwen2
 
     qwen = save_tiny(tmp_path / "qwen", tiny_qwen2(tok), tok)
     one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", qwen, "--out", tmp_path / "o"),
               "differ in model_type")
     one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", tiny_ckpt, "--out", tmp_path / "o"),
               "same checkpoint")
+    wide = save_tiny(tmp_path / "wide", tiny_llama(tok, hidden=48), tok)
+    one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", wide, "--out", tmp_path / "o"),
+              "differ in hidden_size (32 vs 48)")
 
 
 def test_d19_judges_dtypes_and_data_are_checked_before_loading(tiny_ckpt, tmp_path, capsys, nothing_loads):
@@ -489,7 +492,8 @@ def test_d26_empty_preset_is_refused(tiny_ckpt, tmp_path, capsys, nothing_loads)
 def test_d26_empty_prompt_is_refused_naming_the_row(tiny_ckpt, tmp_path, capsys, nothing_loads):
     plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "question?"}, {"prompt": "  "}])
     chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": ""}]}])
-    for f, needle in ((plain, "row 2: the prompt (field 'prompt') is empty"), (chat, "row 1: the prompt (the user turn")):
+    for f, needle in ((plain, "row 2: the prompt (field 'prompt') is empty"),
+                      (chat, "row 1: the prompt (the user turn")):
         one_error(*run(capsys, "eval", "harm", "--model", tiny_ckpt, "--prompts", f, "--judge", "keyword",
                        "--out", tmp_path / "o"), str(f), needle)
     assert not (tmp_path / "o").exists()
