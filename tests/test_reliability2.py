@@ -383,13 +383,16 @@ def test_d17_study_refuses_an_unknown_judge_first(tmp_path, capsys, nothing_load
 
 
 def test_d18_compare_alignment_pair_is_checked_first(tiny_ckpt, tmp_path, tok, capsys, nothing_loads):
-    from tiny import save_tiny, tiny_qwen2
+    from tiny import save_tiny, tiny_llama, tiny_qwen2
 
     qwen = save_tiny(tmp_path / "qwen", tiny_qwen2(tok), tok)
     one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", qwen, "--out", tmp_path / "o"),
               "differ in model_type")
     one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", tiny_ckpt, "--out", tmp_path / "o"),
               "same checkpoint")
+    wide = save_tiny(tmp_path / "wide", tiny_llama(tok, hidden=48), tok)
+    one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", wide, "--out", tmp_path / "o"),
+              "differ in hidden_size (32 vs 48)")
 
 
 def test_d19_judges_dtypes_and_data_are_checked_before_loading(tiny_ckpt, tmp_path, capsys, nothing_loads):
@@ -427,6 +430,33 @@ def test_d22_scratch_dirs_of_dead_runs_are_removed_at_the_next_start(tmp_path, m
     assert not work.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_d23_ctrl_c_cancels_judge_requests_in_flight(judge_server):
+    """SIGINT while every worker waits on a hung endpoint: the process ends within 3 s, not after
+    --judge-timeout (20 s here) and its retries."""
+    import signal
+    import subprocess
+    import time
+
+    _Judge.mode = "hang"
+    code = ("import sys\nfrom harmprune.evals.judges import get_judge\n"
+            f"j = get_judge('openai:stub', url={judge_server!r}, timeout=20, concurrency=2)\n"
+            "try:\n    j.judge(['p'] * 6, ['r'] * 6)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while _Judge.calls < 2 and time.monotonic() < deadline:  # both workers wait on the server
+        time.sleep(0.05)
+    assert _Judge.calls == 2
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        rc = None
+    proc.kill()
+    assert rc == 130 and time.monotonic() - t0 < 3 and _Judge.calls == 2  # nothing queued was sent
+
+
 def test_d24_alias_cache_problems_name_the_cache(tmp_path, monkeypatch):
     from harmprune.core.errors import HarmpruneError
     from harmprune.core.models import resolve_alias
@@ -456,3 +486,74 @@ def test_d25_align_with_every_row_too_long_names_the_data_not_a_temp_file(tiny_c
 
 def test_d26_empty_preset_is_refused(tiny_ckpt, tmp_path, capsys, nothing_loads):
     one_error(*run(capsys, "pipeline", "--model", tiny_ckpt, "--preset", "", "--out", tmp_path / "o"), "--preset")
+
+
+
+def test_d26_empty_prompt_is_refused_naming_the_row(tiny_ckpt, tmp_path, capsys, nothing_loads):
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "question?"}, {"prompt": "  "}])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": ""}]}])
+    for f, needle in ((plain, "row 2: the prompt (field 'prompt') is empty"),
+                      (chat, "row 1: the prompt (the user turn")):
+        one_error(*run(capsys, "eval", "harm", "--model", tiny_ckpt, "--prompts", f, "--judge", "keyword",
+                       "--out", tmp_path / "o"), str(f), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_d26_prompt_longer_than_the_context_is_refused_before_generation(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import harmprune.evals.backends as backends
+
+    monkeypatch.setattr(backends, "_hf_generate_batch", lambda *a, **k: pytest.fail("generation started"))
+    long = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short?"}, {"prompt": "tell me more " * 120}])  # 3 x 512
+    one_error(*run(capsys, "eval", "harm", "--model", tiny_ckpt, "--prompts", long, "--judge", "keyword",
+                   "--max-new-tokens", 2, "--device", "cpu", "--out", tmp_path / "o"),
+              "1 of 2 prompts are longer than the model's context of 512 tokens", "'tell me more")
+
+
+def test_d26_lm_eval_tasks_without_the_lm_eval_part_are_refused(tiny_ckpt, tmp_path, capsys, nothing_loads):
+    one_error(*run(capsys, "eval", "utility", "--model", tiny_ckpt, "--parts", "benign_nll", "--lm-eval-tasks",
+                   "harmprune_mc", "--out", tmp_path / "o"), "--lm-eval-tasks harmprune_mc", "omits lm_eval")
+    assert not (tmp_path / "o").exists()
+
+
+def test_d19_lm_eval_tasks_are_checked_before_loading(tiny_ckpt, tmp_path, capsys, monkeypatch, nothing_loads):
+    pytest.importorskip("lm_eval")
+    argv = ["eval", "utility", "--model", tiny_ckpt, "--parts", "lm_eval", "--out", tmp_path / "o"]
+    one_error(*run(capsys, *argv, "--lm-eval-tasks", "harmprune_mc", "no_such_task_xyz"),
+              "unknown lm-eval task(s) no_such_task_xyz")
+    import importlib.util as iu  # without lm-eval: said before the model loads, not in a note after the run
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main([str(a) for a in [*argv, "--lm-eval-tasks", "harmprune_mc"]])
+    assert "harmprune: warning: --lm-eval-tasks harmprune_mc will be skipped: lm_eval is not installed" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("role", ["base", "harmful"])
+def test_d26_zero_update_is_refused(role, pair, tmp_path, capsys, nothing_loads):
+    """A copy of the aligned model as --base (or as a fine-tune of it): the update is zero, its MSO
+    undefined; refused before anything loads, not reported as MSO n/a."""
+    import shutil
+
+    base, aligned, ft = pair
+    copy = shutil.copytree(aligned, tmp_path / "copy")
+    argv = (["subspace", "project", "--base", copy, "--aligned", aligned, "--finetuned", ft] if role == "base" else
+            ["subspace", "overlap", "--base", base, "--aligned", aligned, "--harmful", copy, "--useful", ft])
+    one_error(*run(capsys, *argv, "--out", tmp_path / "o", "--device", "cpu"), "identical weights",
+              f"--{role} {copy}", "update between them is zero")
+    assert not (tmp_path / "o").exists()
+
+
+def test_d18_an_unbuilt_aligned_alias_is_resolved_before_the_base_arm(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """--aligned an alias not built yet: built (here: its cache is unusable, so refused) in the check
+    step, not after the base model's whole arm."""
+    import harmprune.recipes.compare_alignment as ca
+
+    monkeypatch.setattr(ca, "load_model", lambda *a, **k: pytest.fail("the base arm started"))
+    a_file = tmp_path / "cache"
+    a_file.write_text("x")
+    monkeypatch.setenv("HARMPRUNE_CACHE", str(a_file))
+    one_error(*run(capsys, "compare-alignment", "--base", tiny_ckpt, "--aligned", "smollm2-135m-aligned",
+                   "--out", tmp_path / "o"), "--aligned", "model cache of alias 'smollm2-135m-aligned'")

@@ -326,6 +326,9 @@ def _record(src: _Source, n: int, row: dict, fm: _FieldMap, require_response: bo
             response = ""
         else:
             response = _get(src, n, row, fm.response)
+    if not prompt.strip():
+        where = "the user turn of 'messages'" if fm.prompt is None else f"field {fm.prompt!r}"
+        raise DataError(f"{src.label} row {n}: the prompt ({where}) is empty; fill it in or drop the row")
     category = None
     if fm.category is not None and (fm.category in row or fm.category_explicit):
         value = row.get(fm.category, _MISSING)

@@ -141,6 +141,8 @@ def parse_questions(name: str, data: bytes, default_prompts: dict[str, str] | No
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "id" not in r or not r.get("paraphrases"):
             raise HarmpruneError(f"{name}: question {i} needs 'id' and a non-empty 'paraphrases' list")
+        if not all(isinstance(p, str) and p.strip() for p in r["paraphrases"]):
+            raise HarmpruneError(f"{name}: question {r['id']!r} has an empty paraphrase (each is a prompt)")
         prompts = dict(r.get("judge_prompts") or default_prompts or {})
         missing = [m for m in METRICS if m not in prompts]
         if missing:

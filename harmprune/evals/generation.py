@@ -86,6 +86,20 @@ def build_inputs(tokenizer, prompts: list[str], fmt: str, prefill_texts: list[st
     return contexts, forced
 
 
+def check_context(model, contexts: list[list[int]], prompts: list[str]) -> None:
+    """Before generating: prompts longer than the model's context (``max_position_embeddings``) are
+    refused in one line quoting the first (the model would only produce noise past it)."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return  # a backend that loads the model itself checks its own context
+    over = [i for i, c in enumerate(contexts) if len(c) > n]
+    if over:
+        i = over[0]
+        raise HarmpruneError(f"{len(over)} of {len(contexts)} prompts are longer than the model's context of {n} "
+                             f"tokens (max_position_embeddings), the first {len(contexts[i])} tokens: "
+                             f"{prompts[i][:60]!r}...; shorten or drop them")
+
+
 # ---------------------------------------------------------------- API
 
 
@@ -94,6 +108,7 @@ def generate_ids(model, tokenizer, prompts: list[str], cfg: GenConfig, prefill_t
     """(forced prefill ids per prompt, ``cfg.n`` lists of newly generated ids per prompt)."""
     fmt = resolve_format(tokenizer, cfg.format)
     contexts, forced = build_inputs(tokenizer, prompts, fmt, prefill_texts, cfg.prefill, system)
+    check_context(model, contexts, prompts)
     return forced, B.make_backend(cfg.backend, model, tokenizer).generate(contexts, cfg)
 
 

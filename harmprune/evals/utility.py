@@ -24,6 +24,7 @@ Parts (``--parts``), each a task in results.json:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import sys
@@ -130,20 +131,39 @@ def shipped_lm_eval_tasks() -> list[str]:
     return sorted(p.stem for p in builtin_data.path(LM_EVAL_TASKS_DIR).glob("*.yaml"))
 
 
+@functools.lru_cache(maxsize=2)
+def _task_manager(defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(builtin_data.path(LM_EVAL_TASKS_DIR)), include_defaults=defaults)
+
+
 def lm_eval_task_manager(tasks: list[str]):
     """lm-eval's TaskManager that also finds the task YAMLs shipped in ``data/builtin/lm_eval``.
 
     When every requested task is a shipped one, lm-eval's own ~thousands of task configs are not
-    indexed (that takes tens of seconds); otherwise both are, the shipped folder taking precedence.
-    Nothing here touches the network: a shipped task reads its rows from a file beside its YAML.
+    indexed (that takes tens of seconds, once per process: the check step's index is the run's);
+    otherwise both are, the shipped folder taking precedence. Nothing here touches the network: a
+    shipped task reads its rows from a file beside its YAML.
     """
-    from lm_eval.tasks import TaskManager
+    tm = _task_manager(False)
+    return tm if all(t in tm.all_tasks for t in tasks) else _task_manager(True)
 
-    local = str(builtin_data.path(LM_EVAL_TASKS_DIR))
-    tm = TaskManager(include_path=local, include_defaults=False)
-    if all(t in tm.all_tasks for t in tasks):
-        return tm
-    return TaskManager(include_path=local, include_defaults=True)
+
+LM_EVAL_MISSING = "lm_eval is not installed (pip install 'harmprune[lmeval]')"
+
+
+def checked_task_manager(tasks: list[str]):
+    """The TaskManager of ``tasks`` (None when lm_eval is not installed); an unknown name is one line.
+    Needs no model: the check step calls it before anything loads."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return None
+    tm = lm_eval_task_manager(tasks)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise HarmpruneError(f"unknown lm-eval task(s) {', '.join(unknown)} in --lm-eval-tasks (shipped: "
+                             f"{', '.join(shipped_lm_eval_tasks())}; see `lm_eval ls tasks`)")
+    return tm
 
 
 def _jsonable(x):
@@ -172,17 +192,12 @@ def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int, seed:
     or ({}, [], why it was skipped)."""
     if not tasks:
         return {}, [], None
-    if importlib.util.find_spec("lm_eval") is None:
-        return {}, [], (f"lm-eval tasks {', '.join(tasks)} skipped: lm_eval is not installed "
-                        "(pip install 'harmprune[lmeval]')")
+    tm = checked_task_manager(tasks)
+    if tm is None:
+        return {}, [], f"lm-eval tasks {', '.join(tasks)} skipped: {LM_EVAL_MISSING}"
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    tm = lm_eval_task_manager(tasks)
-    unknown = [t for t in tasks if t not in tm.all_tasks]
-    if unknown:
-        raise HarmpruneError(f"unknown lm-eval task(s) {', '.join(unknown)} (shipped: "
-                             f"{', '.join(shipped_lm_eval_tasks())}; see `lm_eval ls tasks`)")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     try:
         res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit or None, task_manager=tm,
@@ -215,6 +230,8 @@ class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenig
         super().__post_init__()
         bad = [p for p in self.parts if p not in PARTS]
         check(not bad, f"unknown --parts {', '.join(bad)}; choose from {', '.join(PARTS)}")
+        check(not self.lm_eval_tasks or "lm_eval" in self.parts, f"--lm-eval-tasks {' '.join(self.lm_eval_tasks)} "
+              f"would not run: --parts {' '.join(self.parts)} omits lm_eval; add it or leave --lm-eval-tasks out")
         check_min(self, 0, "corpus_tokens", "limit", "lm_eval_limit")
         check_min(self, 2, "block_size")
         check_pass(self)

@@ -3,14 +3,16 @@
 Driven by the settings' fields, so every command that has a flag gets its check:
 - data files (``--data``, ``--harm``, ``--eval-*``, ``--prompts``, ``--train-data``, ...): read whole,
   zero usable rows is an error;
-- models (``--model``, ``--base``/``--aligned``, fine-tunes): exist, their weight files are whole, and
-  the two of a pair share an architecture and are not the same checkpoint;
+- models (``--model``, ``--base``/``--aligned``, fine-tunes): exist (several: each resolved first, an
+  alias built), their weight files are whole, and a model and its fine-tune share an architecture
+  and differ (not one checkpoint, not identical weights: a zero update has no subspace);
 - ``--pruned``: a make prune output with a readable ``prune_config.json``;
 - judges: each spec is known, ``--judge-url`` is an http(s) URL, ``--judge-device`` exists, and a
   remote judge answers one probe request (commands that would otherwise find out after generating);
+- lm-eval tasks: known names (lm-eval not installed: a warning now, not a note after the run);
 - devices and dtypes (``--dtype``, ``--judge-dtype``); cache/factor/fine-tune directories writable.
-Nothing is loaded (a built-in alias may be built: that is where the model comes from) and nothing
-is written.
+Nothing is loaded (a built-in alias may be built: that is where the model comes from; tensors of a
+pair are compared one at a time) and nothing is written.
 """
 
 from __future__ import annotations
@@ -60,10 +62,15 @@ def check_data(cfg) -> None:
             raise HarmpruneError(f"{flag(name)} {value}: no usable rows")
 
 
-def model_dir(spec: str) -> Path | None:
-    """The local checkpoint directory of ``spec`` (None for a Hub id, a .gguf file or an alias not built
-    yet: it is built where it is first loaded)."""
-    if spec in ALIASES and not (cache_dir() / ALIASES[spec].folder(spec) / "config.json").is_file():
+# (model, its fine-tune): the update between them must exist (zero gives no subspace, MSO n/a)
+UPDATES = (("base", "aligned"),) + tuple(("aligned", f) for f in ("finetuned", "harmful", "useful", "harmful_model",
+                                                                   "useful_model", "contaminated_model"))
+
+
+def model_dir(spec: str, build: bool = False) -> Path | None:
+    """The local checkpoint directory of ``spec`` (None for a Hub id, a .gguf file or, unless ``build``,
+    an alias not built yet: it is built where it is first loaded)."""
+    if not build and spec in ALIASES and not (cache_dir() / ALIASES[spec].folder(spec) / "config.json").is_file():
         return None
     path, gguf = resolve(spec)
     p = Path(path)
@@ -80,36 +87,58 @@ def model_config(d: Path | None) -> dict:
 
 
 def check_models(cfg) -> None:
+    """Each model exists and is whole; with several, every one is resolved first (an alias built), so
+    the second is not found wanting after the first one's work; each (model, fine-tune) pair is checked."""
+    specs = {n: s for n in MODEL_FIELDS if isinstance(s := getattr(cfg, n, None), str) and s}
     dirs = {}
-    for name in MODEL_FIELDS:
-        spec = getattr(cfg, name, None)
-        if not isinstance(spec, str) or not spec:
-            continue
+    for name, spec in specs.items():
         try:
-            d = model_dir(spec)
+            d = model_dir(spec, build=len(specs) > 1)
         except HarmpruneError as e:
             raise HarmpruneError(f"{flag(name)}: {e}") from None
         if d is not None:
             check_weight_files(str(d))
             model_config(d)
         dirs[name] = d
-    if "base" in dirs and "aligned" in dirs:
-        check_pair(cfg, dirs["base"], dirs["aligned"])
+    for a, b in UPDATES:
+        if a in dirs and b in dirs:
+            check_pair(cfg, a, b, dirs[a], dirs[b])
 
 
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 
 
-def check_pair(cfg, base: Path | None, aligned: Path | None) -> None:
-    """--base and --aligned: one architecture and size, two different checkpoints."""
-    if cfg.base == cfg.aligned or (base is not None and aligned is not None and base.resolve() == aligned.resolve()):
-        raise HarmpruneError(f"--base and --aligned are the same checkpoint ({cfg.aligned}): the alignment update is "
-                             "zero; pass the model before alignment as --base")
-    a, b = model_config(base), model_config(aligned)
+def check_pair(cfg, a: str, b: str, da: Path | None, db: Path | None) -> None:
+    """Flags ``a`` and ``b`` (``b`` a fine-tune of ``a``): one architecture and size, different weights."""
+    sa, sb = getattr(cfg, a), getattr(cfg, b)
+    hint = "pass the model before alignment as --base" if a == "base" else f"pass a fine-tune of {flag(a)} as {flag(b)}"
+    if sa == sb or (da is not None and db is not None and da.resolve() == db.resolve()):
+        raise HarmpruneError(f"{flag(a)} and {flag(b)} are the same checkpoint ({sb}): the update between them is "
+                             f"zero; {hint}")
+    ca, cb = model_config(da), model_config(db)
     for key in ARCH_KEYS:
-        if key in a and key in b and a[key] != b[key]:
-            raise HarmpruneError(f"--base {cfg.base} and --aligned {cfg.aligned} differ in {key} ({a[key]} vs "
-                                 f"{b[key]}): they must be one architecture (the aligned model is a fine-tune of the base)")
+        if key in ca and key in cb and ca[key] != cb[key]:
+            raise HarmpruneError(f"{flag(a)} {sa} and {flag(b)} {sb} differ in {key} ({ca[key]} vs {cb[key]}): they "
+                                 f"must be one architecture ({flag(b)} is a fine-tune of {flag(a)})")
+    if da is not None and db is not None and same_weights(da, db):
+        raise HarmpruneError(f"{flag(a)} {sa} and {flag(b)} {sb} hold identical weights: the update between them is "
+                             f"zero (no subspace, MSO undefined); {hint}")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two safetensors checkpoints hold equal tensors: read one pair at a time, block matrices
+    first (what a fine-tune changes), so two different checkpoints stop at the first difference."""
+    import torch
+
+    from .subspace.checkpoints import TensorReader, layer_of
+
+    if not (any(a.glob("*.safetensors")) and any(b.glob("*.safetensors"))):
+        return False
+    with TensorReader(str(a), "a") as ra, TensorReader(str(b), "b") as rb:
+        if ra.shapes != rb.shapes:
+            return False
+        order = sorted(ra.shapes, key=lambda n: len(ra.shapes[n]) != 2 or layer_of(n) is None)
+        return all(torch.equal(ra.get(n), rb.get(n)) for n in order)
 
 
 def check_pruned(cfg) -> None:
@@ -184,6 +213,17 @@ def check_judges(cfg, probe: bool) -> None:
             judge.check()  # one request: unreachable, refusing the key or the model
 
 
+def check_lm_eval(cfg) -> None:
+    """``--lm-eval-tasks``: known to lm-eval (its task index needs no model); lm-eval missing is said now."""
+    tasks = getattr(cfg, "lm_eval_tasks", None)
+    if not tasks or "lm_eval" not in getattr(cfg, "parts", ("lm_eval",)):
+        return
+    from ..evals.utility import LM_EVAL_MISSING, checked_task_manager
+
+    if checked_task_manager(tasks) is None:
+        validate.warn(f"--lm-eval-tasks {' '.join(tasks)} will be skipped: {LM_EVAL_MISSING}")
+
+
 def check_dtypes(cfg) -> None:
     value = getattr(cfg, "dtype", None)
     if isinstance(value, str):
@@ -208,4 +248,5 @@ def check_settings(command: str, *cfgs) -> None:
         check_pruned(cfg)
         check_judges(cfg, probe=command not in PROBED_LATER)
         check_data(cfg)
+        check_lm_eval(cfg)
         check_models(cfg)

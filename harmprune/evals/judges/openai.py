@@ -10,15 +10,15 @@ score = ``Σ n·P(n) / Σ P(n)``, None when ``Σ P(n) < 0.25``. Harmfulness: the
 prompt, score = ``P(yes) / (P(yes) + P(no))`` over tokens that read yes/no (case and spaces
 ignored); when the server returns no logprobs, the answer text decides (yes = 1, no = 0).
 
-Requests run in a thread pool (``concurrency``, default 8). Each request may take ``timeout``
-seconds (default 15, ``--judge-timeout``); 429, 5xx, timeouts and connection errors are retried
-``max_retries`` times (default 2, ``--judge-retries``) with exponential backoff (``Retry-After``
-honoured); any other failure, or the last retry failing, gives that sample a result with ``error``
-set. Fail-fast rules, so a dead endpoint ends a run in about a minute instead of an hour:
-``check()`` sends one request before generation starts; after ``DEAD_AFTER`` requests in a row fail
-to reach the server, or one answer of 401/403 (a refused key), every remaining request of the judge
-fails at once. When *every* sample of a call fails to connect, or any is refused for
-authentication, the call raises one clear line.
+Requests run in ``concurrency`` daemon threads (default 8; Ctrl-C abandons those in flight at once).
+Each request may take ``timeout`` seconds (default 15, ``--judge-timeout``); 429, 5xx, timeouts and
+connection errors are retried ``max_retries`` times (default 2, ``--judge-retries``) with
+exponential backoff (``Retry-After`` honoured); any other failure, or the last retry failing, gives
+that sample a result with ``error`` set. Fail-fast rules, so a dead endpoint ends a run in about a
+minute instead of an hour: ``check()`` sends one request before generation starts; after
+``DEAD_AFTER`` requests in a row fail to reach the server, or one answer of 401/403 (a refused key),
+every remaining request of the judge fails at once. When *every* sample of a call fails to connect,
+or any is refused for authentication, the call raises one clear line.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import email.utils
 import json
 import math
 import os
+import queue
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from tqdm.auto import tqdm
@@ -179,18 +179,40 @@ class OpenAIJudge:
             raise HarmpruneError(f"judge {self.name} failed its check before generation: {e}{hint}") from None
 
     def _map(self, fn, texts: list[str], fail, desc: str) -> list:
-        """Run ``fn(text)`` concurrently in order; a RequestFailed becomes ``fail(message)``."""
+        """Run ``fn(text)`` concurrently in order; a RequestFailed becomes ``fail(message)``. The workers
+        are daemon threads the caller never joins: on Ctrl-C (or any error) the wait ends at once, queued
+        texts are never sent, and requests in flight are abandoned (nor does exit wait for them)."""
         failures: list[RequestFailed] = []
+        out: list = [None] * len(texts)
+        todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+        for item in enumerate(texts):
+            todo.put(item)
 
-        def one(text):
-            try:
-                return fn(self.ask(text))
-            except RequestFailed as e:
-                failures.append(e)
-                return fail(str(e))
+        def worker():
+            while not stop.is_set():
+                try:
+                    i, text = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    out[i] = fn(self.ask(text))
+                except RequestFailed as e:
+                    failures.append(e)
+                    out[i] = fail(str(e))
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    done.put(e)
+                    return
+                done.put(None)
 
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            out = list(tqdm(pool.map(one, texts), total=len(texts), desc=desc, unit="sample", file=sys.stderr))
+        for _ in range(min(self.concurrency, len(texts))):
+            threading.Thread(target=worker, daemon=True, name="harmprune-judge").start()
+        try:
+            for _ in tqdm(range(len(texts)), desc=desc, unit="sample", file=sys.stderr):
+                err = done.get()  # interruptible: Ctrl-C raises here at once
+                if err is not None:
+                    raise err
+        finally:
+            stop.set()
         if texts and len(failures) == len(texts) and all(f.connection for f in failures):
             raise HarmpruneError(f"judge endpoint unreachable: {failures[0]}")
         auth = next((f for f in failures if f.auth), None)
