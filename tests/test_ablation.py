@@ -11,7 +11,8 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 import torch
 
-from harmprune.recipes.ablation import curves, distribution, overlap, report, transfer
+from harmprune.pruning import masks as overlap
+from harmprune.recipes.ablation import curves, distribution, report, transfer
 from harmprune.recipes.ablation.run import AblateConfig, ablate, group_categories
 from harmprune.core.data import Record
 from harmprune.evals.nll import response_nll

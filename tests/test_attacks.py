@@ -15,7 +15,7 @@ from harmprune.core.models import load_model
 from harmprune.pruning.checkpoint import MASK_FILE, save_mask
 from harmprune.pruning.select import random_control
 from harmprune.recipes import attacks as A
-from harmprune.recipes.ablation.overlap import union
+from harmprune.pruning.masks import union
 from harmprune.recipes import headline as H
 from tiny import randomize_matrices, save_tiny, tiny_llama
 

@@ -52,7 +52,7 @@ from ..finetune.train import (FinetuneConfig, Plan, TrainState, check_plan, load
                               prepare_model, train)
 from ..pruning.checkpoint import CONFIG_FILE, MASK_FILE, load_mask, load_scores
 from ..pruning.select import random_control, select_prune_set
-from .ablation.overlap import count, intersection, union
+from ..pruning.masks import count, intersection, union
 from .align_data import load_rows, training_records
 from .headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
 

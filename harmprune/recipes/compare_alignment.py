@@ -245,7 +245,7 @@ def render(doc: dict) -> str:
 def plot(doc: dict, path: Path) -> None:
     """Harmfulness under the prefill attack (one panel per judge, 95 % intervals; dashed: the original)
     and the NLL rises, against the pruned fraction, both models."""
-    from .ablation.plots import pyplot, save
+    from ..core.plots import pyplot, save
 
     judges = doc["judges"]
     fig, axes = pyplot().subplots(1, len(judges) + 2, figsize=(4 * (len(judges) + 2), 3.8), squeeze=False)

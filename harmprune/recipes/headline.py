@@ -45,7 +45,7 @@ from ..evals.generation import GenConfig
 from ..evals.harm import VIEWS, generate_samples, judge_samples, load_judges, stops, verdict_key
 from ..evals.nll import response_nll
 from ..evals.utility import block_nll, corpus_blocks
-from .ablation.overlap import count
+from ..pruning.masks import count
 
 ATTACKS = ("none", "prefill")
 RESULTS_FILE = "results.json"
@@ -304,7 +304,7 @@ def render_table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """One panel per table row: a point per variant with its 95 % interval."""
-    from .ablation.plots import pyplot, save
+    from ..core.plots import pyplot, save
 
     plt = pyplot()
     rows = table_rows(results)

@@ -16,10 +16,10 @@ from pathlib import Path
 from ..core import manifest, validate
 from ..core.models import load_model, model_name
 from ..core.options import QGridOptions
+from ..core.plots import pyplot, save
 from ..core.settings import check, opt, to_dict
 from ..pruning.apply import masked
 from ..pruning.select import SelectionError, check_second_band, select_prune_set
-from .ablation.plots import pyplot, save
 from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
 
 PS = [0.0, 1e-3, 1e-2]

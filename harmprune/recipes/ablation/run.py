@@ -25,9 +25,10 @@ from ...core.options import (BenignOptions, CacheOptions, DataOptions, FieldOpti
                              ModelOptions, NewTokensOptions, OutputOptions, ScopeOptions, ScoringOptions,
                              SelectionOptions, check_scoring, check_selection, needs_benign, pick)
 from ...core.settings import check, check_min, opt, to_dict
+from ...pruning import masks
 from ...pruning.apply import masked
 from ...pruning.select import random_control, select_prune_set
-from . import curves, distribution, overlap, plots, report, transfer
+from . import curves, distribution, plots, report, transfer
 
 RANDOM = "random control"
 
@@ -194,9 +195,9 @@ def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dic
 
     t = time.perf_counter()
     sets, set_stats = _sets_at(cfg.q, harm, benign, cfg)
-    union = overlap.union(list(sets.values()))
+    union = masks.union(list(sets.values()))
     numel = sum(m.numel() for m in union.values())
-    largest = max(sets, key=lambda g: overlap.count(sets[g]))
+    largest = max(sets, key=lambda g: masks.count(sets[g]))
     ctrl = random_control(sets[largest], cfg.seed)
     base = transfer.measure_all(model, tok, held, measure)
     base_benign = nll(model, tok, eval_benign)
@@ -223,7 +224,7 @@ def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dic
     curve = {"union": [], RANDOM: [], **{g: [] for g in sets}}
     for q in tqdm(sorted(cfg.curve_qs), desc="compression curves (q)"):
         qsets, _ = _sets_at(q, harm, benign, cfg)
-        qu = overlap.union(list(qsets.values()))
+        qu = masks.union(list(qsets.values()))
         # benign NLL for the union and the random control only: per category it would triple the cost
         for name, m, rows, b, brows in (("union", qu, pooled, base_pooled, eval_benign),
                                         (RANDOM, random_control(qu, cfg.seed), pooled, base_pooled, eval_benign),
@@ -239,9 +240,9 @@ def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dic
         "model": handle.spec, "model_hash": handle.hash, "numel": numel,
         "measure": {"name": measure.name, "sign": measure.sign},
         "base": {"harmful_by_category": base, "harmful_pooled_nll": base_pooled, "benign_nll": base_benign},
-        "sets": set_stats, "union_size": overlap.count(union),
+        "sets": set_stats, "union_size": masks.count(union),
         "score_dirs": {**{g: str(s.path) for g, s in harm.items()}, "benign": str(benign.path)},
-        "overlap": overlap.overlap_matrix(sets),
+        "overlap": masks.overlap_matrix(sets),
         "transfer": tr, "a_not_b": anb, "curves": curve,
         "distribution": {"union": distribution.distribution(union),
                          **{g: distribution.distribution(m) for g, m in sets.items()}},

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...evals.nll import response_nll
 from ...pruning.apply import masked
-from .overlap import difference
+from ...pruning.masks import difference
 
 
 class Measure(Protocol):
