@@ -16,7 +16,7 @@ from harmprune.pruning.checkpoint import MASK_FILE, save_mask
 from harmprune.pruning.select import random_control
 from harmprune.recipes import attacks as A
 from harmprune.pruning.masks import union
-from harmprune.recipes import headline as H
+from harmprune.evals import headline as H
 from tiny import randomize_matrices, save_tiny, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")

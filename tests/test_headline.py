@@ -13,7 +13,7 @@ import torch
 from harmprune.core.data import Record
 from harmprune.core.formatting import prompt_ids
 from harmprune.evals import backends as B
-from harmprune.recipes import headline as H
+from harmprune.evals import headline as H
 from tiny import randomize_matrices, tiny_llama
 
 

@@ -255,7 +255,7 @@ def test_d12_resume_on_a_cut_samples_file_is_refused(tiny_ckpt, prompts, tmp_pat
 
 def test_d13_held_out_draw_is_seeded_over_distinct_prompts():
     from harmprune.core.data import Record
-    from harmprune.recipes.pipeline import draw
+    from harmprune.evals.results import draw
 
     rows = [Record(prompt="same prompt", response=f"r{i}") for i in range(6)] + \
         [Record(prompt=f"other {i}", response="r") for i in range(6)]

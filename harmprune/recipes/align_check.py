@@ -22,7 +22,7 @@ from ..core.models import load_model, model_hash
 from ..core.settings import opt, to_dict
 from ..evals.eval_prompts import unseen_harmful, xstest_heldout
 from ..evals.harm import load_judges
-from . import headline as H
+from ..evals import headline as H
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``harmprune attack`` (``make attack``): B-TAP's fine-tuning and refusal-ablation attacks on the original
 model, the harm-pruned model (``--pruned``, a ``make prune`` output) and its same-size random control
 (``pruning.select.random_control(mask, --seed)``, as the pipeline draws it), each measured with the
-headline table (``recipes.headline``: judged harmfulness / refusal with and without the prefill attack,
+headline table (``evals.headline``: judged harmfulness / refusal with and without the prefill attack,
 benign NLL, XSTest compliance, corpus perplexity, 95 % intervals). Every run also measures ``original``
 (no attack), so the table shows what the attack does.
 
@@ -54,7 +54,7 @@ from ..pruning.checkpoint import CONFIG_FILE, MASK_FILE, load_mask, load_scores
 from ..pruning.select import random_control, select_prune_set
 from ..pruning.masks import count, intersection, union
 from .align_data import load_rows, training_records
-from .headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
+from ..evals.headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
 
 ATTACKS = ("finetune", "refusal-ablation")
 FT_DATA = "harmful"  # the shipped train split; the measurement's harmful prompts are harmful:test

@@ -1,7 +1,7 @@
 """``make compare-alignment``: does alignment compress harm (B-TAP)? The pipeline on ``--base`` and on
 ``--aligned``, with the same data and settings, side by side.
 
-For each model: scores through the score cache (``pipeline.score_pair``: computed once per model and
+For each model: scores through the score cache (``pruning.harmset.score_pair``: computed once per model and
 re-used by ``make prune``), then the original and the harm-specific set ``Top_q(harm) \\ Top_p(benign)``
 at each q of ``--qs`` (and ``--q``), applied in place and restored. Each point measures:
 - held-out harmful and benign response NLL (the first ``--eval-nsamples`` rows; nats/token, higher =
@@ -42,11 +42,13 @@ from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatc
                             ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
 from ..core.settings import check, to_dict
 from ..evals import results as R
+from ..evals import headline
 from ..evals.harm import judge_options, judge_specs, load_judges
+from ..evals.nll import nll_row, specificity, with_deltas
+from ..evals.results import draw
 from ..pruning.apply import masked
+from ..pruning.harmset import score_pair
 from ..pruning.select import select_prune_set
-from . import headline
-from .pipeline import draw, nll_row, score_pair, specificity, with_deltas
 
 ROLES = ("base", "aligned")
 PLOT_FILE = "compare_alignment.png"
