@@ -5,6 +5,7 @@ lazy import is still a dependency).
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,70 @@ def test_checker_catches_an_upward_import(tmp_path):
     src, dst = folder("harmprune.pruning.select"), folder("harmprune.recipes.pipeline")
     assert LAYERS[dst] > LAYERS[src] and f.is_file()
     assert _cycle(fake) is not None  # pipeline imports select, so the fake edge closes a cycle
+
+
+# ---------------------------------------------------------------- recipes are leaves
+
+RECIPES = "harmprune.recipes"
+ENTRY = re.compile(r"run_\w+|\w+(Config|Settings)")
+
+
+def recipe_of(name: str) -> str | None:
+    """The recipe a module belongs to: a module directly under recipes/, or a subpackage (one recipe)."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if name.startswith(RECIPES + ".") else None
+
+
+def recipe_imports(source: str, mod: str, is_package: bool = False) -> list[tuple[str, str]]:
+    """``(recipe module, imported name)`` for every import of a recipe in ``source`` (the text of module
+    ``mod``); importing a module itself names "*"."""
+    package = mod if is_package else mod.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(a.name, "*") for a in node.names if a.name.startswith(RECIPES + ".")]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                out.append((sub, "*") if _exists(sub) else (target, a.name))
+    return [(t, n) for t, n in out if recipe_of(t)]
+
+
+def foreign_recipe_imports(source: str, mod: str, is_package: bool = False) -> list[str]:
+    mine = recipe_of(mod)
+    return [f"{mod} imports {name if name != '*' else 'the module'} from {target}"
+            for target, name in recipe_imports(source, mod, is_package)
+            if recipe_of(target) != mine and not (name != "*" and ENTRY.fullmatch(name))]
+
+
+def test_recipes_import_other_recipes_only_through_entry_points():
+    """A recipe may use another recipe's ``run_*`` functions and ``*Config``/``*Settings`` classes, nothing
+    else: a helper two recipes share lives in the library, below them. Inside one subpackage imports are free."""
+    bad = [line for p in sorted((ROOT / "recipes").rglob("*.py"))
+           for line in foreign_recipe_imports(p.read_text(encoding="utf-8"), module_name(p), p.name == "__init__.py")]
+    assert not bad, "\n".join(bad)
+
+
+def test_a_recipe_of_several_files_is_one_subpackage():
+    """``align.py`` beside ``align_data.py`` would be one recipe in two files: such a recipe is a folder."""
+    tops = {p.stem for p in (ROOT / "recipes").glob("*.py")} | {p.name for p in (ROOT / "recipes").iterdir() if p.is_dir()}
+    split = [f"{a} / {b}" for a in tops for b in tops if b.startswith(a + "_")]
+    assert not split, split
+
+
+def test_recipe_rule_catches_a_helper_import():
+    """The checker itself: entry points pass; a helper, a whole module or a lazy import of one are reported;
+    a subpackage's own modules are free."""
+    src = ("from .pipeline import PipelineConfig, run_pipeline\nfrom .pipeline import draw\nfrom . import sweep\n"
+           "def f():\n    from .ablation.run import AblateConfig, study\n")
+    bad = foreign_recipe_imports(src, "harmprune.recipes.attacks")
+    assert bad == ["harmprune.recipes.attacks imports draw from harmprune.recipes.pipeline",
+                   "harmprune.recipes.attacks imports the module from harmprune.recipes.sweep",
+                   "harmprune.recipes.attacks imports study from harmprune.recipes.ablation.run"], bad
+    assert not foreign_recipe_imports("from . import plots, report\nfrom .checkpoints import select_tensors\n",
+                                      "harmprune.recipes.subspace.study")
+    assert foreign_recipe_imports("from ..ablation.plots import heatmap\n", "harmprune.recipes.subspace.plots")
+    assert not foreign_recipe_imports("from ..core.plots import save\nfrom ..evals import headline\n",
+                                      "harmprune.recipes.sweep")

@@ -220,7 +220,7 @@ def test_d09_pruned_without_prune_config_is_refused(tiny_ckpt, pruned, tmp_path,
 
 
 def test_d10_align_uses_its_lora_flags():
-    from harmprune.recipes.align import AlignConfig, _finetune_config
+    from harmprune.recipes.align.run import AlignConfig, _finetune_config
 
     cfg = AlignConfig(out="o", lora=True, lora_r=8, lora_alpha=3.0, rslora=False, lora_dropout=0.1)
     ft = _finetune_config(cfg, Path("d.jsonl"), Path("ft"))

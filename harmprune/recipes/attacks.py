@@ -47,14 +47,14 @@ from ..core.options import (BenignOptions, CacheOptions, CorpusOptions, EvalHarm
                             PrunedOptions, ScopeOptions, ScoringOptions, TrainOptions, check_scoring, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
+from ..evals.align_data import load_rows, training_records
+from ..evals.headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
 from ..finetune.masking import bind_mask, masked_merge
 from ..finetune.train import (FinetuneConfig, Plan, TrainState, check_plan, load_training_data, make_optimizer,
                               prepare_model, train)
 from ..pruning.checkpoint import CONFIG_FILE, MASK_FILE, load_mask, load_scores
-from ..pruning.select import random_control, select_prune_set
 from ..pruning.masks import count, intersection, union
-from .align_data import load_rows, training_records
-from ..evals.headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
+from ..pruning.select import random_control, select_prune_set
 
 ATTACKS = ("finetune", "refusal-ablation")
 FT_DATA = "harmful"  # the shipped train split; the measurement's harmful prompts are harmful:test
