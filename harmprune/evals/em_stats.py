@@ -9,7 +9,8 @@ Rates are fractions in [0, 1] over judged answers. The overall rate pools the ju
 all questions (each answer counts once, so a question with more judged answers weighs more).
 Intervals are percentile bootstrap 95% intervals: per question, answers are resampled with
 replacement; overall, answers are resampled *within each question* (stratified: every replicate
-keeps each question's judged count), then pooled. All resampling uses a seeded numpy generator.
+keeps each question's judged count), then pooled, with a seeded numpy generator (the package's other
+bootstrap interval, of any statistic over one sample, is ``results.bootstrap_ci``).
 """
 
 from __future__ import annotations
@@ -46,13 +47,6 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     a = (1.0 - level) / 2.0
     lo, hi = np.quantile(values, [a, 1.0 - a])
     return float(lo), float(hi)
-
-
-def bootstrap_ci(flags: Sequence[bool], n_boot: int = N_BOOT, seed: int = 0,
-                 level: float = LEVEL) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the rate (answers resampled with replacement); None when no flags."""
-    reps = bootstrap_replicates([flags], n_boot, seed)
-    return None if reps is None else _percentiles(reps, level)
 
 
 def bootstrap_replicates(groups: Sequence[Sequence[bool]], n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray | None:

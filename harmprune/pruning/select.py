@@ -47,6 +47,7 @@ import torch
 from ..attribution.formulas import importance  # the one sign convention
 from ..core.errors import HarmpruneError
 from ..core.options import SELECTIONS  # the one list of variants (the --selection choices)
+from ..core.targets import module_type
 from .masks import Masks, count_of
 
 SCOPES = ("matrix", "row", "global")
@@ -426,11 +427,6 @@ def control_mask(control: str, mask: Masks, seed: int = 0, weights: Masks | None
     raise ValueError(f"unknown control {control!r}; expected one of {CONTROLS}")
 
 
-def _module_type(name: str) -> str:
-    parts = name.split(".")
-    return parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
-
-
 def mask_stats(mask: Masks) -> dict:
     """Per-matrix, per-module-type and total counts and fractions (JSON-ready)."""
     per, by_type = {}, {}
@@ -438,7 +434,7 @@ def mask_stats(mask: Masks) -> dict:
     for name, m in mask.items():
         c, n = count_of(m), m.numel()
         per[name] = {"pruned": c, "numel": n, "fraction": c / n if n else 0.0}
-        t = _module_type(name)
+        t = module_type(name)
         by_type[t] = by_type.get(t, 0) + c
         total, numel = total + c, numel + n
     return {"total_pruned": total, "total_numel": numel, "total_fraction": total / numel if numel else 0.0,

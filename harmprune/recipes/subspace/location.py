@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ...attribution.engine import compute_scores
 from ...attribution.score import select
 from ...core.data import DataSpec, data_fingerprint, load_records
+from ...pruning.masks import count, count_of, intersection
 from ...pruning.select import PruneWarning, mask_stats, random_control, select_prune_set
 from ...subspace.location import largest_magnitude, mass, share
 from ...subspace.projection import parallel_part
@@ -53,7 +54,7 @@ def locate(mask: dict, base: TensorReader, aligned: TensorReader, cache, rhos: l
     count = numel = 0
     for name, m in tqdm(mask.items(), desc="B-TAP set vs alignment update", leave=False):
         v = aligned.get(name, device) - base.get(name, device)
-        c = int(m.sum())
+        c = count_of(m)
         count, numel = count + c, numel + m.numel()
         largest[name] = largest_magnitude(v, c).cpu()
         f = cache.get(name)
@@ -69,8 +70,8 @@ def locate(mask: dict, base: TensorReader, aligned: TensorReader, cache, rhos: l
 
 def set_overlap(a: dict, b: dict) -> dict:
     """How many coordinates two masks share (B-TAP set vs largest-|V| set)."""
-    inter = sum(int((a[k] & b[k].to(a[k].device)).sum()) for k in a)
-    size = sum(int(a[k].sum()) for k in a)
+    inter = intersection(a, {k: b[k].to(a[k].device) for k in a if k in b})
+    size = count(a)
     return {"shared": inter, "size": size, "fraction": inter / size if size else None}
 
 
