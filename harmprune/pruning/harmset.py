@@ -1,17 +1,32 @@
-"""B-TAP's harm-specific set, scored one way: the harm and benign scores of a run through the one score
-cache (``attribution.cache``), read lazily, for ``select.select_prune_set``."""
+"""B-TAP's harm-specific set, built one way: scores through the one score cache (``attribution.cache``),
+read lazily (one matrix in memory at a time), then ``select.select_prune_set``. Pipeline, sweep,
+compare-alignment, ablate, attack, em-experiment (through the pipeline) and the subspace study build it here."""
 
 from __future__ import annotations
 
 from ..attribution.cache import cached_scores
 from ..core.models import ModelHandle
 from ..core.options import PruneInputs
-from .checkpoint import load_scores
+from .checkpoint import Scores, load_scores
+from .select import select_prune_set
+
+
+def scores_of(handle: ModelHandle, data, method: str, opts, cache_dir, rows: list | None = None,
+              label: str | None = None) -> Scores:
+    """The scores of ``method`` on ``data`` (``opts``: the scoring options), computed only when the cache
+    has no valid entry (``attribution.cache.cached_scores``), read lazily."""
+    return load_scores(cached_scores(handle, data, method, opts, cache_dir, rows=rows, label=label), lazy=True)
 
 
 def score_pair(handle: ModelHandle, cfg: PruneInputs, need_benign: bool = True):
     """The harm and benign scores of ``cfg`` (through the score cache), read lazily: ``(harm, benign|None)``."""
-    harm = load_scores(cached_scores(handle, cfg.harm, cfg.method, cfg, cfg.scores_dir), lazy=True)
-    benign = load_scores(cached_scores(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir), lazy=True) \
-        if need_benign else None
+    harm = scores_of(handle, cfg.harm, cfg.method, cfg, cfg.scores_dir)
+    benign = scores_of(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir) if need_benign else None
     return harm, benign
+
+
+def harm_set(harm: Scores, benign: Scores | None, q: float, p: float, scope: str = "matrix",
+             selection: str = "difference") -> tuple[dict, dict]:
+    """``Top_q(I_harm) \\ Top_p(I_benign)`` (or the ``selection`` variant) of two score sets: ``(mask, stats)``."""
+    return select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
+                            benign.method if benign else None, q, p, scope, selection=selection)

@@ -47,8 +47,7 @@ from ..evals.harm import judge_options, judge_specs, load_judges
 from ..evals.nll import nll_row, specificity, with_deltas
 from ..evals.results import draw
 from ..pruning.apply import masked
-from ..pruning.harmset import score_pair
-from ..pruning.select import select_prune_set
+from ..pruning.harmset import harm_set, score_pair
 
 ROLES = ("base", "aligned")
 PLOT_FILE = "compare_alignment.png"
@@ -110,9 +109,7 @@ def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows
                                  for n, r in sets.items()}
     points = []
     for q in cfg.grid():
-        mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                                       benign.method if benign else None, q, cfg.p, cfg.scope,
-                                       selection=cfg.selection)
+        mask, stats = harm_set(harm, benign, q, cfg.p, cfg.scope, cfg.selection)
         with masked(model, mask):
             row = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
             harm_q, _ = headline.judged_harm(model, tok, prompts, judges, hc, "prefill")

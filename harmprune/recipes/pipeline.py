@@ -27,8 +27,8 @@ from ..evals.harm import judge_options, judge_specs
 from ..evals.nll import nll_pair, with_deltas
 from ..evals.results import draw
 from ..pruning.apply import masked
-from ..pruning.harmset import score_pair
-from ..pruning.select import random_control, select_prune_set
+from ..pruning.harmset import harm_set, score_pair
+from ..pruning.select import random_control
 
 
 @dataclass(kw_only=True)
@@ -83,8 +83,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     harm_all, benign_all = load_records(hspec), load_records(bspec)
     harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
 
-    mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                                   benign.method if benign else None, cfg.q, cfg.p, cfg.scope, selection=cfg.selection)
+    mask, stats = harm_set(harm, benign, cfg.q, cfg.p, cfg.scope, cfg.selection)
     rand = random_control(mask, cfg.seed)  # what select_prune_set(..., "random") gives, without re-selecting
     variants = {"original": None, "pruned": mask, "random": rand}
     nll, hc = {}, headline.config_from(cfg) if cfg.headline else None

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ...attribution.artifact import load_scores
-from ...attribution.cache import cached_scores
 from ...attribution.score import select
 from ...core import manifest
 from ...core.data import DataSpec, data_fingerprint, load_records
@@ -27,7 +25,8 @@ from ...core.options import (BenignOptions, CacheOptions, DataOptions, FieldOpti
 from ...core.settings import check, check_min, opt, to_dict
 from ...pruning import masks
 from ...pruning.apply import masked
-from ...pruning.select import random_control, select_prune_set
+from ...pruning.harmset import harm_set, scores_of
+from ...pruning.select import random_control
 from . import curves, distribution, plots, report, transfer
 
 RANDOM = "random control"
@@ -149,9 +148,9 @@ def _slug(text: str) -> str:
 def category_scores(handle, cfg: AblateConfig, group: str, rows: list):
     """Scores of a category group's ``--category-nsamples`` records, through the one score cache."""
     opts = pick(ScoringOptions, cfg, nsamples=cfg.category_nsamples)
-    d = cached_scores(handle, cfg.spec(cfg.data), cfg.method, opts, cfg.scores_dir, rows=rows,
-                      label=f"{cfg.data}-{_slug(group)}")
-    return load_scores(d, lazy=True)  # read one matrix at a time: 11 score sets need not fit in memory
+    # read one matrix at a time: 11 score sets need not fit in memory
+    return scores_of(handle, cfg.spec(cfg.data), cfg.method, opts, cfg.scores_dir, rows=rows,
+                     label=f"{cfg.data}-{_slug(group)}")
 
 
 # ---------------------------------------------------------------- one model
@@ -160,8 +159,7 @@ def category_scores(handle, cfg: AblateConfig, group: str, rows: list):
 def _sets_at(q: float, harm: dict, benign, cfg: AblateConfig) -> tuple[dict, dict]:
     sets, stats = {}, {}
     for g, s in harm.items():
-        sets[g], st = select_prune_set(s.tensors, benign.tensors if needs_benign(cfg) else None, s.method,
-                                       benign.method, q, cfg.p, cfg.scope, selection=cfg.selection)
+        sets[g], st = harm_set(s, benign if needs_benign(cfg) else None, q, cfg.p, cfg.scope, cfg.selection)
         stats[g] = {k: st[k] for k in ("total_pruned", "total_numel", "total_fraction", "per_module_type")}
         stats[g]["warnings"] = st["warnings"]
     return sets, stats
@@ -189,8 +187,7 @@ def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dic
                                                                           format=cfg.format, seed=cfg.seed))
     t = time.perf_counter()
     harm = {g: category_scores(handle, cfg, g, rows) for g, rows in train.items()}
-    benign = load_scores(cached_scores(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir, rows=benign_rows),
-                         lazy=True)
+    benign = scores_of(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir, rows=benign_rows)
     timing[f"{tag}: scoring"] = time.perf_counter() - t
 
     t = time.perf_counter()
