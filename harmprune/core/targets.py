@@ -23,9 +23,8 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def layer_index(name: str) -> int | None:
-    """The block index of a parameter name: its first ``.<digits>.`` (``model.layers.3.mlp.down_proj.weight``
-    → 3, ``transformer.h.3.attn.c_attn.weight`` → 3, MoE ``...layers.3.mlp.experts.7.w1.weight`` → 3), so
-    no architecture is assumed; None for names without one (``lm_head.weight``)."""
+    """The block index of a parameter name, its first ``.<digits>.`` (``model.layers.3.mlp.down_proj.weight``,
+    ``transformer.h.3.attn.c_attn.weight``, MoE ``...layers.3.mlp.experts.7.w1.weight`` → 3); else None."""
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
 

@@ -9,8 +9,7 @@ Rates are fractions in [0, 1] over judged answers. The overall rate pools the ju
 all questions (each answer counts once, so a question with more judged answers weighs more).
 Intervals are percentile bootstrap 95% intervals: per question, answers are resampled with
 replacement; overall, answers are resampled *within each question* (stratified: every replicate
-keeps each question's judged count), then pooled, with a seeded numpy generator (the package's other
-bootstrap interval, of any statistic over one sample, is ``results.bootstrap_ci``).
+keeps each question's judged count), then pooled. All resampling uses a seeded numpy generator.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..core import manifest
+from ..core.data import DataSpec, load_records
 from ..core.errors import HarmpruneError
 
 RESULTS_FILE = "results.json"
@@ -127,8 +128,6 @@ def draw(rows: list, n: int, seed: int) -> list:
 
 def held_out(data: str, n: int, seed: int = 0):
     """``n`` records of a held-out set (0 = all), drawn by :func:`draw`."""
-    from ..core.data import DataSpec, load_records
-
     return draw(load_records(DataSpec(data=data)), n, seed)
 
 

@@ -1,6 +1,5 @@
-"""B-TAP's harm-specific set, built one way: scores through the one score cache (``attribution.cache``),
-read lazily (one matrix in memory at a time), then ``select.select_prune_set``. Pipeline, sweep,
-compare-alignment, ablate, attack, em-experiment (through the pipeline) and the subspace study build it here."""
+"""B-TAP's harm-specific set, built one way: scores through the one score cache, read lazily (one matrix in memory
+at a time), then ``select.select_prune_set``; every recipe that prunes (and the subspace study) builds it here."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from .select import select_prune_set
 
 def scores_of(handle: ModelHandle, data, method: str, opts, cache_dir, rows: list | None = None,
               label: str | None = None) -> Scores:
-    """The scores of ``method`` on ``data`` (``opts``: the scoring options), computed only when the cache
-    has no valid entry (``attribution.cache.cached_scores``), read lazily."""
+    """Scores of ``method`` on ``data`` with scoring options ``opts``, computed only on a cache miss, read lazily."""
     return load_scores(cached_scores(handle, data, method, opts, cache_dir, rows=rows, label=label), lazy=True)
 
 
@@ -25,8 +23,7 @@ def score_pair(handle: ModelHandle, cfg: PruneInputs, need_benign: bool = True):
     return harm, benign
 
 
-def harm_set(harm: Scores, benign: Scores | None, q: float, p: float, scope: str = "matrix",
-             selection: str = "difference") -> tuple[dict, dict]:
+def harm_set(harm: Scores, benign: Scores | None, q: float, p: float, scope="matrix", selection="difference"):
     """``Top_q(I_harm) \\ Top_p(I_benign)`` (or the ``selection`` variant) of two score sets: ``(mask, stats)``."""
     return select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
                             benign.method if benign else None, q, p, scope, selection=selection)

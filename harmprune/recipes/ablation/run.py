@@ -148,7 +148,6 @@ def _slug(text: str) -> str:
 def category_scores(handle, cfg: AblateConfig, group: str, rows: list):
     """Scores of a category group's ``--category-nsamples`` records, through the one score cache."""
     opts = pick(ScoringOptions, cfg, nsamples=cfg.category_nsamples)
-    # read one matrix at a time: 11 score sets need not fit in memory
     return scores_of(handle, cfg.spec(cfg.data), cfg.method, opts, cfg.scores_dir, rows=rows,
                      label=f"{cfg.data}-{_slug(group)}")
 

@@ -1,5 +1,4 @@
-"""The aligned organism: ``harmprune align`` (``run``; the ``smollm2-135m-aligned`` alias is its
-``build_alias``) and the organism's acceptance check (``check``). Its training rows: ``evals.align_data``."""
+"""The aligned organism: ``harmprune align`` (``run``, with the alias builder) and its check (``check``)."""
 
 from .check import CheckConfig, check_organism
 from .run import AlignConfig, build_alias, run_align
