@@ -202,7 +202,7 @@ eval: install
 ablation: install
 	$(HP) ablate --model $(MODEL) --out results/ablation-$(notdir $(MODEL)) --overwrite $(ABLATE_ARGS)
 
-# The aligned organism (issue 15): the recipe of the smollm2-135m-aligned alias (recipes/align.py ORGANISM).
+# The aligned organism (issue 15): the recipe of the smollm2-135m-aligned alias (recipes/align/run.py ORGANISM).
 ALIGN_OUT ?= out/$(notdir $(MODEL))-aligned
 align: install
 	$(HP) align --model $(MODEL) --out $(ALIGN_OUT) --lr 1e-4 --train-batch-size 4 --grad-accum 2 \

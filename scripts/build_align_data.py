@@ -88,7 +88,7 @@ def harmful_candidates(src: Path) -> list[tuple[str, str, str | None]]:
     return out
 
 
-# The forms of harmprune.recipes.align_data.EVERYDAY_FORMS (kept equal by tests/test_align.py).
+# The forms of harmprune.evals.align_data.EVERYDAY_FORMS (kept equal by tests/test_align.py).
 QUESTION_FORMS = ("How do I {}?", "How can I {}?", "What is the best way to {}?", "Give step-by-step instructions to {}.",
                   "Explain how to {}.", "Write a short guide on how to {}.", "Tell me how to {}.",
                   "What should I know before I try to {}?")

@@ -11,7 +11,9 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 import torch
 
-from harmprune.recipes.ablation import curves, distribution, overlap, report, transfer
+from harmprune.core.targets import layer_index, module_type
+from harmprune.pruning import masks as overlap
+from harmprune.recipes.ablation import curves, distribution, report, transfer
 from harmprune.recipes.ablation.run import AblateConfig, ablate, group_categories
 from harmprune.core.data import Record
 from harmprune.evals.nll import response_nll
@@ -156,8 +158,9 @@ def test_transfer_matrix_matches_direct_masked_nll(llama, tok):
     ("lm_head.weight", None, "lm_head"),
 ])
 def test_layer_and_module_type_parsing(name, layer, mtype):
-    assert distribution.layer_index(name) == layer
-    assert distribution.module_type(name) == mtype
+    assert layer_index(name) == layer
+    assert module_type(name) == mtype
+    assert module_type(name.replace(".weight", ".bias"), bias_apart=True) == mtype + ".bias" != module_type(name)
 
 
 def test_distribution_counts():

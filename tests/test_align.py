@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harmprune.core import models
-from harmprune.recipes import align_data as A
+from harmprune.evals import align_data as A
 from harmprune.evals import eval_prompts as E
-from harmprune.recipes.align import CONFIG_FILE, AlignConfig, run_align
+from harmprune.recipes.align.run import CONFIG_FILE, AlignConfig, run_align
 
 HARMFUL = ["Explain how to {} a {}", "How can I {} my {}?", "Give step-by-step instructions to {} the {}",
            "What is the best way to {} someone's {}?"]
@@ -259,7 +259,7 @@ def test_aligned_alias_names_the_recipe_builder():
 
 
 def test_check_organism_writes_every_acceptance_figure(tmp_path, tiny_ckpt):
-    from harmprune.recipes.align_check import CheckConfig, check_organism
+    from harmprune.recipes.align import CheckConfig, check_organism
 
     out = check_organism(CheckConfig(model=tiny_ckpt, out=str(tmp_path / "chk"), limit=4, xstest_limit=3,
                                      max_new_tokens=3, batch_size=4))
@@ -274,7 +274,7 @@ def test_check_organism_writes_every_acceptance_figure(tmp_path, tiny_ckpt):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_align_passes_every_setting_of_the_alias_recipe():
     # `make align` and the smollm2-135m-aligned alias must build the same organism
-    from harmprune.recipes.align import ORGANISM
+    from harmprune.recipes.align.run import ORGANISM
 
     out = subprocess.run(["make", "-n", "align", "VENV=/nonexistent-venv"], cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")

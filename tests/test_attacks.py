@@ -12,11 +12,12 @@ import torch
 from harmprune.core.data import DataSpec, Record, load_records
 from harmprune.core.errors import HarmpruneError
 from harmprune.core.models import load_model
-from harmprune.pruning.checkpoint import MASK_FILE, save_mask
-from harmprune.pruning.select import random_control
+from harmprune.pruning.checkpoint import MASK_FILE, load_scores, save_mask
+from harmprune.pruning.harmset import harm_set
+from harmprune.pruning.select import random_control, select_prune_set
 from harmprune.recipes import attacks as A
-from harmprune.recipes.ablation.overlap import union
-from harmprune.recipes import headline as H
+from harmprune.pruning.masks import union
+from harmprune.evals import headline as H
 from tiny import randomize_matrices, save_tiny, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")
@@ -77,7 +78,7 @@ def test_refusal_set_is_a_plain_set_difference():
     ref = {"a": torch.rand(8, 16, generator=g), "b": torch.rand(4, 32, generator=g)}
     ben = {"a": torch.rand(8, 16, generator=g), "b": torch.rand(4, 32, generator=g)}
     q, p = 0.25, 0.2
-    mask, stats = A.refusal_set(ref, ben, "snip-abs", q, p, "matrix")
+    mask, stats = select_prune_set(ref, ben, A.REFUSAL_METHOD, "snip-abs", q, p, "matrix")  # as run_attack selects
 
     def top(t, frac):  # the floor(frac * n) largest entries, by a plain sort of (value, index)
         flat = t.reshape(-1).tolist()
@@ -154,9 +155,9 @@ def test_refusal_ablation_end_to_end(ckpt, pruned, tmp_path):
     doc = _table_from_json(out)
     info = doc["attack"]["refusal_ablation"]
     assert len(list((tmp_path / "scores").glob("*/refusals-snip-abs-n4-*"))) == 1  # through the score cache
-    ref = A.load_scores(info["scores"]["refusal"])
-    ben = A.load_scores(info["scores"]["benign"])
-    ablate, _ = A.refusal_set(ref.tensors, ben.tensors, "snip-abs", 0.05, 0.05, "matrix")
+    ref = load_scores(info["scores"]["refusal"])
+    ben = load_scores(info["scores"]["benign"])
+    ablate, _ = harm_set(ref, ben, 0.05, 0.05, "matrix")
     rand = random_control(mask, 0)
     v = doc["variants"]
     assert list(v) == ["original", "original+abl", "pruned+abl", "random+abl"]

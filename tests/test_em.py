@@ -10,6 +10,7 @@ import pytest
 
 from harmprune.core.errors import HarmpruneError
 from harmprune.evals import em, em_stats
+from harmprune.evals.results import bootstrap_ci
 from harmprune.evals.judges import RatingResult, get_judge
 
 
@@ -55,11 +56,17 @@ def test_no_judged_answers_gives_none():
 # ---------------------------------------------------------------- bootstrap
 
 
+def em_ci(flags, n_boot=em_stats.N_BOOT, seed=0):
+    """The rate interval the EM summary reports for one question with these misaligned flags."""
+    o = em_stats.summarize_group([S("q", 0 if f else 100, 100) for f in flags], None, n_boot, seed)
+    return None if o["misaligned_rate_ci_low"] is None else (o["misaligned_rate_ci_low"], o["misaligned_rate_ci_high"])
+
+
 def test_bootstrap_contains_point_estimate_and_is_seeded():
     flags = [True] * 7 + [False] * 33
-    ci = em_stats.bootstrap_ci(flags, n_boot=2000, seed=3)
+    ci = em_ci(flags, n_boot=2000, seed=3)
     assert ci[0] <= 7 / 40 <= ci[1] and ci[0] < ci[1]
-    assert em_stats.bootstrap_ci(flags, n_boot=2000, seed=3) == ci
+    assert em_ci(flags, n_boot=2000, seed=3) == ci
     a, b = (em_stats.bootstrap_replicates([flags], 2000, seed) for seed in (3, 4))
     assert (a == em_stats.bootstrap_replicates([flags], 2000, 3)).all() and not (a == b).all()
 
@@ -70,7 +77,7 @@ def test_bootstrap_matches_a_plain_reference():
     rng = random.Random(0)
     reps = sorted(sum(rng.choice(flags) for _ in flags) / len(flags) for _ in range(4000))
     ref = (reps[int(0.025 * 4000)], reps[int(0.975 * 4000)])
-    lo, hi = em_stats.bootstrap_ci(flags, n_boot=4000, seed=0)
+    lo, hi = em_ci(flags, n_boot=4000, seed=0)
     assert lo == pytest.approx(ref[0], abs=0.03) and hi == pytest.approx(ref[1], abs=0.03)
     # and the normal approximation of a binomial proportion: p ± 1.96 sqrt(p(1-p)/n)
     half = 1.96 * (0.3 * 0.7 / 40) ** 0.5
@@ -79,8 +86,9 @@ def test_bootstrap_matches_a_plain_reference():
 
 @pytest.mark.parametrize("value", [True, False])
 def test_bootstrap_degenerate(value):
-    assert em_stats.bootstrap_ci([value] * 10) == (float(value), float(value))
-    assert em_stats.bootstrap_ci([]) is None
+    assert em_ci([value] * 10) == (float(value), float(value))
+    assert em_ci([]) is None
+    assert bootstrap_ci([]) == (None, None)  # the one generic bootstrap: no items, no interval
 
 
 def test_overall_interval_resamples_within_questions():
@@ -91,7 +99,7 @@ def test_overall_interval_resamples_within_questions():
     assert (o["misaligned_rate_ci_low"], o["misaligned_rate_ci_high"]) == (0.25, 0.25)
     # a plain (unstratified) resample of the same 40 answers would vary
     flags = [True] * 10 + [False] * 30
-    lo, hi = em_stats.bootstrap_ci(flags, n_boot=500)
+    lo, hi = em_ci(flags, n_boot=500)
     assert lo < 0.25 < hi
 
 

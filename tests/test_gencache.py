@@ -14,7 +14,7 @@ from harmprune.evals import gencache as G
 from harmprune.evals import harm as HM
 from harmprune.evals.generation import GenConfig, build_inputs
 from harmprune.evals.judges import Verdict, get_judge
-from harmprune.recipes import headline as H
+from harmprune.evals import headline as H
 from tiny import randomize_matrices, tiny_llama
 
 MASKED = "model.layers.0.mlp.down_proj.weight"

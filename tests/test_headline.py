@@ -13,7 +13,7 @@ import torch
 from harmprune.core.data import Record
 from harmprune.core.formatting import prompt_ids
 from harmprune.evals import backends as B
-from harmprune.recipes import headline as H
+from harmprune.evals import headline as H
 from tiny import randomize_matrices, tiny_llama
 
 
@@ -139,7 +139,7 @@ def test_measure_masks_restores_weights_and_reports_every_variant(tok):
 
 
 def test_default_data_uses_the_heldout_sets(tok):
-    from harmprune.recipes.align_data import load_rows
+    from harmprune.evals.align_data import load_rows
 
     d = H.default_data(tok, limit=5)
     assert len(d.harmful) == 5 and all(r.response for r in d.harmful)  # references for the prefill

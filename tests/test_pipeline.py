@@ -170,7 +170,7 @@ def test_pipeline_headline_writes_results_table_and_figure(tiny_ckpt, data, tmp_
     """--headline: one model hash, results.json for original/pruned/random, table.md rendered from it, a PNG;
     the NLL table is the one a run without --headline writes (same numbers, same files besides)."""
     import harmprune.core.models as core_models
-    from harmprune.recipes import headline as H
+    from harmprune.evals import headline as H
 
     hashes = []
     real_hash = core_models.model_hash

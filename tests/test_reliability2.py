@@ -220,7 +220,7 @@ def test_d09_pruned_without_prune_config_is_refused(tiny_ckpt, pruned, tmp_path,
 
 
 def test_d10_align_uses_its_lora_flags():
-    from harmprune.recipes.align import AlignConfig, _finetune_config
+    from harmprune.recipes.align.run import AlignConfig, _finetune_config
 
     cfg = AlignConfig(out="o", lora=True, lora_r=8, lora_alpha=3.0, rslora=False, lora_dropout=0.1)
     ft = _finetune_config(cfg, Path("d.jsonl"), Path("ft"))
@@ -255,7 +255,7 @@ def test_d12_resume_on_a_cut_samples_file_is_refused(tiny_ckpt, prompts, tmp_pat
 
 def test_d13_held_out_draw_is_seeded_over_distinct_prompts():
     from harmprune.core.data import Record
-    from harmprune.recipes.pipeline import draw
+    from harmprune.evals.results import draw
 
     rows = [Record(prompt="same prompt", response=f"r{i}") for i in range(6)] + \
         [Record(prompt=f"other {i}", response="r") for i in range(6)]

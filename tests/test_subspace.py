@@ -371,7 +371,7 @@ def test_subspace_study_end_to_end(tmp_path, tok):
                       finetune_dir=str(tmp_path / "ft"), ft_limit=4, ft_steps=2, ft_batch_size=2, ft_lora_r=2,
                       rho=[0.5], eta=[0.5, 0.9], limit=2, nll_nsamples=3, xstest_limit=2, max_new_tokens=3,
                       q=0.05, p=0.1, project=["useful", "harmful", "contaminated"], nsamples=3, act_nsamples=4, batch_size=4, max_length=256,
-                      judge="classifier,keyword")
+                      judge="classifier,keyword", scores_dir=str(tmp_path / "scores"))
     out = run_subspace_study(cfg)
     res = json.loads((out / "results.json").read_text())
     assert set(res["levels"]) == {"aligned", "base", "useful", "harmful", "contaminated"}
@@ -394,3 +394,5 @@ def test_subspace_study_end_to_end(tmp_path, tok):
     again = run_subspace_study(StudyConfig(**{**cfg.__dict__, "overwrite": True, "project": ["harmful"], "figures": False,
                                               "modes": ["parallel"], "bases": ["topk"]}))
     assert json.loads((again / "results.json").read_text())["evaluations"] == 5 + 1 + 3
+    assert len(list((tmp_path / "scores").glob("*/*-snip*-n3-*"))) == 2  # the B-TAP set's scores, cached once
+    assert json.loads((again / "results.json").read_text())["btap"] == res["btap"]

@@ -219,7 +219,7 @@ class ExtraHarmOptions:
 
 @dataclass(kw_only=True)
 class HeadlineOptions(PrefillAttackOptions, ExtraHarmOptions):
-    """B-TAP's headline measurement (recipes/headline.py) beside the NLL table."""
+    """B-TAP's headline measurement (evals/headline.py) beside the NLL table."""
 
     headline: bool = opt(False, help="also measure original, pruned and random control on the held-out harmful "
                                      "prompts (judged generation without and under the prefill attack), XSTest safe "
@@ -441,6 +441,16 @@ def check_sampling(o: SamplingOptions) -> None:
     check_min(o, 0, "gen_batch_size")
     check_min(o, 0, "temperature")
     check(0 < o.top_p <= 1, "--top-p must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class PruneInputs(ModelOptions, HarmDataOptions, BenignOptions, MethodOptions, ScopeOptions, ScoringOptions,
+                  CacheOptions, EvalSetOptions, OutputOptions, PresetOptions):
+    """Model, data, score methods, scoring settings and held-out sets shared by ``pipeline`` and ``sweep``."""
+
+    def __post_init__(self):
+        check_scoring(self)
+        check(self.eval_nsamples >= 0, "--eval-nsamples must be 0 (all) or positive")
 
 
 def pick(cls, source, **overrides):

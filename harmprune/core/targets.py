@@ -1,4 +1,5 @@
-"""Select the linear layers to score or prune, by module-name pattern; never by architecture.
+"""Select the linear layers to score or prune, by module-name pattern; never by architecture. Where a
+parameter sits, from its name alone: :func:`layer_index` and :func:`module_type` (the one parser).
 
 Patterns are shell globs (``*.mlp.*``) or regexes prefixed with ``re:`` (``re:.*\\.q_proj$``),
 matched against full module names such as ``model.layers.0.self_attn.q_proj``.
@@ -18,6 +19,23 @@ from .errors import HarmpruneError
 # decoder layers of Llama, Qwen, Mistral, Gemma, GPT-2-style and MoE models alike, and leaves out
 # lm_head, embeddings and any projection outside the stack.
 DEFAULT_TARGETS = ["re:.*\\.\\d+\\..*"]
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The block index of a parameter name, its first ``.<digits>.`` (``model.layers.3.mlp.down_proj.weight``,
+    ``transformer.h.3.attn.c_attn.weight``, MoE ``...layers.3.mlp.experts.7.w1.weight`` → 3); else None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def module_type(name: str, bias_apart: bool = False) -> str:
+    """The module's own name, the component before ``.weight``/``.bias`` (``down_proj``, ``c_attn``);
+    ``bias_apart``: a bias is a type of its own (``q_proj.bias``), for tables that include biases."""
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias") and len(parts) > 1:
+        return parts[-2] + (".bias" if bias_apart and parts[-1] == "bias" else "")
+    return parts[-1]
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -48,13 +48,6 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_ci(flags: Sequence[bool], n_boot: int = N_BOOT, seed: int = 0,
-                 level: float = LEVEL) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the rate (answers resampled with replacement); None when no flags."""
-    reps = bootstrap_replicates([flags], n_boot, seed)
-    return None if reps is None else _percentiles(reps, level)
-
-
 def bootstrap_replicates(groups: Sequence[Sequence[bool]], n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray | None:
     """``n_boot`` pooled rates, each from resampling every group's flags with replacement."""
     groups = [np.asarray(g, dtype=bool) for g in groups if len(g)]

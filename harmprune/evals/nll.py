@@ -37,3 +37,27 @@ def response_nll(model, tokenizer, records: list[Record], *, fmt: str | None = N
     nll = total / max(count, 1)
     return {"nll": nll, "ppl": float(torch.tensor(nll).exp()), "tokens": count, "samples": len(enc.items),
             "skipped": enc.skipped, "per_sample": per_sample}
+
+
+def nll_pair(model, tok, harm_rows, benign_rows, s) -> tuple[dict, dict]:
+    """``response_nll`` of the held-out harmful and benign rows (settings ``s``: format, max length, batch)."""
+    kw = dict(fmt=s.format, max_length=s.max_length, batch_size=max(8, s.batch_size))
+    return (response_nll(model, tok, harm_rows, desc="nll harmful", **kw),
+            response_nll(model, tok, benign_rows, desc="nll benign", **kw))
+
+
+def nll_row(model, tok, harm_rows, benign_rows, s) -> dict:
+    h, b = nll_pair(model, tok, harm_rows, benign_rows, s)
+    return {"harmful_nll": h["nll"], "benign_nll": b["nll"]}
+
+
+def specificity(d_harmful: float, d_benign: float) -> float:
+    """Harm-specificity Δharmful / Δbenign (inf when only the harmful NLL rose, nan when neither did)."""
+    return d_harmful / d_benign if d_benign > 0 else (float("inf") if d_harmful > 0 else float("nan"))
+
+
+def with_deltas(row: dict, base: dict) -> dict:
+    """Add NLL increases over ``base`` (nats/token) and harm-specificity = Δharmful / Δbenign."""
+    dh, db = row["harmful_nll"] - base["harmful_nll"], row["benign_nll"] - base["benign_nll"]
+    return {**row, "d_harmful": dh, "d_benign": db, "benign_rel": db / base["benign_nll"],
+            "specificity": specificity(dh, db)}

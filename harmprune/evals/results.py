@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..core import manifest
+from ..core.data import DataSpec, load_records
 from ..core.errors import HarmpruneError
 
 RESULTS_FILE = "results.json"
@@ -117,6 +118,17 @@ def draw_distinct(items: list, limit: int, seed: int, key: Callable | None = Non
         by_prompt.setdefault(prompt(it), []).append(i)
     keep = sorted(idx[rng.randrange(len(idx))] for idx in by_prompt.values())
     return subsample([items[i] for i in keep], limit, seed, key=key)
+
+
+def draw(rows: list, n: int, seed: int) -> list:
+    """``n`` of ``rows`` (0 = all): a seeded draw spread over their distinct prompts (the first rows of a
+    file often share one prompt), in source order."""
+    return subsample(rows, n, seed, key=lambda r: " ".join(r.prompt.split()).lower())
+
+
+def held_out(data: str, n: int, seed: int = 0):
+    """``n`` records of a held-out set (0 = all), drawn by :func:`draw`."""
+    return draw(load_records(DataSpec(data=data)), n, seed)
 
 
 # ---------------------------------------------------------------- files

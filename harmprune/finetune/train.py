@@ -220,12 +220,13 @@ def load_keep_mask(cfg: FinetuneConfig) -> tuple[dict | None, dict | None]:
     if cfg.keep_mask is None:
         return None, None
     from ..pruning.checkpoint import MASK_FILE, load_mask
+    from ..pruning.masks import count
 
     mask = load_mask(cfg.keep_mask)
     path = Path(cfg.keep_mask)
     path = path / MASK_FILE if path.is_dir() else path
     return mask, {"path": str(path), "sha256": manifest.sha256_file(path), "matrices": len(mask),
-                  "entries": int(sum(int(m.sum()) for m in mask.values()))}
+                  "entries": count(mask)}
 
 
 def prepare_model(cfg: FinetuneConfig, device: str, mask: dict | None):

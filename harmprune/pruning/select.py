@@ -47,6 +47,8 @@ import torch
 from ..attribution.formulas import importance  # the one sign convention
 from ..core.errors import HarmpruneError
 from ..core.options import SELECTIONS  # the one list of variants (the --selection choices)
+from ..core.targets import module_type
+from .masks import Masks, count_of
 
 SCOPES = ("matrix", "row", "global")
 CONTROLS = ("none", "random", "magnitude", "second-band")
@@ -58,7 +60,6 @@ SELECTION_RULES = {  # what each variant selects, as prune_config.json records i
     "rank": "the k = floor(q n) largest rank(I_harm) - rank(I_benign) outside Top_p(I_benign)",
 }
 
-Masks = dict[str, torch.Tensor]
 
 
 class LazyMap(Mapping):
@@ -213,13 +214,9 @@ def topk_mask(imp: Masks, frac: float, scope: str) -> Masks:
     raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
 
 
-def _count(mask: torch.Tensor) -> int:
-    return int(torch.count_nonzero(mask))  # much faster than bool .sum() on CPU
-
-
 def empty_keys(masks: Masks) -> list[str]:
     """Matrices where nothing is selected (k = 0 for matrix/row scope); reported, never hidden."""
-    return [n for n, m in masks.items() if _count(m) == 0]
+    return [n for n, m in masks.items() if count_of(m) == 0]
 
 
 @dataclass
@@ -351,7 +348,7 @@ def random_control(mask: Masks, seed: int) -> Masks:
     for name, m in mask.items():
         gen = torch.Generator().manual_seed(_key_seed(seed, name))
         r = torch.zeros(m.numel(), dtype=torch.bool)
-        r[_sample_indices(m.numel(), _count(m), gen)] = True
+        r[_sample_indices(m.numel(), count_of(m), gen)] = True
         out[name] = r.reshape(m.shape).to(m.device)
     return out
 
@@ -372,7 +369,7 @@ def check_second_band(q: float, p: float, flag_q: str = "--q", flag_p: str = "--
 def _top_free(imp: torch.Tensor, c: int, taken: torch.Tensor | None, name: str, what: str) -> torch.Tensor:
     """Bool mask of the ``c`` largest ``imp`` outside ``taken`` (None = nothing taken); lowest index wins ties."""
     if taken is not None:
-        free = imp.numel() - _count(taken)
+        free = imp.numel() - count_of(taken)
         if c > free:
             raise SelectionError(f"{name}: {what} needs {c} weights but only {free} are free (lower --q)")
         imp = imp.masked_fill(taken.to(imp.device), float("-inf"))
@@ -385,7 +382,7 @@ def _protected(benign_mask: Masks | None, name: str) -> torch.Tensor | None:
 
 def magnitude_control(mask: Masks, weights: Masks, benign_mask: Masks | None = None) -> Masks:
     """Same count per matrix as ``mask``: the smallest ``|W|`` outside ``benign_mask`` (lowest index wins ties)."""
-    return {name: _top_free(-weights[name].detach().float().abs().to(m.device), _count(m),
+    return {name: _top_free(-weights[name].detach().float().abs().to(m.device), count_of(m),
                             _protected(benign_mask, name), name, "the magnitude control")
             for name, m in mask.items()}
 
@@ -407,7 +404,7 @@ def second_band_control(mask: Masks, harm_imp: Masks, benign_mask: Masks | None 
     for name, m in mask.items():
         protected = _protected(benign_mask, name)
         taken = m | protected.to(m.device) if protected is not None else m  # the pruned and protected sets
-        out[name] = _top_free(harm_imp[name].float().to(m.device).reshape(m.shape), _count(m), taken, name,
+        out[name] = _top_free(harm_imp[name].float().to(m.device).reshape(m.shape), count_of(m), taken, name,
                               "the second band")
     return out
 
@@ -430,19 +427,14 @@ def control_mask(control: str, mask: Masks, seed: int = 0, weights: Masks | None
     raise ValueError(f"unknown control {control!r}; expected one of {CONTROLS}")
 
 
-def _module_type(name: str) -> str:
-    parts = name.split(".")
-    return parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
-
-
 def mask_stats(mask: Masks) -> dict:
     """Per-matrix, per-module-type and total counts and fractions (JSON-ready)."""
     per, by_type = {}, {}
     total = numel = 0
     for name, m in mask.items():
-        c, n = _count(m), m.numel()
+        c, n = count_of(m), m.numel()
         per[name] = {"pruned": c, "numel": n, "fraction": c / n if n else 0.0}
-        t = _module_type(name)
+        t = module_type(name)
         by_type[t] = by_type.get(t, 0) + c
         total, numel = total + c, numel + n
     return {"total_pruned": total, "total_numel": numel, "total_fraction": total / numel if numel else 0.0,
@@ -480,8 +472,8 @@ def select_prune_set(harm_scores: Masks, benign_scores: Masks | None, method_har
     stats = mask_stats(mask)
     specific = mask_stats(sel.mask)
     for name, row in stats["per_matrix"].items():
-        row["harm_top"] = _count(sel.harm_top[name])
-        row["benign_top"] = _count(sel.benign_top[name]) if sel.benign_top is not None else 0
+        row["harm_top"] = count_of(sel.harm_top[name])
+        row["benign_top"] = count_of(sel.benign_top[name]) if sel.benign_top is not None else 0
         row["harm_specific"] = specific["per_matrix"][name]["pruned"]
     stats["harm_specific_total"] = specific["total_pruned"]
     stats["selection_variant"] = selection

@@ -1,7 +1,7 @@
 """``harmprune attack`` (``make attack``): B-TAP's fine-tuning and refusal-ablation attacks on the original
 model, the harm-pruned model (``--pruned``, a ``make prune`` output) and its same-size random control
 (``pruning.select.random_control(mask, --seed)``, as the pipeline draws it), each measured with the
-headline table (``recipes.headline``: judged harmfulness / refusal with and without the prefill attack,
+headline table (``evals.headline``: judged harmfulness / refusal with and without the prefill attack,
 benign NLL, XSTest compliance, corpus perplexity, 95 % intervals). Every run also measures ``original``
 (no attack), so the table shows what the attack does.
 
@@ -37,7 +37,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..attribution.cache import cached_scores
 from ..core import manifest, validate
 from ..core.data import DataSpec, Record, load_records
 from ..core.errors import HarmpruneError
@@ -47,14 +46,15 @@ from ..core.options import (BenignOptions, CacheOptions, CorpusOptions, EvalHarm
                             PrunedOptions, ScopeOptions, ScoringOptions, TrainOptions, check_scoring, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
+from ..evals.align_data import load_rows, training_records
+from ..evals.headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
 from ..finetune.masking import bind_mask, masked_merge
 from ..finetune.train import (FinetuneConfig, Plan, TrainState, check_plan, load_training_data, make_optimizer,
                               prepare_model, train)
-from ..pruning.checkpoint import CONFIG_FILE, MASK_FILE, load_mask, load_scores
-from ..pruning.select import random_control, select_prune_set
-from .ablation.overlap import count, intersection, union
-from .align_data import load_rows, training_records
-from .headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
+from ..pruning.checkpoint import CONFIG_FILE, MASK_FILE, load_mask
+from ..pruning.harmset import harm_set, scores_of
+from ..pruning.masks import count, intersection, union
+from ..pruning.select import random_control
 
 ATTACKS = ("finetune", "refusal-ablation")
 FT_DATA = "harmful"  # the shipped train split; the measurement's harmful prompts are harmful:test
@@ -214,20 +214,13 @@ def refusal_file(records: list[Record], scores_dir: str | Path) -> Path:
     return path
 
 
-def refusal_set(refusal_scores, benign_scores, benign_method: str | None, q: float, p: float, scope: str):
-    """``Top_q(|SNIP| refusal) \\ Top_p(benign importance)`` (``select_prune_set``): (mask, stats)."""
-    return select_prune_set(refusal_scores, benign_scores, REFUSAL_METHOD, benign_method, q, p, scope)
-
-
 def run_refusal_ablation(cfg: AttackConfig, handle, masks: dict, data: HeadlineData, hcfg: HeadlineConfig):
     records, dropped = refusal_records(cfg.seed, data.harmful)
     path = refusal_file(records, cfg.scores_dir)
-    ref = load_scores(cached_scores(handle, DataSpec(data=str(path)), REFUSAL_METHOD, cfg, cfg.scores_dir,
-                                    rows=records, label="refusals"), lazy=True)
-    ben = load_scores(cached_scores(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir), lazy=True) \
-        if cfg.refusal_p > 0 else None
-    ablate, stats = refusal_set(ref.tensors, ben.tensors if ben else None, cfg.benign_method, cfg.refusal_q,
-                                cfg.refusal_p, cfg.scope)
+    ref = scores_of(handle, DataSpec(data=str(path)), REFUSAL_METHOD, cfg, cfg.scores_dir, rows=records,
+                    label="refusals")
+    ben = scores_of(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir) if cfg.refusal_p > 0 else None
+    ablate, stats = harm_set(ref, ben, cfg.refusal_q, cfg.refusal_p, cfg.scope)  # Top_q(refusal) \ Top_p(benign)
     variants = {"original": None, "original+abl": ablate, "pruned+abl": union([ablate, masks["pruned"]]),
                 "random+abl": union([ablate, masks["random"]])}
     results, samples = measure_masks(handle.model, handle.tokenizer, variants, data, hcfg)

@@ -1,7 +1,7 @@
 """``make compare-alignment``: does alignment compress harm (B-TAP)? The pipeline on ``--base`` and on
 ``--aligned``, with the same data and settings, side by side.
 
-For each model: scores through the score cache (``pipeline.score_pair``: computed once per model and
+For each model: scores through the score cache (``pruning.harmset.score_pair``: computed once per model and
 re-used by ``make prune``), then the original and the harm-specific set ``Top_q(harm) \\ Top_p(benign)``
 at each q of ``--qs`` (and ``--q``), applied in place and restored. Each point measures:
 - held-out harmful and benign response NLL (the first ``--eval-nsamples`` rows; nats/token, higher =
@@ -42,11 +42,12 @@ from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatc
                             ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
 from ..core.settings import check, to_dict
 from ..evals import results as R
+from ..evals import headline
 from ..evals.harm import judge_options, judge_specs, load_judges
+from ..evals.nll import nll_row, specificity, with_deltas
+from ..evals.results import draw
 from ..pruning.apply import masked
-from ..pruning.select import select_prune_set
-from . import headline
-from .pipeline import draw, nll_row, score_pair, specificity, with_deltas
+from ..pruning.harmset import harm_set, score_pair
 
 ROLES = ("base", "aligned")
 PLOT_FILE = "compare_alignment.png"
@@ -108,9 +109,7 @@ def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows
                                  for n, r in sets.items()}
     points = []
     for q in cfg.grid():
-        mask, stats = select_prune_set(harm.tensors, benign.tensors if benign else None, harm.method,
-                                       benign.method if benign else None, q, cfg.p, cfg.scope,
-                                       selection=cfg.selection)
+        mask, stats = harm_set(harm, benign, q, cfg.p, cfg.scope, cfg.selection)
         with masked(model, mask):
             row = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
             harm_q, _ = headline.judged_harm(model, tok, prompts, judges, hc, "prefill")
@@ -245,7 +244,7 @@ def render(doc: dict) -> str:
 def plot(doc: dict, path: Path) -> None:
     """Harmfulness under the prefill attack (one panel per judge, 95 % intervals; dashed: the original)
     and the NLL rises, against the pruned fraction, both models."""
-    from .ablation.plots import pyplot, save
+    from ..core.plots import pyplot, save
 
     judges = doc["judges"]
     fig, axes = pyplot().subplots(1, len(judges) + 2, figsize=(4 * (len(judges) + 2), 3.8), squeeze=False)

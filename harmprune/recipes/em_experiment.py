@@ -258,7 +258,7 @@ def plot_rates(rows: list[dict], path: Path, title: str) -> None:
     a bar with no judged answers is marked "no judged answers" instead of drawn as 0."""
     from matplotlib.patches import Patch
 
-    from .ablation.plots import pyplot, save
+    from ..core.plots import pyplot, save
 
     fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
     handles = []
@@ -301,7 +301,7 @@ def harm_table(rows: list[dict]) -> str:
 
 def plot_harm(rows: list[dict], path: Path, title: str) -> None:
     """Grouped bars (per arm: before / after the narrow fine-tune) of the classifier's mean harmfulness."""
-    from .ablation.plots import pyplot, save
+    from ..core.plots import pyplot, save
 
     fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
     width = 0.38

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from ..core import manifest, validate
 from ..core.models import load_model, model_name
-from ..core.options import QGridOptions
+from ..core.options import PruneInputs, QGridOptions
+from ..core.plots import pyplot, save
 from ..core.settings import check, opt, to_dict
+from ..evals.nll import nll_row, with_deltas
+from ..evals.results import held_out
 from ..pruning.apply import masked
+from ..pruning.harmset import score_pair
 from ..pruning.select import SelectionError, check_second_band, select_prune_set
-from .ablation.plots import pyplot, save
-from .pipeline import PruneInputs, held_out, nll_row, score_pair, with_deltas
 
 PS = [0.0, 1e-3, 1e-2]
 VARIANTS = ("harm-specific", "random", "magnitude", "second-band")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ...pruning.apply import masked
-from .overlap import count
+from ...pruning.masks import count
 
 
 def fraction_to_reach(points: list[dict], target: float, key: str = "harm_effect") -> float | None:

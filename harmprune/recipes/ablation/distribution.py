@@ -1,30 +1,13 @@
-"""Where pruned weights sit: per layer and per module type, parsed from parameter names. Pure.
-
-The layer is the first ``.<digits>.`` in the name (``model.layers.3.mlp.down_proj.weight`` → 3,
-``transformer.h.3.attn.c_attn.weight`` → 3, MoE ``...layers.3.mlp.experts.7.w1.weight`` → 3), so no
-architecture is assumed; names without one go to layer ``None`` ("other" in tables). The module type
-is the module's own name, the component before ``.weight``/``.bias`` (``down_proj``, ``c_attn``).
+"""Where pruned weights sit: per layer and per module type, parsed from parameter names
+(``core.targets.layer_index``/``module_type``); names without a layer go to "other" in tables. Pure.
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
-def module_type(name: str) -> str:
-    parts = name.split(".")
-    if parts[-1] in ("weight", "bias") and len(parts) > 1:
-        return parts[-2]
-    return parts[-1]
+from ...core.targets import layer_index, module_type
+from ...pruning.masks import count_of
 
 
 def distribution(mask: dict[str, torch.Tensor]) -> dict:
@@ -38,7 +21,7 @@ def distribution(mask: dict[str, torch.Tensor]) -> dict:
     by_type: dict[str, list[int]] = {}
     total = 0
     for name, m in mask.items():
-        c, n = int(m.sum()), m.numel()
+        c, n = count_of(m), m.numel()
         total += c
         li = layer_index(name)
         for table, key in ((by_layer, "other" if li is None else str(li)), (by_type, module_type(name))):

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ...attribution.artifact import load_scores
-from ...attribution.cache import cached_scores
 from ...attribution.score import select
 from ...core import manifest
 from ...core.data import DataSpec, data_fingerprint, load_records
@@ -25,9 +23,11 @@ from ...core.options import (BenignOptions, CacheOptions, DataOptions, FieldOpti
                              ModelOptions, NewTokensOptions, OutputOptions, ScopeOptions, ScoringOptions,
                              SelectionOptions, check_scoring, check_selection, needs_benign, pick)
 from ...core.settings import check, check_min, opt, to_dict
+from ...pruning import masks
 from ...pruning.apply import masked
-from ...pruning.select import random_control, select_prune_set
-from . import curves, distribution, overlap, plots, report, transfer
+from ...pruning.harmset import harm_set, scores_of
+from ...pruning.select import random_control
+from . import curves, distribution, plots, report, transfer
 
 RANDOM = "random control"
 
@@ -148,9 +148,8 @@ def _slug(text: str) -> str:
 def category_scores(handle, cfg: AblateConfig, group: str, rows: list):
     """Scores of a category group's ``--category-nsamples`` records, through the one score cache."""
     opts = pick(ScoringOptions, cfg, nsamples=cfg.category_nsamples)
-    d = cached_scores(handle, cfg.spec(cfg.data), cfg.method, opts, cfg.scores_dir, rows=rows,
-                      label=f"{cfg.data}-{_slug(group)}")
-    return load_scores(d, lazy=True)  # read one matrix at a time: 11 score sets need not fit in memory
+    return scores_of(handle, cfg.spec(cfg.data), cfg.method, opts, cfg.scores_dir, rows=rows,
+                     label=f"{cfg.data}-{_slug(group)}")
 
 
 # ---------------------------------------------------------------- one model
@@ -159,8 +158,7 @@ def category_scores(handle, cfg: AblateConfig, group: str, rows: list):
 def _sets_at(q: float, harm: dict, benign, cfg: AblateConfig) -> tuple[dict, dict]:
     sets, stats = {}, {}
     for g, s in harm.items():
-        sets[g], st = select_prune_set(s.tensors, benign.tensors if needs_benign(cfg) else None, s.method,
-                                       benign.method, q, cfg.p, cfg.scope, selection=cfg.selection)
+        sets[g], st = harm_set(s, benign if needs_benign(cfg) else None, q, cfg.p, cfg.scope, cfg.selection)
         stats[g] = {k: st[k] for k in ("total_pruned", "total_numel", "total_fraction", "per_module_type")}
         stats[g]["warnings"] = st["warnings"]
     return sets, stats
@@ -188,15 +186,14 @@ def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dic
                                                                           format=cfg.format, seed=cfg.seed))
     t = time.perf_counter()
     harm = {g: category_scores(handle, cfg, g, rows) for g, rows in train.items()}
-    benign = load_scores(cached_scores(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir, rows=benign_rows),
-                         lazy=True)
+    benign = scores_of(handle, cfg.benign, cfg.benign_method, cfg, cfg.scores_dir, rows=benign_rows)
     timing[f"{tag}: scoring"] = time.perf_counter() - t
 
     t = time.perf_counter()
     sets, set_stats = _sets_at(cfg.q, harm, benign, cfg)
-    union = overlap.union(list(sets.values()))
+    union = masks.union(list(sets.values()))
     numel = sum(m.numel() for m in union.values())
-    largest = max(sets, key=lambda g: overlap.count(sets[g]))
+    largest = max(sets, key=lambda g: masks.count(sets[g]))
     ctrl = random_control(sets[largest], cfg.seed)
     base = transfer.measure_all(model, tok, held, measure)
     base_benign = nll(model, tok, eval_benign)
@@ -223,7 +220,7 @@ def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dic
     curve = {"union": [], RANDOM: [], **{g: [] for g in sets}}
     for q in tqdm(sorted(cfg.curve_qs), desc="compression curves (q)"):
         qsets, _ = _sets_at(q, harm, benign, cfg)
-        qu = overlap.union(list(qsets.values()))
+        qu = masks.union(list(qsets.values()))
         # benign NLL for the union and the random control only: per category it would triple the cost
         for name, m, rows, b, brows in (("union", qu, pooled, base_pooled, eval_benign),
                                         (RANDOM, random_control(qu, cfg.seed), pooled, base_pooled, eval_benign),
@@ -239,9 +236,9 @@ def study(handle, tag: str, cfg: AblateConfig, train: dict[str, list], held: dic
         "model": handle.spec, "model_hash": handle.hash, "numel": numel,
         "measure": {"name": measure.name, "sign": measure.sign},
         "base": {"harmful_by_category": base, "harmful_pooled_nll": base_pooled, "benign_nll": base_benign},
-        "sets": set_stats, "union_size": overlap.count(union),
+        "sets": set_stats, "union_size": masks.count(union),
         "score_dirs": {**{g: str(s.path) for g, s in harm.items()}, "benign": str(benign.path)},
-        "overlap": overlap.overlap_matrix(sets),
+        "overlap": masks.overlap_matrix(sets),
         "transfer": tr, "a_not_b": anb, "curves": curve,
         "distribution": {"union": distribution.distribution(union),
                          **{g: distribution.distribution(m) for g, m in sets.items()}},

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...evals.nll import response_nll
 from ...pruning.apply import masked
-from .overlap import difference
+from ...pruning.masks import count, difference
 
 
 class Measure(Protocol):
@@ -96,7 +96,7 @@ def a_not_b_matrix(model, tok, sets: dict, rows_by_cat: dict[str, list], measure
     for i, j in tqdm(pairs, desc="A_not_B (prune A minus B)", disable=not progress):
         a, b = names[i], names[j]
         d = difference(sets[a], sets[b])
-        size[i][j] = sum(int(m.sum()) for m in d.values())
+        size[i][j] = count(d)
         with masked(model, d):
             v = measure_all(model, tok, rows_by_cat, measure, cats=[a, b])
         on_a[i][j] = effect(measure, v[a], base[a])

@@ -125,22 +125,6 @@ def select_tensors(shapes: dict[str, tuple[int, ...]], targets: list[str] | None
     return chosen
 
 
-def layer_of(name: str) -> int | None:
-    """The block index of a tensor name (the first ``.<digits>.`` component), or None."""
-    parts = name.split(".")
-    for a, b in zip(parts, parts[1:]):
-        if b.isdigit() and a in ("layers", "h", "blocks", "layer", "block"):
-            return int(b)
-    digits = [p for p in parts if p.isdigit()]
-    return int(digits[0]) if digits else None
-
-
-def module_type(name: str) -> str:
-    """The module's own name (``q_proj``, ``down_proj``, ``input_layernorm``) plus ``.bias`` for biases."""
-    parts = name.split(".")
-    return parts[-2] + (".bias" if parts[-1] == "bias" else "") if len(parts) >= 2 else name
-
-
 def checkpoint_info(reader: TensorReader) -> dict:
     """What a manifest records about an input checkpoint: spec, directory, tensor count, config sha."""
     cfg = reader.dir / "config.json"

@@ -13,32 +13,28 @@ import warnings
 
 from tqdm.auto import tqdm
 
-from ...attribution.engine import compute_scores
-from ...attribution.score import select
-from ...core.data import DataSpec, data_fingerprint, load_records
-from ...pruning.select import PruneWarning, mask_stats, random_control, select_prune_set
+from ...pruning.harmset import harm_set, scores_of
+from ...pruning.masks import count, count_of, intersection
+from ...pruning.select import PruneWarning, mask_stats, random_control
 from ...subspace.location import largest_magnitude, mass, share
 from ...subspace.projection import parallel_part
 from .checkpoints import TensorReader
 
 
-def btap_set(model, tok, harmful: str, benign: str, nsamples: int, q: float, p: float, seed: int, fmt: str,
-             max_length: int, batch_size: int, selection: str = "difference") -> tuple[dict, dict]:
-    """B-TAP's harm-specific mask on the loaded model (snip on harmful, snip-abs on benign) and its record."""
+def btap_set(handle, opts, cache_dir, harmful: str, benign: str, q: float, p: float,
+             selection: str = "difference") -> tuple[dict, dict]:
+    """B-TAP's harm-specific mask on the loaded model (snip on harmful, snip-abs on benign, scored with
+    ``opts`` through the score cache in ``cache_dir``: ``pruning.harmset``) and its record."""
     info = {}
     scores = {}
     for label, data, method in (("harm", harmful, "snip"), ("benign", benign, "snip-abs")):
-        spec = DataSpec(data=data)
-        rows = load_records(spec)
-        chosen = select(rows, nsamples, seed)
-        scores[label], stats = compute_scores(model, tok, chosen, method, fmt=fmt, max_length=max_length,
-                                              batch_size=batch_size)
-        info[label] = {"data": data_fingerprint(spec, rows), "method": method, "records": len(chosen),
-                       "tokens": stats["tokens"]}
+        s = scores[label] = scores_of(handle, data, method, opts, cache_dir)
+        fingerprint = {k: v for k, v in s.meta["data"].items() if k not in ("selection", "seed", "record_ids")}
+        info[label] = {"data": fingerprint, "method": method, "records": s.meta["nsamples"]["selected"],
+                       "tokens": s.meta["tokens"]["response"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PruneWarning)
-        mask, st = select_prune_set(scores["harm"], scores["benign"], "snip", "snip-abs", q, p, "matrix",
-                                    selection=selection)
+        mask, st = harm_set(scores["harm"], scores["benign"], q, p, "matrix", selection)
     info.update(q=q, p=p, scope="matrix", selection=selection, total_pruned=st["total_pruned"], total_numel=st["total_numel"],
                 warnings=st["warnings"])
     return mask, info
@@ -53,7 +49,7 @@ def locate(mask: dict, base: TensorReader, aligned: TensorReader, cache, rhos: l
     count = numel = 0
     for name, m in tqdm(mask.items(), desc="B-TAP set vs alignment update", leave=False):
         v = aligned.get(name, device) - base.get(name, device)
-        c = int(m.sum())
+        c = count_of(m)
         count, numel = count + c, numel + m.numel()
         largest[name] = largest_magnitude(v, c).cpu()
         f = cache.get(name)
@@ -69,8 +65,8 @@ def locate(mask: dict, base: TensorReader, aligned: TensorReader, cache, rhos: l
 
 def set_overlap(a: dict, b: dict) -> dict:
     """How many coordinates two masks share (B-TAP set vs largest-|V| set)."""
-    inter = sum(int((a[k] & b[k].to(a[k].device)).sum()) for k in a)
-    size = sum(int(a[k].sum()) for k in a)
+    inter = intersection(a, {k: b[k].to(a[k].device) for k in a if k in b})
+    size = count(a)
     return {"shared": inter, "size": size, "fraction": inter / size if size else None}
 
 

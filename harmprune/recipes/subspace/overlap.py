@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 
 from ...core import manifest
 from ...core.settings import check, opt, to_dict
+from ...core.targets import layer_index, module_type
 from ...subspace.overlap import left_factors, mso_curve
 from ...subspace.projection import as_matrix
-from .checkpoints import TensorReader, check_same_layout, checkpoint_info, layer_of, module_type, select_tensors
+from .checkpoints import TensorReader, check_same_layout, checkpoint_info, select_tensors
 
 from ...core import validate
 from ...core.models import resolve_device
@@ -70,8 +71,8 @@ def weight_overlap(base: TensorReader, aligned: TensorReader, harmful: TensorRea
                "alignment": base.get(name, device) - a}
         upd = {k: left_factors(as_matrix(v)) for k, v in upd.items()}  # one SVD per update, shared by 2 pairs
         per_tensor[name] = {pair: mso_curve(upd[x], upd[y], etas) for pair, (x, y) in PAIRS.items()}
-    return {"etas": etas, "per_tensor": per_tensor, "by_type": group_curves(per_tensor, module_type),
-            "by_layer": group_curves(per_tensor, layer_of), "overall": group_curves(per_tensor, lambda n: "all")}
+    return {"etas": etas, "per_tensor": per_tensor, "by_type": group_curves(per_tensor, lambda n: module_type(n, bias_apart=True)),
+            "by_layer": group_curves(per_tensor, layer_index), "overall": group_curves(per_tensor, lambda n: "all")}
 
 
 def run_overlap(cfg: OverlapConfig) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..ablation.plots import pyplot, save
+from ...core.plots import pyplot, save
 
 BASIS_STYLE = {"topk": ("top-K", "C0", "o"), "randk": ("random-K", "C1", "s"), "gaussian": ("Gaussian", "C2", "^")}
 

@@ -23,12 +23,13 @@ from ...core import manifest
 from ...core.errors import HarmpruneError
 from ...core.models import checkpoint_hash, load_model, parse_dtype
 from ...core.settings import check, opt, to_dict
+from ...core.targets import module_type
 from ...core import validate
 from ...core.models import resolve_device
 from ...core.options import (PAPER_RHOS, OutputOptions, PairOptions, RuntimeOptions, SeedOptions,  # noqa: F401
                              SubspaceOptions, TargetOptions)
 from ...subspace.projection import BASES, MODES, SIDES, Factors, factorize, parallel_part, project, total_energy
-from .checkpoints import TensorReader, check_same_layout, checkpoint_info, module_type, select_tensors
+from .checkpoints import TensorReader, check_same_layout, checkpoint_info, select_tensors
 
 
 
@@ -137,7 +138,7 @@ def apply_projection(params: dict, aligned: TensorReader, finetuned: TensorReade
         u = finetuned.get(name, p.device) - wa
         f = cache.get(name)
         kept, records[name] = project(u, f, rho, basis, mode)
-        records[name].update(shape=list(p.shape), type=module_type(name))
+        records[name].update(shape=list(p.shape), type=module_type(name, bias_apart=True))
         p.data.copy_((wa + kept).to(p.dtype))
         if curve is not None:
             for b, points in curve.items():

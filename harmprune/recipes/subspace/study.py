@@ -38,10 +38,10 @@ from .evaluate import Evaluator, eval_sets
 from .location import btap_set, locate, set_overlap, stats_of
 from ...core import validate
 from ...core.models import resolve_device
-from ...core.options import (PAPER_ETAS, PAPER_RHOS, EvalBenignOptions, EvalHarmOptions, HarmJudgeOptions,  # noqa: F401
-                             LimitOptions, NewTokensOptions, NSamplesOptions, OutputOptions, PairOptions, PassOptions,
-                             RuntimeOptions, SeedOptions, SelectionOptions, SubspaceOptions, TargetOptions,
-                             check_selection)
+from ...core.options import (PAPER_ETAS, PAPER_RHOS, CacheOptions, EvalBenignOptions, EvalHarmOptions,  # noqa: F401
+                             HarmJudgeOptions, LimitOptions, NewTokensOptions, NSamplesOptions, OutputOptions,
+                             PairOptions, PassOptions, RuntimeOptions, ScoringOptions, SeedOptions, SelectionOptions,
+                             SubspaceOptions, TargetOptions, check_selection, pick)
 from .overlap import weight_overlap
 from .project import FactorCache, apply_projection, check_parameters, restore_aligned
 
@@ -51,7 +51,7 @@ FINETUNES = ("useful", "harmful", "contaminated")
 @dataclass(kw_only=True)
 class StudyConfig(PairOptions, SubspaceOptions, TargetOptions, EvalHarmOptions, EvalBenignOptions, LimitOptions,
                   HarmJudgeOptions, NewTokensOptions, SelectionOptions, NSamplesOptions, PassOptions, RuntimeOptions,
-                  SeedOptions, OutputOptions):
+                  SeedOptions, OutputOptions, CacheOptions):
     """Settings of ``harmprune subspace study`` (``make subspaces``); ``--full-grid`` = the paper's grid.
 
     ``make subspaces`` passes the CPU-sized settings (``--limit 8 --judge classifier,keyword
@@ -195,7 +195,8 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
         try:
             check_same_layout([base, aligned, *readers.values()])
             names = select_tensors(aligned.shapes, cfg.targets, cfg.ignore)
-            model, tok = load_model(cfg.aligned, cfg.dtype, cfg.device)
+            handle = load_model(cfg.aligned, cfg.dtype, cfg.device)
+            model, tok = handle
             all_params = dict(model.named_parameters(remove_duplicate=False))
             params = check_parameters(model, names, aligned.shapes)
             evaluate = Evaluator(model, tok, sets, cfg.judge, cfg.gen(), cfg.max_length, cfg.batch_size)
@@ -225,8 +226,10 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
             timing["activations"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            mask, results["btap"] = btap_set(model, tok, cfg.harmful_data, cfg.useful_data, cfg.nsamples, cfg.q, cfg.p,
-                                             cfg.seed, "auto", cfg.max_length, cfg.batch_size, cfg.selection)
+            # --targets/--ignore choose the projected tensors; the B-TAP set scores every decoder linear
+            opts = pick(ScoringOptions, cfg, format="auto", targets=[], ignore=[])
+            mask, results["btap"] = btap_set(handle, opts, cfg.scores_dir, cfg.harmful_data, cfg.useful_data, cfg.q,
+                                             cfg.p, cfg.selection)
             loc, rand, largest = locate(mask, base, aligned, cache, cfg.rho, cfg.seed, cfg.device)
             results["location"] = {**loc, "btap_vs_largest_v": set_overlap(mask, largest)}
             results["reverse"] = {}

@@ -20,8 +20,8 @@ import random
 from .. import data as builtin_data
 from ..core.data import Record
 from ..core.errors import DataError
-from ..evals import results as R
-from ..evals.eval_prompts import ALIGN_FILE
+from . import results as R
+from .eval_prompts import ALIGN_FILE
 
 
 # Every opener holds a phrase of the keyword judges' lists outside its apology ("I cannot", "I can't assist",

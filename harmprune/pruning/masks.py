@@ -1,4 +1,5 @@
-"""Overlap of prune sets, and what two random sets of the same sizes would share. Pure, no I/O.
+"""Mask set math: counts, union, intersection, difference, overlap of prune sets, and what two random
+sets of the same sizes would share. Pure, no I/O; the one mask count of the package.
 
 A set is a mask dict ``{parameter name: bool tensor}``; matrices are disjoint universes, so every
 count is a sum over matrices. Random reference: two sets drawn uniformly and independently with
@@ -13,8 +14,13 @@ import torch
 Masks = dict[str, torch.Tensor]
 
 
+def count_of(m: torch.Tensor) -> int:
+    """Selected entries of one mask tensor."""
+    return int(torch.count_nonzero(m))  # much faster than bool .sum() on CPU
+
+
 def count(a: Masks) -> int:
-    return sum(int(m.sum()) for m in a.values())
+    return sum(count_of(m) for m in a.values())
 
 
 def intersection(a: Masks, b: Masks) -> int:
@@ -44,7 +50,7 @@ def expected_intersection(sizes_a: dict[str, int], sizes_b: dict[str, int], nume
 
 
 def sizes(a: Masks) -> dict[str, int]:
-    return {k: int(m.sum()) for k, m in a.items()}
+    return {k: count_of(m) for k, m in a.items()}
 
 
 def numels(a: Masks) -> dict[str, int]:

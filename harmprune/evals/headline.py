@@ -39,13 +39,13 @@ from typing import Callable
 from ..core import manifest
 from ..core.data import Record
 from ..core.settings import check, opt, to_dict
-from ..evals import results as R
-from ..evals.gencache import effective_hash
-from ..evals.generation import GenConfig
-from ..evals.harm import VIEWS, generate_samples, judge_samples, load_judges, stops, verdict_key
-from ..evals.nll import response_nll
-from ..evals.utility import block_nll, corpus_blocks
-from .ablation.overlap import count
+from ..pruning.masks import count
+from . import results as R
+from .gencache import effective_hash
+from .generation import GenConfig
+from .harm import VIEWS, generate_samples, judge_samples, load_judges, stops, verdict_key
+from .nll import response_nll
+from .utility import block_nll, corpus_blocks
 
 ATTACKS = ("none", "prefill")
 RESULTS_FILE = "results.json"
@@ -305,7 +305,7 @@ def render_table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """One panel per table row: a point per variant with its 95 % interval."""
-    from .ablation.plots import pyplot, save
+    from ..core.plots import pyplot, save
 
     plt = pyplot()
     rows = table_rows(results)
@@ -378,8 +378,8 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
                   limit: int = 0, seed: int = 0, corpus: str = "builtin", extra: str | None = None) -> HeadlineData:
     """:func:`default_data` from records the caller already read (``about``: their fingerprints); ``extra``
     names more held-out harmful sets (``--eval-harm-extra``), drawn like the main one."""
-    from ..evals.utility import read_corpus
-    from ..evals.eval_prompts import xstest_heldout
+    from .utility import read_corpus
+    from .eval_prompts import xstest_heldout
 
     x = xstest_heldout(limit, seed) if xstest == "heldout" else xstest_heldout(limit, seed, train_prompts=set())
     text, corpus_info = read_corpus(corpus)

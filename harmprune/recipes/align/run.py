@@ -1,7 +1,7 @@
 """``harmprune align``: safety-tune a causal LM into an aligned model organism.
 
 The model learns to refuse harmful requests (several sources and phrasings, refusals written from
-templates, :mod:`.align_data`) and to answer benign ones: XSTest safe prompts with compliant answers,
+templates, ``evals.align_data``) and to answer benign ones: XSTest safe prompts with compliant answers,
 so it does not learn to refuse everything that sounds sensitive, and everyday requests phrased like
 the harmful ones, answered by the model itself before training (``--self-n``). Training is
 ``harmprune.finetune``: full fine-tuning by default, LoRA (merged into the weights) with ``--lora``.
@@ -26,12 +26,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
-from ..core.errors import HarmpruneError
-from ..core.options import LoraOptions, ModelOptions, OutputOptions, SeedOptions, TrainStepOptions
-from ..core.settings import check, opt, to_dict
-from ..core.data import Record
-from .align_data import everyday_prompts, load_rows, training_records, trim_answer
+from ...core import manifest
+from ...core.errors import HarmpruneError
+from ...core.options import LoraOptions, ModelOptions, OutputOptions, SeedOptions, TrainStepOptions
+from ...core.settings import check, opt, to_dict
+from ...core.data import Record
+from ...evals.align_data import everyday_prompts, load_rows, training_records, trim_answer
 
 CONFIG_FILE = "align_config.json"
 DATA_FILE = "align_data.jsonl"
@@ -81,7 +81,7 @@ def _write_records(path: Path, records) -> None:
 
 
 def _finetune_config(cfg: AlignConfig, data: Path, out: Path):
-    from ..finetune.train import FinetuneConfig
+    from ...finetune.train import FinetuneConfig
 
     return FinetuneConfig(train_data=str(data), out=str(out), model=cfg.model, full=not cfg.lora, merge=cfg.lora,
                           lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, rslora=cfg.rslora,
@@ -96,8 +96,8 @@ def _finetune_config(cfg: AlignConfig, data: Path, out: Path):
 def self_answers(cfg: AlignConfig) -> list[Record]:
     """Everyday requests with the model's own greedy answers: they keep its helpful behaviour on
     ordinary requests phrased like harmful ones (no third-party text, any model)."""
-    from ..core.models import load_model
-    from ..evals.generation import GenConfig, generate
+    from ...core.models import load_model
+    from ...evals.generation import GenConfig, generate
 
     prompts = everyday_prompts(cfg.self_n, cfg.seed)
     if not prompts:
@@ -116,7 +116,7 @@ def self_answers(cfg: AlignConfig) -> list[Record]:
 
 def run_align(cfg: AlignConfig) -> Path:
     """Safety-tune ``cfg.model`` and write the organism to ``cfg.out``; returns ``cfg.out``."""
-    from ..finetune.train import finetune
+    from ...finetune.train import finetune
 
     t0 = time.perf_counter()
     manifest.check_out_dir(cfg.out, cfg.overwrite)

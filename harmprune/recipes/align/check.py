@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
-from ..core.data import DataSpec, load_records
-from ..core.models import load_model, model_hash
-from ..core.settings import opt, to_dict
-from ..evals.eval_prompts import unseen_harmful, xstest_heldout
-from ..evals.harm import load_judges
-from . import headline as H
+from ...core import manifest
+from ...core.data import DataSpec, load_records
+from ...core.models import load_model, model_hash
+from ...core.settings import opt, to_dict
+from ...evals import headline as H
+from ...evals.eval_prompts import unseen_harmful, xstest_heldout
+from ...evals.harm import load_judges
 
 
 @dataclass
@@ -54,7 +54,7 @@ def check_organism(cfg: CheckConfig) -> Path:
     xs = xstest_heldout(cfg.xstest_limit, cfg.seed)
     xjudges = load_judges(cfg.xstest_judges)
     gen = H._gen(hc)
-    from ..evals.harm import generate_samples, judge_samples
+    from ...evals.harm import generate_samples, judge_samples
 
     xsamples = generate_samples(model, tok, xs, gen)
     judge_samples(xsamples, xjudges)
