@@ -32,7 +32,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..attribution.cache import cached_scores
 from ..core import manifest
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import load_model, model_name
@@ -45,13 +44,13 @@ from ..core.settings import check, opt, to_dict
 from ..evals import results as R
 from ..evals.eval_prompts import xstest_heldout
 from ..evals.gencache import GenCache, cache_dir, effective_hash
+from ..evals import headline
 from ..evals.harm import judge_options, judge_specs, load_judges
+from ..evals.nll import nll_pair, with_deltas
 from ..pruning.apply import masked
-from ..pruning.checkpoint import load_scores
-from ..pruning.select import SelectionError, random_control, select_prune_set
-from . import headline
-from .ablation.plots import pyplot, save
-from .pipeline import draw, nll_pair, with_deltas
+from ..pruning.harmset import harm_set, scores_of
+from ..pruning.select import SelectionError, random_control
+from ..core.plots import pyplot, save
 
 
 @dataclass(kw_only=True)
@@ -238,8 +237,8 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
     data = headline.HeadlineData(R.draw_distinct(judged, cfg.limit, cfg.seed, key=lambda r: r.category), [],
                                  xstest_heldout(cfg.limit, cfg.seed))
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
-    harm_rows, benign_rows = draw(load_records(hspec), cfg.eval_nsamples, cfg.seed), \
-        draw(load_records(bspec), cfg.eval_nsamples, cfg.seed)
+    harm_rows, benign_rows = R.draw(load_records(hspec), cfg.eval_nsamples, cfg.seed), \
+        R.draw(load_records(bspec), cfg.eval_nsamples, cfg.seed)
     gdir = cache_dir(cfg.gen_cache_dir, cfg.scores_dir)
     gcache, memo, samples = (GenCache(gdir) if gdir else None), {}, []
     task = headline.harm_task("prefill")
@@ -258,12 +257,11 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
     rows, scores = [], {}
     for h, p, s, q in tqdm(grid, desc="generalise (scoring, protect, selection, q)"):
         if (h, p) not in scores:  # score sets through the score cache, each scored once
-            scores[(h, p)] = tuple(load_scores(cached_scores(handle, d, m, cfg, cfg.scores_dir), lazy=True)
-                                   for d, m in ((h, cfg.method), (p, cfg.benign_method)))
+            scores[(h, p)] = (scores_of(handle, h, cfg.method, cfg, cfg.scores_dir),
+                              scores_of(handle, p, cfg.benign_method, cfg, cfg.scores_dir))
         harm, benign = scores[(h, p)]
         try:
-            mask, stats = select_prune_set(harm.tensors, benign.tensors, harm.method, benign.method, q, cfg.p,
-                                           cfg.scope, selection=s)
+            mask, stats = harm_set(harm, benign, q, cfg.p, cfg.scope, selection=s)
         except SelectionError as e:  # one point that cannot be drawn must not lose the finished ones
             print(f"harmprune: warning: point {h} | {p} | {s} | q={q:g} left out: {e}")
             continue
@@ -278,8 +276,7 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
     rand = None
     if best is not None:  # the random control at the chosen point: the same per-matrix counts
         harm, benign = scores[(best["harm"], best["protect"])]
-        mask, _ = select_prune_set(harm.tensors, benign.tensors, harm.method, benign.method, best["q"], cfg.p,
-                                   cfg.scope, selection=best["selection"])
+        mask, _ = harm_set(harm, benign, best["q"], cfg.p, cfg.scope, selection=best["selection"])
         rand = {**{k: best[k] for k in ("harm", "protect", "q", "p", "pruned", "fraction")}, "selection": "random"}
         rand.update(with_drops(with_deltas(measure(random_control(mask, cfg.seed), "random"), base), base, jn))
     about = {"judged": {**data_fingerprint(DataSpec(data=cfg.judged_set), judged), "selected": len(data.harmful)},

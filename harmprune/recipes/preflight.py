@@ -130,14 +130,15 @@ def same_weights(a: Path, b: Path) -> bool:
     first (what a fine-tune changes), so two different checkpoints stop at the first difference."""
     import torch
 
-    from .subspace.checkpoints import TensorReader, layer_of
+    from ..core.targets import layer_index
+    from ..core.tensors import TensorReader
 
     if not (any(a.glob("*.safetensors")) and any(b.glob("*.safetensors"))):
         return False
     with TensorReader(str(a), "a") as ra, TensorReader(str(b), "b") as rb:
         if ra.shapes != rb.shapes:
             return False
-        order = sorted(ra.shapes, key=lambda n: len(ra.shapes[n]) != 2 or layer_of(n) is None)
+        order = sorted(ra.shapes, key=lambda n: len(ra.shapes[n]) != 2 or layer_index(n) is None)
         return all(torch.equal(ra.get(n), rb.get(n)) for n in order)
 
 

@@ -18,7 +18,7 @@ from ...pruning.masks import count, count_of, intersection
 from ...pruning.select import PruneWarning, mask_stats, random_control
 from ...subspace.location import largest_magnitude, mass, share
 from ...subspace.projection import parallel_part
-from .checkpoints import TensorReader
+from ...core.tensors import TensorReader
 
 
 def btap_set(handle, opts, cache_dir, harmful: str, benign: str, q: float, p: float,

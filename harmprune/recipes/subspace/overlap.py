@@ -19,7 +19,8 @@ from ...core.settings import check, opt, to_dict
 from ...core.targets import layer_index, module_type
 from ...subspace.overlap import left_factors, mso_curve
 from ...subspace.projection import as_matrix
-from .checkpoints import TensorReader, check_same_layout, checkpoint_info, select_tensors
+from ...core.tensors import TensorReader, check_same_layout
+from .checkpoints import checkpoint_info, select_tensors
 
 from ...core import validate
 from ...core.models import resolve_device

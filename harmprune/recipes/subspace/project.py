@@ -29,7 +29,8 @@ from ...core.models import resolve_device
 from ...core.options import (PAPER_RHOS, OutputOptions, PairOptions, RuntimeOptions, SeedOptions,  # noqa: F401
                              SubspaceOptions, TargetOptions)
 from ...subspace.projection import BASES, MODES, SIDES, Factors, factorize, parallel_part, project, total_energy
-from .checkpoints import TensorReader, check_same_layout, checkpoint_info, select_tensors
+from ...core.tensors import TensorReader, check_same_layout
+from .checkpoints import checkpoint_info, select_tensors
 
 
 

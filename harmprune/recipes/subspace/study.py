@@ -33,7 +33,8 @@ from ...pruning.apply import masked
 from ...subspace.projection import BASES, MODES, SIDES, total_energy
 from . import plots, report
 from .activations import ActivationsConfig, measure as measure_activations
-from .checkpoints import TensorReader, check_same_layout, checkpoint_info, select_tensors
+from ...core.tensors import TensorReader, check_same_layout
+from .checkpoints import checkpoint_info, select_tensors
 from .evaluate import Evaluator, eval_sets
 from .location import btap_set, locate, set_overlap, stats_of
 from ...core import validate
