@@ -97,9 +97,10 @@ sweep: install
 GEN_HARMS ?= harmful harmful-selfgen
 GEN_PROTECTS ?= benign benign,sensitive-safe
 GEN_SELECTIONS ?= difference contrastive
-GEN_QS ?= 1e-5 3e-5 1e-4 3e-4
+GEN_QS ?= 3e-6 1e-5 3e-5 1e-4 3e-4
 # CPU sizing: 64 of the 119 held-out prompts (spread over categories) and 64 XSTest prompts per point, 32 NLL rows per
 # set; the chosen point is then measured on all of them by make prune (docs/results/generalise.md). 0 = all.
+# A line (scoring, protect, selection) stops growing q once benign NLL rose > 10 % (--stop-nll-rise).
 GEN_LIMIT ?= 64
 GEN_EVAL_N ?= 32
 generalise: install

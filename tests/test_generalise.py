@@ -9,7 +9,7 @@ import math
 import pytest
 
 from harmprune import cli
-from harmprune.recipes.generalise import choose, matched_specificity, with_drops
+from harmprune.recipes.generalise import choose, frontier, matched_specificity, with_drops
 
 pytestmark = pytest.mark.filterwarnings("ignore::harmprune.pruning.select.PruneWarning")
 
@@ -26,11 +26,31 @@ def test_choose_prefers_the_largest_drop_within_both_bounds():
     assert (best["name"], within) == ("ok-large", True)
 
 
-def test_choose_falls_back_to_drop_minus_loss_within_the_nll_bound():
-    rows = [_row("a", 5, 0.9, 0.5, 0.01), _row("b", 5, 0.5, 0.2, 0.02), _row("c", 5, 0.99, 0.1, 0.5)]
+def test_choose_falls_back_to_the_largest_drop_within_the_nll_bound():
+    rows = [_row("a", 5, 0.6, 0.5, 0.01), _row("b", 5, 0.7, 0.9, 0.02), _row("c", 5, 0.99, 0.1, 0.5)]
     best, within = choose(rows, 0.05, 0.03)
-    # none within the XSTest bound; within the NLL bound a scores 0.9 - 0.5 = 0.4, b 0.5 - 0.2 = 0.3; c is out
-    assert (best["name"], within) == ("a", False)
+    # none within the XSTest bound; within the NLL bound b drops most; c (NLL +50 %) is out
+    assert (best["name"], within) == ("b", False)
+
+
+def test_frontier_against_a_plain_double_loop():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    rows = [_row(str(i), rng.choice([0, 5]), round(rng.random(), 1), round(rng.random(), 1), 0.0) for i in range(40)]
+    expect = set()
+    for r in rows:
+        if r["pruned"] == 0:
+            continue
+        beaten = False
+        for o, _ in itertools.product(rows, [0]):
+            if o["pruned"] and o["harm_drop"] >= r["harm_drop"] and o["xstest_loss"] <= r["xstest_loss"] and \
+                    (o["harm_drop"] > r["harm_drop"] or o["xstest_loss"] < r["xstest_loss"]):
+                beaten = True
+        if not beaten:
+            expect.add(r["name"])
+    assert {r["name"] for r in frontier(rows)} == expect and expect
 
 
 def test_with_drops_by_hand():
@@ -74,7 +94,7 @@ def test_generalise_runs_every_point_and_replays_to_the_same_bytes(tiny_ckpt, tm
                                                 for i in range(4)])
     out = tmp_path / "gen"
     argv = ["generalise", "--model", tiny_ckpt, "--harms", harm, harm2, "--protects", benign, f"{benign},{safe}",
-            "--selections", "difference", "contrastive", "--qs", "0.02", "0.05", "--p", "0.05", "--judged-set", judged,
+            "--selections", "difference", "contrastive", "--qs", "0.02", "0.05", "--stop-nll-rise", "100", "--p", "0.05", "--judged-set", judged,
             "--eval-harm", harm, "--eval-benign", benign, "--judge", "fake", "--limit", "3", "--max-new-tokens", "4",
             "--nsamples", "4", "--max-length", "48", "--batch-size", "2", "--scores-dir", str(tmp_path / "scores"),
             "--out", str(out)]

@@ -16,8 +16,10 @@ original minus pruned compliance (lower = better); ``benign_rel`` = relative ben
 better); ``specificity`` = Δharmful NLL / Δbenign NLL (higher = more harm-specific).
 
 The chosen point: among points with ``xstest_loss <= --max-xstest-loss`` and ``benign_rel <=
---max-nll-rise``, the largest mean ``harm_drop`` over the judges; when none qualifies, the largest
-``mean harm_drop - xstest_loss`` among those within the NLL bound (else among all).
+--max-nll-rise``, the largest mean ``harm_drop`` over the judges; when none qualifies, the largest mean
+``harm_drop`` among those within the NLL bound (else among all), and the table says it misses. Along each
+(scoring, protect, selection) line q grows; once a point raises benign NLL by more than ``--stop-nll-rise``
+the larger q of that line are left out (they only destroy more).
 
 Writes ``generalise.csv``, ``generalise.md`` (table), ``generalise.png`` (harm drop against safe-answer
 loss; NLL rises), ``generalise.json`` (settings, original, rows, chosen point, its random control, data
@@ -73,6 +75,8 @@ class GeneraliseConfig(ModelOptions, MethodOptions, BenignMethodOptions, ScopeOp
     max_xstest_loss: float = opt(0.05, help="chosen point: largest XSTest compliance loss allowed (absolute)",
                                  range="[0, 1]")
     max_nll_rise: float = opt(0.03, help="chosen point: largest relative benign NLL rise allowed", range=">= 0")
+    stop_nll_rise: float = opt(0.1, help="along one (scoring, protect, selection) line, leave out the larger q once "
+                                         "a point raised benign NLL by more than this (relative)", range=">= 0")
 
     def __post_init__(self):
         check_scoring(self)
@@ -113,7 +117,27 @@ def choose(rows: list[dict], max_xstest_loss: float, max_nll_rise: float) -> tup
     if ok:
         return max(ok, key=lambda r: r["harm_drop"]), True
     pool = [r for r in live if r["benign_rel"] <= max_nll_rise] or live
-    return max(pool, key=lambda r: r["harm_drop"] - r["xstest_loss"], default=None), False
+    return max(pool, key=lambda r: r["harm_drop"], default=None), False
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """The trade-off frontier: points no other point beats on both harm drop (higher) and XSTest loss
+    (lower), by increasing XSTest loss."""
+    live = [r for r in rows if r["pruned"] > 0]
+    return sorted((r for r in live if not any(o["harm_drop"] >= r["harm_drop"] and o["xstest_loss"] <= r["xstest_loss"]
+                                              and (o["harm_drop"], o["xstest_loss"]) != (r["harm_drop"], r["xstest_loss"])
+                                              for o in live)), key=lambda r: (r["xstest_loss"], -r["harm_drop"]))
+
+
+def frontier_table(rows: list[dict], judges: list[str]) -> str:
+    front = frontier(rows)
+    lines = ["", "Trade-off frontier (no other point has a larger mean harm drop and a smaller XSTest loss):", "",
+             "| point | pruned | " + " | ".join(f"drop {j}" for j in judges) + " | XSTest loss | Δbenign NLL |",
+             "|---|---|" + "---|" * len(judges) + "---|---|"]
+    for r in front:
+        lines.append(f"| {point_name(r)} | {r['pruned']} | " + " | ".join(f"{r[f'harm_drop_{j}']:+.0%}" for j in judges)
+                     + f" | {100 * r['xstest_loss']:+.1f} pts | {r['benign_rel']:+.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 def matched_specificity(rows: list[dict], tol: float = 0.2) -> list[dict]:
@@ -253,9 +277,11 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
 
     base = measure({}, "original")
     print("original: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
-    grid = [(h, p, s, q) for h in cfg.harms for p in cfg.protects for s in cfg.selections for q in cfg.qs]
-    rows, scores = [], {}
+    grid = [(h, p, s, q) for h in cfg.harms for p in cfg.protects for s in cfg.selections for q in sorted(cfg.qs)]
+    rows, scores, stopped = [], {}, set()
     for h, p, s, q in tqdm(grid, desc="generalise (scoring, protect, selection, q)"):
+        if (h, p, s) in stopped:
+            continue
         if (h, p) not in scores:  # score sets through the score cache, each scored once
             scores[(h, p)] = (scores_of(handle, h, cfg.method, cfg, cfg.scores_dir),
                               scores_of(handle, p, cfg.benign_method, cfg, cfg.scores_dir))
@@ -270,6 +296,8 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
         label = point_name(r)
         m = measure(mask, label) if r["pruned"] else dict(base)
         rows.append({**r, **with_drops(with_deltas(m, base), base, jn)})
+        if rows[-1]["benign_rel"] > cfg.stop_nll_rise:
+            stopped.add((h, p, s))
         tqdm.write(f"{label}: {r['pruned']} weights, drop " + ", ".join(f"{j} {rows[-1][f'harm_drop_{j}']:+.0%}"
                    for j in jn) + f", XSTest {rows[-1]['xstest']:.3f}, benign NLL {rows[-1]['benign_rel']:+.1%}")
     best, within = choose(rows, cfg.max_xstest_loss, cfg.max_nll_rise)
@@ -290,7 +318,8 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
             w.writeheader()
             w.writerows([*rows, *([rand] if rand else [])])
         pairs = matched_specificity(rows)
-        (tmp / "generalise.md").write_text(markdown_table(rows, base, best, rand, jn) + matched_table(pairs))
+        (tmp / "generalise.md").write_text(markdown_table(rows, base, best, rand, jn) + frontier_table(rows, jn)
+                                           + matched_table(pairs))
         plot(rows, best, rand, jn, tmp / "generalise.png",
              f"{model_name(cfg.model)}: {len(data.harmful)} {cfg.judged_set} prompts under the {cfg.prefill_attack}-token "
              f"prefill, {len(data.xstest)} XSTest safe prompts")
@@ -298,7 +327,7 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
         manifest.write_config(tmp, "generalise", cfg, out=str(out))
         manifest.write_json(tmp / "generalise.json", R._json_ready({
             "config": to_dict(cfg), "model_hash": handle.hash, "judges": jn, "data": about, "original": base,
-            "rows": rows, "matched_specificity": pairs, "chosen": best, "chosen_within_bounds": within, "random_at_chosen": rand,
+            "rows": rows, "frontier": [point_name(r) for r in frontier(rows)], "matched_specificity": pairs, "chosen": best, "chosen_within_bounds": within, "random_at_chosen": rand,
             "versions": manifest.versions()}))
     print(f"harmprune: generalise written to {out}\n" + markdown_table(rows, base, best, rand, jn))
     if best is not None:
