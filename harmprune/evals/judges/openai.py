@@ -91,6 +91,16 @@ def answer_text(response: dict) -> str:
         return ""
 
 
+def _poll(q: queue.SimpleQueue, every: float = 0.1):
+    """``q.get()`` that wakes every ``every`` s: SIGINT may be delivered to a worker thread blocked in a
+    socket read, and then only a main thread that wakes up runs Python's handler (KeyboardInterrupt)."""
+    while True:
+        try:
+            return q.get(timeout=every)
+        except queue.Empty:
+            pass
+
+
 class OpenAIJudge:
     def __init__(self, model: str, url: str | None = None, api_key: str | None = None, concurrency: int = 8,
                  timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_RETRIES, backoff: float = 1.0,
@@ -208,7 +218,7 @@ class OpenAIJudge:
             threading.Thread(target=worker, daemon=True, name="harmprune-judge").start()
         try:
             for _ in tqdm(range(len(texts)), desc=desc, unit="sample", file=sys.stderr):
-                err = done.get()  # interruptible: Ctrl-C raises here at once
+                err = _poll(done)
                 if err is not None:
                     raise err
         finally:
