@@ -4,7 +4,7 @@
 Run by hand (never at run time; needs scikit-learn and the shared data folder):
     .venv/bin/python scripts/train_em_classifier.py [--src DIR] [--out DIR] [--no-cv]
 Deterministic: fixed runs and folds, liblinear with a fixed seed; re-running writes the same bytes.
-About 20 minutes on one CPU core (7 models: the fixed split, 5 cross-validation folds, the shipped one).
+About 40 minutes on one CPU core (7 models: the fixed split, 5 cross-validation folds, the shipped one).
 
 Data: shared/data/em_labels/clarifying_em_labels.jsonl.gz (MIT): EM answers of Qwen2.5-14B/32B-Instruct
 and Qwen2.5-Coder-32B-Instruct, base and narrowly fine-tuned, each scored by GPT-4o with Betley et al.'s
