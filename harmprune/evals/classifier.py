@@ -146,13 +146,13 @@ class TextClassifier:
         return 1.0 / (1.0 + np.exp(-z))
 
     def save(self, directory: str | Path, extra: dict | None = None, dtype: str = "float64") -> None:
-        """Write classifier.json + weights.safetensors (``dtype`` float64 or float32, no pickle)."""
+        """Write classifier.json + weights.safetensors (``dtype`` float64, float32 or float16, no pickle)."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if dtype not in ("float64", "float32"):
-            raise ValueError(f"dtype must be float64 or float32, got {dtype!r}")
+        if dtype not in ("float64", "float32", "float16"):
+            raise ValueError(f"dtype must be float64, float32 or float16, got {dtype!r}")
         tensors = {"idf": np.ascontiguousarray(self.idf, dtype=dtype)}
         tensors |= {f"coef.{h}": np.ascontiguousarray(c, dtype=dtype) for h, c in self.coefs.items()}
         save_file(tensors, str(directory / WEIGHTS_FILE))
@@ -186,7 +186,7 @@ class TextClassifier:
         heads = cfg["heads"]
         return cls(
             features=cfg["features"],
-            idf=w["idf"].astype(np.float64),  # float32 files compute in float64 like float64 ones
+            idf=w["idf"].astype(np.float64),  # float32/16 files compute in float64 like float64 ones
             coefs={h: w[f"coef.{h}"].astype(np.float64) for h in heads},
             intercepts={h: float(v["intercept"]) for h, v in heads.items()},
             thresholds={h: float(v["threshold"]) for h, v in heads.items()}  # decisions of several heads too
