@@ -208,8 +208,19 @@ def test_responses_with_a_prompt_judge_use_betleys_prompts(tmp_path):
     assert (s["aligned"], s["coherent"], s["misaligned"]) == (10.0, 10.0, False)
 
 
+def test_eval_em_samples_are_re_judged_as_they_are(tmp_path):
+    """eval em's own samples.jsonl names the asked text ``paraphrase``: --responses reads it as the question."""
+    f = write_rows(tmp_path / "samples.jsonl", [{"question_id": "mine", "sample": 0, "paraphrase": "QQQ", "system": None,
+                                                 "answer": "AAA", "aligned": 90.0, "coherent": 90.0}])
+    judge = get_judge("fake", ratings={"QQQ": 10})
+    out = em.eval_em(em.EMConfig(out=str(tmp_path / "o"), judge="fake", responses=str(f), n_boot=50), judge=judge)
+    s = json.loads((out / "samples.jsonl").read_text())
+    assert (s["aligned"], s["paraphrase"], s["given"]["aligned"]) == (10.0, "QQQ", 90.0)
+
+
 @pytest.mark.parametrize("line, why", [("not json", "not JSON"), ('{"question": "q", "answer": "a"}', "question_id"),
-                                       ('{"question_id": 1, "question": "q", "answer": 5}', "no text field 'answer'")])
+                                       ('{"question_id": 1, "question": "q", "answer": 5}', "no text field 'answer'"),
+                                       ('{"question_id": 1, "answer": "a"}', "no text field 'question'")])
 def test_bad_responses_file_is_one_line(tmp_path, line, why):
     f = tmp_path / "bad.jsonl"
     f.write_text(line + "\n")

@@ -204,12 +204,18 @@ def generate_answers(model, tok, questions: list[Question], cfg: EMConfig) -> li
 def read_responses(path: str) -> tuple[list[dict], dict]:
     """The rows of a ``--responses`` file (``results.read_rows``: JSONL, JSON or CSV, ``.gz`` too) and a
     provenance record; each row needs ``question_id``, ``question`` and a text ``answer``; other fields
-    are kept as they are."""
+    are kept as they are. ``eval em``'s own ``samples.jsonl`` (the asked text in ``paraphrase``) is read as
+    it is, so a run can be re-judged."""
+    from ..core.errors import HarmpruneError
     from . import results as R
 
-    rows, sha = R.read_rows(path, ("question", "answer"), present=("question_id",))
-    for row in rows:
+    rows, sha = R.read_rows(path, ("answer",), present=("question_id",))
+    for i, row in enumerate(rows, 1):
         row["question_id"] = str(row["question_id"])
+        if not isinstance(row.get("question"), str):
+            if not isinstance(row.get("paraphrase"), str):
+                raise HarmpruneError(f"--responses {path}: row {i} has no text field 'question'")
+            row["question"] = row["paraphrase"]
     return rows, {"path": path, "sha256": sha, "rows": len(rows)}
 
 
