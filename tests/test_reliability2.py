@@ -438,7 +438,10 @@ def test_d23_ctrl_c_cancels_judge_requests_in_flight(judge_server):
     import time
 
     _Judge.mode = "hang"
-    code = ("import sys\nfrom harmprune.evals.judges import get_judge\n"
+    # a background job (nohup, CI runners) starts with SIGINT ignored and Python then installs no handler: restore
+    # the terminal's Ctrl-C behaviour in the child explicitly
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from harmprune.evals.judges import get_judge\n"
             f"j = get_judge('openai:stub', url={judge_server!r}, timeout=20, concurrency=2)\n"
             "try:\n    j.judge(['p'] * 6, ['r'] * 6)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
