@@ -72,7 +72,7 @@ def test_matched_specificity_pairs_only_equal_benign_cost_within_one_scoring_and
     got = {(m["point"], m["difference"]): m["ratio"] for m in matched_specificity(rows)}
     # 0.010 is within 20 % of 0.011 (|diff| 0.001 <= 0.0022) but not of 0.013 (0.003 > 0.0026); another scoring
     # set and a zero rise never pair
-    assert got == {("h | b | contrastive | q=0.0001", "h | b | difference | q=0.0001"): pytest.approx(2.5)}
+    assert got == {("h / b / contrastive / q=0.0001", "h / b / difference / q=0.0001"): pytest.approx(2.5)}
 
 
 def _jsonl(path, rows):

@@ -172,7 +172,7 @@ def matched_table(pairs: list[dict]) -> str:
 
 
 def point_name(r: dict) -> str:
-    return f"{r['harm']} | {r['protect']} | {r['selection']} | q={r['q']:g}"
+    return f"{r['harm']} / {r['protect']} / {r['selection']} / q={r['q']:g}"  # no "|": it sits in table cells
 
 
 def markdown_table(rows: list[dict], base: dict, best: dict | None, rand: dict | None, judges: list[str]) -> str:
