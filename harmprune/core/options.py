@@ -406,13 +406,17 @@ def check_pass(o: PassOptions) -> None:
     check(o.format in FORMATS, f"unknown format {o.format!r}; choose auto, chat or raw")
 
 
+def check_selection_name(selection: str, scope: str, flag: str = "--selection") -> None:
+    """A selection variant exists and works with ``scope`` (all but difference: per matrix or per row)."""
+    check(selection in SELECTIONS, f"{flag}: unknown selection {selection!r}; choose from {', '.join(SELECTIONS)}")
+    check(selection == "difference" or scope in ("matrix", "row"),
+          f"{flag} {selection} works per matrix or per row, not with --scope {scope}")
+
+
 def check_selection(o: SelectionOptions) -> None:
     validate.check_fraction(o.q, "--q")
     validate.check_fraction(o.p, "--p")
-    check(o.selection in SELECTIONS, f"--selection must be one of {', '.join(SELECTIONS)}")
-    scope = getattr(o, "scope", "matrix")
-    check(o.selection == "difference" or scope in ("matrix", "row"),
-          f"--selection {o.selection} works per matrix or per row, not with --scope {scope}")
+    check_selection_name(o.selection, getattr(o, "scope", "matrix"))
 
 
 def needs_benign(o) -> bool:

@@ -34,14 +34,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import load_model, model_name
 from ..core.options import (SELECTIONS, BenignMethodOptions, CacheOptions, EvalBenignOptions, EvalHarmOptions,
                             EvalSetOptions, GenBatchOptions, GenCacheOptions, HarmJudgeOptions, JudgeOptions,
                             LimitOptions, MethodOptions, ModelOptions, NewTokensOptions, OutputOptions,
                             PrefillAttackOptions, ProtectOptions, QGridOptions, ScopeOptions, ScoringOptions,
-                            check_scoring)
+                            check_scoring, check_selection_name)
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
 from ..evals.eval_prompts import xstest_heldout
@@ -82,10 +82,8 @@ class GeneraliseConfig(ModelOptions, MethodOptions, BenignMethodOptions, ScopeOp
         check_scoring(self)
         check(self.harms and self.protects and self.selections and self.qs, "--harms, --protects, --selections and "
               "--qs need at least one value each")
-        bad = sorted(set(self.selections) - set(SELECTIONS))
-        check(not bad, f"--selections: unknown selection {bad[0] if bad else ''!r}; choose from {', '.join(SELECTIONS)}")
-        check(self.scope in ("matrix", "row") or set(self.selections) == {"difference"},
-              f"--selections other than difference work per matrix or per row, not with --scope {self.scope}")
+        for s in self.selections:
+            check_selection_name(s, self.scope, "--selections")
         judge_specs(self.judge)  # unknown judges fail here, not after scoring
         headline.extra_sets(self.judged_set)  # a missing set fails here too
 
@@ -289,7 +287,7 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
         try:
             mask, stats = harm_set(harm, benign, q, cfg.p, cfg.scope, selection=s)
         except SelectionError as e:  # one point that cannot be drawn must not lose the finished ones
-            print(f"harmprune: warning: point {h} | {p} | {s} | q={q:g} left out: {e}")
+            validate.warn(f"point {point_name({'harm': h, 'protect': p, 'selection': s, 'q': q})} left out: {e}")
             continue
         r = {"harm": h, "protect": p, "selection": s, "q": q, "p": cfg.p, "pruned": stats["total_pruned"],
              "fraction": stats["total_fraction"]}
@@ -327,8 +325,8 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
         manifest.write_config(tmp, "generalise", cfg, out=str(out))
         manifest.write_json(tmp / "generalise.json", R._json_ready({
             "config": to_dict(cfg), "model_hash": handle.hash, "judges": jn, "data": about, "original": base,
-            "rows": rows, "frontier": [point_name(r) for r in frontier(rows)], "matched_specificity": pairs, "chosen": best, "chosen_within_bounds": within, "random_at_chosen": rand,
-            "versions": manifest.versions()}))
+            "rows": rows, "frontier": [point_name(r) for r in frontier(rows)], "matched_specificity": pairs,
+            "chosen": best, "chosen_within_bounds": within, "random_at_chosen": rand, "versions": manifest.versions()}))
     print(f"harmprune: generalise written to {out}\n" + markdown_table(rows, base, best, rand, jn))
     if best is not None:
         print(f"chosen: {point_name(best)} ({'within' if within else 'NOT within'} the utility bounds)")
