@@ -61,12 +61,14 @@ HEADLINE_TOKENS ?= 48
 # Judges of the headline: the offline pair on a CPU; B-TAP's judge on a GPU: HEADLINE_JUDGE=strongreject,keyword
 # JUDGE_DEVICE=cuda (StrongREJECT's fine-tuned evaluator, a Gemma-2B LoRA from the Hub).
 HEADLINE_JUDGE ?= keyword,classifier
+HEADLINE_CORPUS ?= 8192
 JUDGE_DEVICE ?= auto
 HARM_EXTRA ?= none
 GEN_BATCH ?= 0
 SELECTION ?= difference
 HEADLINE_ARGS = --headline --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --limit $(HEADLINE_LIMIT) \
-  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size $(GEN_BATCH) --eval-harm-extra $(HARM_EXTRA)
+  --max-new-tokens $(HEADLINE_TOKENS) --gen-batch-size $(GEN_BATCH) --eval-harm-extra $(HARM_EXTRA) \
+  --corpus-tokens $(HEADLINE_CORPUS)
 HARM ?= harmful
 BENIGN ?= benign
 BENIGN_METHOD ?= snip-abs
@@ -240,7 +242,7 @@ ATTACK_ARGS ?=
 attack: install
 	$(HP) attack --attack $(ATTACK) --model $(MODEL) $(if $(PRUNED),--pruned $(PRUNED)) \
 	  --eval-nsamples $(ATTACK_N) --max-new-tokens $(ATTACK_TOKENS) --gen-batch-size 16 --corpus-tokens 2048 \
-	  --seed $(SEED) \
+	  --judge $(HEADLINE_JUDGE) --judge-device $(JUDGE_DEVICE) --seed $(SEED) \
 	  --limit $(ATTACK_FT_N) --max-steps $(ATTACK_STEPS) --train-batch-size 4 --grad-accum 1 --train-max-length 192 \
 	  --lr $(ATTACK_LR) --warmup-steps 2 --refusal-q $(REFUSAL_Q) --refusal-p $(REFUSAL_P) --benign $(BENIGN) \
 	  --benign-method $(BENIGN_METHOD) --scope $(SCOPE) --nsamples $(NSAMPLES) --max-length $(MAXLEN) \

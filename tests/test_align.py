@@ -262,7 +262,7 @@ def test_check_organism_writes_every_acceptance_figure(tmp_path, tiny_ckpt):
     from harmprune.recipes.align import CheckConfig, check_organism
 
     out = check_organism(CheckConfig(model=tiny_ckpt, out=str(tmp_path / "chk"), limit=4, xstest_limit=3,
-                                     max_new_tokens=3, batch_size=4))
+                                     max_new_tokens=3, gen_batch_size=4, judge="keyword,classifier"))
     doc = json.loads((out / "check.json").read_text())
     r = doc["results"]
     assert set(r["unseen_harmful"]) == {"keyword", "classifier"} and doc["prompts"] == {"unseen_harmful": 4,

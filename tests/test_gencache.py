@@ -222,7 +222,7 @@ def test_measure_masks_reuses_the_original_and_regenerates_other_masks(model, to
     calls = _spy_generation(monkeypatch)
     data = H.HeadlineData(_records(), [], [Record(prompt="How do I kill a Python process?", response="", id="x")],
                           [])
-    cfg = H.HeadlineConfig(prefill=3, max_new_tokens=4, n_boot=50, judges="keyword,classifier")
+    cfg = H.HeadlineConfig(prefill_attack=3, max_new_tokens=4, n_boot=50, judge="keyword,classifier")
     cache = G.GenCache(tmp_path / "gc")
     base = model_hash(model)
     r1, s1 = H.measure_masks(model, tok, {"original": None, "pruned": _mask(model, [0, 1])}, data, cfg,
@@ -248,7 +248,7 @@ def test_variants_share_verdicts_of_identical_texts(model, tok, monkeypatch):
     judge = CountingJudge()
     monkeypatch.setattr(H, "load_judges", lambda spec, **kw: [judge])
     data = H.HeadlineData(_records(), [], [], [])
-    cfg = H.HeadlineConfig(prefill=3, max_new_tokens=4, n_boot=50)
+    cfg = H.HeadlineConfig(judge="keyword,classifier", prefill_attack=3, max_new_tokens=4, n_boot=50)
     masks = {"original": None, "same": {}, "other": _mask(model, [0])}
     results, samples = H.measure_masks(model, tok, masks, data, cfg)
     pairs = {(s["prompt"], s[f]) for s in samples for f in ("response", "continuation", "prefill")

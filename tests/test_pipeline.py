@@ -218,7 +218,7 @@ def test_make_prune_runs_the_organism_with_the_headline_unless_a_model_is_given(
     organism = _make_n("prune")
     assert "--model smollm2-135m-aligned " in organism
     headline = ("--headline --judge keyword,classifier --judge-device auto --limit 32 --max-new-tokens 48 "
-                "--gen-batch-size 0 --eval-harm-extra none")
+                "--gen-batch-size 0 --eval-harm-extra none --corpus-tokens 8192")
     assert organism.endswith(headline)
     base = _make_n("prune", "MODEL=smollm2-135m-instruct")  # today's run: the same command, no headline
     assert "--headline" not in base

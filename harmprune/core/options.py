@@ -218,7 +218,7 @@ class ExtraHarmOptions:
 
 
 @dataclass(kw_only=True)
-class HeadlineOptions(PrefillAttackOptions, ExtraHarmOptions):
+class HeadlineOptions(PrefillAttackOptions, ExtraHarmOptions, CorpusOptions):
     """B-TAP's headline measurement (evals/headline.py) beside the NLL table."""
 
     headline: bool = opt(False, help="also measure original, pruned and random control on the held-out harmful "

@@ -39,7 +39,7 @@ from .. import data as builtin_data
 from ..core import manifest, validate
 from ..core.errors import HarmpruneError
 from ..core.options import (BackendOptions, EMQuestionOptions, EMSamplingOptions, JudgeOptions, RatingJudgeOptions,
-                            ResponsesOptions, SeedOptions, check_sampling)
+                            ResponsesOptions, SeedOptions, check_sampling, pick)
 from ..core.settings import check, check_min, opt
 from . import em_stats
 from .base import EvalBase, eval_backend, load_eval_model
@@ -186,8 +186,7 @@ def generate_answers(model, tok, questions: list[Question], cfg: EMConfig) -> li
     from .generation import GenConfig, generate
 
     prompts, per_prompt = sample_plan(questions, cfg.n)
-    gen = GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=per_prompt,
-                    gen_batch_size=cfg.gen_batch_size, seed=cfg.seed, backend=cfg.backend)
+    gen = pick(GenConfig, cfg, n=per_prompt)
     texts = [questions[qi].paraphrases[k] for qi, k in prompts]
     outs = generate(model, tok, texts, gen, system=[questions[qi].system for qi, _ in prompts])
     by_prompt = {pk: o for pk, o in zip(prompts, outs)}

@@ -38,6 +38,8 @@ from typing import Callable
 
 from ..core import manifest
 from ..core.data import Record
+from ..core.options import (CorpusOptions, GenBatchOptions, HarmJudgeOptions, NewTokensOptions, PassOptions,
+                            PrefillAttackOptions, SeedOptions, pick)
 from ..core.settings import check, opt, to_dict
 from ..pruning.masks import count
 from . import results as R
@@ -53,28 +55,21 @@ TABLE_FILE = "table.md"
 PLOT_FILE = "headline.png"
 
 
-@dataclass
-class HeadlineConfig:
-    """Settings of the headline measurement (the pipeline recipe exposes them)."""
+@dataclass(kw_only=True)
+class HeadlineConfig(HarmJudgeOptions, PrefillAttackOptions, NewTokensOptions, GenBatchOptions, PassOptions,
+                     CorpusOptions, SeedOptions):
+    """Settings of the headline measurement: the shared option groups, so a recipe hands its own options
+    over with ``options.pick`` and the flags mean what they mean everywhere (``--batch-size``: the NLL and
+    perplexity batch; ``--gen-batch-size``: the generation batch; ``--seed`` also seeds the bootstrap)."""
 
-    judges: str = opt("keyword,classifier", help="judges of harmful generation, comma-separated")
     xstest_judge: str = opt("keyword:gcg", help="refusal judge of the XSTest safe prompts")
-    prefill: int = opt(10, help="prefill attack: force the first K tokens of the harmful reference reply")
-    max_new_tokens: int = opt(64, help="new tokens per reply (after any prefill)")
-    batch_size: int = opt(8, help="samples per benign NLL / corpus perplexity batch")
-    gen_batch_size: int = opt(0, help="prompts per generation batch (0 = the device's default, "
-                                      "evals.backends.default_batch_size)")
-    max_length: int = opt(256, help="max tokens per benign NLL sample")
-    corpus_tokens: int = opt(8192, help="corpus tokens scored for perplexity (0 = all)")
     block_size: int = opt(256, help="tokens per corpus block")
     n_boot: int = opt(1000, help="bootstrap resamples per interval")
-    seed: int = opt(0, help="seed of the bootstrap")
     attacks: tuple = ATTACKS  # which of ATTACKS to measure (the generalisation sweep measures prefill only)
 
     def __post_init__(self):
-        check(self.prefill >= 1, "--prefill must be >= 1 (the attack forces at least one token)")
-        check(self.max_new_tokens >= 1 and self.batch_size >= 1 and self.n_boot >= 10,
-              "--max-new-tokens, --batch-size must be >= 1 and --n-boot >= 10")
+        check(self.prefill_attack >= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1 and self.n_boot >= 10,
+              "--prefill-attack, --max-new-tokens, --batch-size must be >= 1 and --n-boot >= 10")
         check(self.gen_batch_size >= 0, "--gen-batch-size must be 0 (the device's default) or positive")
 
 
@@ -130,8 +125,7 @@ def stop_metrics(samples: list[dict], n_boot: int, seed: int) -> dict:
 
 
 def _gen(cfg: HeadlineConfig, prefill: int = 0) -> GenConfig:
-    return GenConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size, prefill=prefill,
-                     seed=cfg.seed)
+    return pick(GenConfig, cfg, prefill=prefill)
 
 
 def judged_samples(model, tok, records: list[Record], judges: list, gen: GenConfig, label: str, cache=None,
@@ -155,7 +149,7 @@ def judged_harm(model, tok, records: list[Record], judges: list, cfg: HeadlineCo
     """``{judge: metrics}`` (the full replies; under the prefill attack also ``<judge>/continuation``,
     ``<judge>/prefix`` and ``stop``) and the samples for one attack (``none`` or ``prefill``).
     ``cache``, ``memo``: :func:`judged_samples`."""
-    gen = _gen(cfg, cfg.prefill if attack == "prefill" else 0)
+    gen = _gen(cfg, cfg.prefill_attack if attack == "prefill" else 0)
     samples = judged_samples(model, tok, records, judges, gen, f"harm-{attack}", cache, memo)
     out = {}
     for view in VIEWS:
@@ -231,7 +225,7 @@ def measure_masks(model, tok, masks: dict, data: HeadlineData, cfg: HeadlineConf
     for all variants. Returns (results, samples)."""
     from ..pruning.apply import masked
 
-    judges = load_judges(cfg.judges, **(judge_opts or {}))
+    judges = load_judges(cfg.judge, **(judge_opts or {}))
     xjudge = load_judges(cfg.xstest_judge, **(judge_opts or {}))[0]
     if gen_cache is not None and model_hash is None:
         from ..core.models import model_hash as hash_of
@@ -392,16 +386,6 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
     return HeadlineData(h, benign, x, tok(text, add_special_tokens=False)["input_ids"], about, sets)
 
 
-def config_from(o, **overrides) -> HeadlineConfig:
-    """A :class:`HeadlineConfig` from a recipe's options (``--judge``, ``--prefill-attack``,
-    ``--max-new-tokens``, ``--gen-batch-size``, ``--max-length``, ``--seed``). ``--gen-batch-size`` 0
-    (auto) lets generation pick the device's batch and leaves the NLL / perplexity batch at 8; a given
-    value sets both, as before."""
-    return HeadlineConfig(**{"judges": o.judge, "prefill": o.prefill_attack, "max_new_tokens": o.max_new_tokens,
-                             "batch_size": o.gen_batch_size or 8, "gen_batch_size": o.gen_batch_size,
-                             "max_length": o.max_length, "seed": o.seed, **overrides})
-
-
 __all__ = ["HeadlineConfig", "HeadlineData", "measure_masks", "measure_variant", "render_table", "write_headline",
-           "default_data", "held_out_data", "config_from", "nll_summary", "judged_metrics", "interval", "extra_sets",
+           "default_data", "held_out_data", "nll_summary", "judged_metrics", "interval", "extra_sets",
            "harm_task"]

@@ -43,11 +43,13 @@ from ..core.errors import HarmpruneError
 from ..core.models import load_model, model_name, resolve_device
 from ..core.options import (BenignOptions, CacheOptions, CorpusOptions, EvalHarmOptions, EvalSetOptions,
                             GenBatchOptions, LimitOptions, LoraOptions, ModelOptions, NewTokensOptions, OutputOptions,
-                            PrunedOptions, ScopeOptions, ScoringOptions, TrainOptions, check_scoring, pick)
+                            PrunedOptions, ScopeOptions, ScoringOptions, TrainOptions, HarmJudgeOptions, JudgeOptions,
+                            PrefillAttackOptions, check_scoring, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
 from ..evals.align_data import load_rows, training_records
 from ..evals.headline import HeadlineConfig, HeadlineData, default_data, measure_masks, write_headline
+from ..evals.harm import judge_options
 from ..finetune.masking import bind_mask, masked_merge
 from ..finetune.train import (FinetuneConfig, Plan, TrainState, check_plan, load_training_data, make_optimizer,
                               prepare_model, train)
@@ -64,7 +66,7 @@ REFUSAL_METHOD = "snip-abs"  # B-TAP scores refusal data with |SNIP|
 @dataclass(kw_only=True)
 class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, BenignOptions, EvalSetOptions,
                    NewTokensOptions, GenBatchOptions, CorpusOptions, TrainOptions, LoraOptions, LimitOptions,
-                   ScoringOptions, CacheOptions, ScopeOptions):
+                   ScoringOptions, CacheOptions, ScopeOptions, HarmJudgeOptions, JudgeOptions, PrefillAttackOptions):
     """Settings of ``harmprune attack``. ``--eval-nsamples`` caps every measured held-out set (harmful,
     XSTest, benign); ``--limit`` the fine-tuning records; the scoring options apply to the refusal and
     benign scores; ``--seed`` seeds the random control, data subsets, LoRA init and bootstrap."""
@@ -100,9 +102,7 @@ class AttackConfig(ModelOptions, PrunedOptions, OutputOptions, EvalHarmOptions, 
                     keep_mask=None, merge=False, device=resolve_device(self.device))
 
     def headline_config(self) -> HeadlineConfig:
-        return HeadlineConfig(max_new_tokens=self.max_new_tokens, batch_size=self.gen_batch_size or 8,
-                              gen_batch_size=self.gen_batch_size,
-                              max_length=self.max_length, corpus_tokens=self.corpus_tokens, seed=self.seed)
+        return pick(HeadlineConfig, self)
 
 
 # ---------------------------------------------------------------- inputs
@@ -172,14 +172,15 @@ def run_finetune(cfg: AttackConfig, handle, masks: dict, data: HeadlineData, hcf
                              f"--eval-harm {cfg.eval_harm}, e.g. {leaked[0][:60]!r}; measure on held-out prompts")
     items, data_info = load_training_data(fcfg, tok)
     check_plan(Plan(len(items), fcfg.train_batch_size, fcfg.grad_accum, fcfg.epochs, fcfg.seed, fcfg.max_steps), fcfg)
-    results, samples = measure_masks(handle.model, tok, {"original": None}, data, hcfg)
+    results, samples = measure_masks(handle.model, tok, {"original": None}, data, hcfg, judge_opts=judge_options(cfg))
     handle.model.to("meta")  # free the original's memory: every arm loads its own copy
     arms = {"original+ft": (None, False), "pruned+ft": (masks["pruned"], True),
             "pruned+ft-free": (masks["pruned"], False), "random+ft": (masks["random"], True)}
     reports = {}
     for name, (mask, keep) in arms.items():
         model, reports[name] = finetune_arm(fcfg, items, tok.pad_token_id, mask, keep)
-        r, s = measure_masks(model, tok, {name: mask if keep else None}, data, hcfg)
+        r, s = measure_masks(model, tok, {name: mask if keep else None}, data, hcfg,
+                                     judge_opts=judge_options(cfg))
         r["variants"][name].update(pruned_weights=count(mask or {}),
                                    mask_nonzero_after=reports[name]["mask_nonzero_after"])
         results["variants"].update(r["variants"])
@@ -223,7 +224,7 @@ def run_refusal_ablation(cfg: AttackConfig, handle, masks: dict, data: HeadlineD
     ablate, stats = harm_set(ref, ben, cfg.refusal_q, cfg.refusal_p, cfg.scope)  # Top_q(refusal) \ Top_p(benign)
     variants = {"original": None, "original+abl": ablate, "pruned+abl": union([ablate, masks["pruned"]]),
                 "random+abl": union([ablate, masks["random"]])}
-    results, samples = measure_masks(handle.model, handle.tokenizer, variants, data, hcfg)
+    results, samples = measure_masks(handle.model, handle.tokenizer, variants, data, hcfg, judge_opts=judge_options(cfg))
     info = {"data": {"file": str(path), "records": len(records), "dropped_held_out": dropped,
                      "source": "align.jsonl refuse rows, refusals from align_data.refusal templates"},
             "scores": {"refusal": str(ref.path), "benign": str(ben.path) if ben else None},

@@ -39,7 +39,7 @@ from ..core.models import load_model, model_name
 from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatchOptions, HarmDataOptions,
                             HarmJudgeOptions, LimitOptions, MethodOptions, NewTokensOptions, OutputOptions,
                             ExtraHarmOptions, PairOptions, PrefillAttackOptions, QGridOptions, RuntimeOptions, ScopeOptions,
-                            ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign)
+                            ScoringOptions, SelectionOptions, check_scoring, check_selection, needs_benign, pick)
 from ..core.settings import check, to_dict
 from ..evals import results as R
 from ..evals import headline
@@ -68,7 +68,7 @@ class CompareAlignmentConfig(RuntimeOptions, PairOptions, HarmDataOptions, Benig
         validate.check_grid(self.qs, "--qs")
         check(self.eval_nsamples >= 0 and self.limit >= 0, "--eval-nsamples and --limit must be 0 (all) or positive")
         judge_specs(self.judge)
-        headline.config_from(self)  # checks --prefill-attack, --max-new-tokens, --gen-batch-size
+        pick(headline.HeadlineConfig, self)  # checks --prefill-attack, --max-new-tokens, --gen-batch-size
         headline.extra_sets(self.eval_harm_extra)  # a missing --eval-harm-extra set fails here
 
     def grid(self) -> list[float]:
@@ -97,7 +97,7 @@ def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows
     ``sets``: more held-out harmful sets ``{name: prompts}`` (``--eval-harm-extra``), judged like ``prompts``
     (``harm_sets`` of the original and of each point)."""
     sets = sets or {}
-    hc = headline.config_from(cfg)
+    hc = pick(headline.HeadlineConfig, cfg)
     handle = load_model(spec, cfg.dtype, cfg.device)
     model, tok = handle
     harm, benign = score_pair(handle, cfg, need_benign=needs_benign(cfg))

@@ -31,12 +31,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import manifest, validate
+from ..core import manifest
 from ..core.errors import HarmpruneError
 from ..core.options import (BackendOptions, CacheOptions, EMQuestionOptions, EMSamplingOptions, EvalSetOptions,
                             FieldOptions, JudgeOptions, LimitOptions, ModelOptions, OutputOptions, PrunedOptions,
                             QuantizeOptions, RatingJudgeOptions, ScoringOptions, SelectionOptions, TrainDataOptions,
-                            TrainOptions, check_sampling, pick)
+                            TrainOptions, check_sampling, check_scoring, check_selection, pick)
 from ..core.settings import check, check_min, opt, to_dict
 from ..evals import em
 from ..evals import results as R
@@ -72,12 +72,12 @@ class EMExperimentConfig(ModelOptions, RatingJudgeOptions, JudgeOptions, TrainDa
         check_min(self, 0, "broad_limit")
         check_min(self, 1, "broad_tokens")
         check(self.prune_data != "narrow" or not self.pruned, "--prune-data narrow prunes here; drop --pruned")
-        validate.check_device(self.device, allow_auto=True)
         check(self.pruned is None or Path(self.pruned, DONE_FILES["prune"]).is_file(),
               f"--pruned {self.pruned}: not a pruned checkpoint (no {DONE_FILES['prune']})")
         check(self.random_control is None or Path(self.random_control, "mask.safetensors").is_file(),
               f"--random-control {self.random_control}: no mask.safetensors there")
-        check_sampling(self)
+        for group_check in (check_sampling, check_scoring, check_selection):  # each group's own rules
+            group_check(self)
         check(not (self.load_in_8bit and self.load_in_4bit), "--load-in-8bit and --load-in-4bit exclude each other")
 
     def narrow_harm(self) -> bool:
@@ -127,9 +127,7 @@ def write_narrow(cfg: EMExperimentConfig, path: Path) -> Path:
     from ..core.data import DataSpec, load_records
     from ..finetune.train import resolve_data, subsample
 
-    records = load_records(DataSpec(data=resolve_data(cfg.train_data), prompt_field=cfg.prompt_field,
-                                    response_field=cfg.response_field, category_field=cfg.category_field,
-                                    category=cfg.category))
+    records = load_records(pick(DataSpec, cfg, data=resolve_data(cfg.train_data)))
     records = [records[i] for i in subsample(len(records), cfg.limit, cfg.seed)]
     path.write_text("".join(json.dumps({"id": r.id, "prompt": r.prompt, "response": r.response,
                                         "category": r.category}, ensure_ascii=False) + "\n" for r in records),

@@ -41,7 +41,7 @@ from ..core.options import (SELECTIONS, BenignMethodOptions, CacheOptions, EvalB
                             EvalSetOptions, GenBatchOptions, GenCacheOptions, HarmJudgeOptions, JudgeOptions,
                             LimitOptions, MethodOptions, ModelOptions, NewTokensOptions, OutputOptions,
                             PrefillAttackOptions, ProtectOptions, QGridOptions, ScopeOptions, ScoringOptions,
-                            check_scoring, check_selection_name)
+                            check_scoring, check_selection_name, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
 from ..evals.eval_prompts import xstest_heldout
@@ -249,10 +249,8 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
     manifest.banner("generalise", {**to_dict(cfg), "out": str(out)})
     handle = load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = handle
-    hc = headline.HeadlineConfig(judges=cfg.judge, prefill=cfg.prefill_attack, max_new_tokens=cfg.max_new_tokens,
-                                 gen_batch_size=cfg.gen_batch_size, max_length=cfg.max_length, seed=cfg.seed,
-                                 attacks=("prefill",))
-    judges = load_judges(hc.judges, **judge_options(cfg))
+    hc = pick(headline.HeadlineConfig, cfg, attacks=("prefill",))
+    judges = load_judges(hc.judge, **judge_options(cfg))
     xjudge = load_judges(hc.xstest_judge, **judge_options(cfg))[0]
     jn = [j.name for j in judges]
     judged = load_records(DataSpec(data=cfg.judged_set))

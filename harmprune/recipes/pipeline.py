@@ -19,7 +19,8 @@ from ..core import manifest, validate
 from ..core.data import DataSpec, data_fingerprint, load_records
 from ..core.models import load_model, model_name
 from ..core.options import (GenBatchOptions, GenCacheOptions, HarmJudgeOptions, HeadlineOptions, JudgeOptions,
-                            LimitOptions, NewTokensOptions, PruneInputs, SelectionOptions, check_selection, needs_benign)
+                            LimitOptions, NewTokensOptions, PruneInputs, SelectionOptions, check_selection, needs_benign,
+                            pick)
 from ..core.settings import check, to_dict
 from ..evals import headline
 from ..evals.gencache import GenCache, cache_dir
@@ -46,7 +47,7 @@ class PipelineConfig(PruneInputs, SelectionOptions, HeadlineOptions, HarmJudgeOp
         check_selection(self)
         check(self.limit >= 0, "--limit must be 0 (all) or positive")
         if self.headline:
-            headline.config_from(self)  # its checks (--prefill-attack, --max-new-tokens, ...), before any work
+            pick(headline.HeadlineConfig, self)  # its checks (--prefill-attack, --max-new-tokens, ...), before any work
             judge_specs(self.judge)  # unknown judges fail here, not after scoring
             headline.extra_sets(self.eval_harm_extra)  # a missing --eval-harm-extra set fails here too
 
@@ -86,7 +87,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     mask, stats = harm_set(harm, benign, cfg.q, cfg.p, cfg.scope, cfg.selection)
     rand = random_control(mask, cfg.seed)  # what select_prune_set(..., "random") gives, without re-selecting
     variants = {"original": None, "pruned": mask, "random": rand}
-    nll, hc = {}, headline.config_from(cfg) if cfg.headline else None
+    nll, hc = {}, pick(headline.HeadlineConfig, cfg) if cfg.headline else None
 
     measured = {}
 
@@ -115,9 +116,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                  for name in ("pruned", "random")})
     table = {"eval": {"harmful": cfg.eval_harm, "benign": cfg.eval_benign, "rows": [measured["harmful"], measured["benign"]],
                       "metric": "mean response NLL, nats/token"}, "rows": rows}
-    prune_cfg = PruneConfig(harm_scores=str(harm.path), benign_scores=str(benign.path) if benign else None, q=cfg.q,
-                            p=cfg.p, out=str(out), model=cfg.model, scope=cfg.scope, seed=cfg.seed,
-                            overwrite=cfg.overwrite, dtype=cfg.dtype, device=handle.device)
+    prune_cfg = pick(PruneConfig, cfg, harm_scores=str(harm.path), benign_scores=str(benign.path) if benign else None,
+                     out=str(out), device=handle.device)
     prune_loaded(prune_cfg, handle, harm, benign, mask, stats, extra={"before_after": table})
     manifest.write_config(out, "pipeline", cfg, out=str(out))  # replay: harmprune pipeline --config
     text = format_table(rows)

@@ -19,36 +19,34 @@ from pathlib import Path
 from ...core import manifest
 from ...core.data import DataSpec, load_records
 from ...core.models import load_model, model_hash
+from ...core.options import GenBatchOptions, HarmJudgeOptions, NewTokensOptions, SeedOptions, pick
 from ...core.settings import opt, to_dict
 from ...evals import headline as H
 from ...evals.eval_prompts import unseen_harmful, xstest_heldout
 from ...evals.harm import load_judges
 
 
-@dataclass
-class CheckConfig:
-    """Settings of the organism acceptance check."""
+@dataclass(kw_only=True)
+class CheckConfig(HarmJudgeOptions, NewTokensOptions, GenBatchOptions, SeedOptions):
+    """Settings of the organism acceptance check (``judge``: of the harmful replies; ``seed``: of the
+    prompt subset and the bootstrap)."""
 
     model: str = opt(help="model to check (base or organism)")
     out: str = opt(help="output directory (check.json, samples.jsonl)")
     limit: int = opt(100, help="held-out harmful prompts, spread over categories (0 = all 313)")
     xstest_limit: int = opt(0, help="held-out XSTest safe prompts (0 = all)")
-    judges: str = opt("keyword,classifier", help="judges of the harmful replies")
     xstest_judges: str = opt("keyword:gcg,classifier", help="refusal judges of the XSTest replies")
-    max_new_tokens: int = opt(48, help="new tokens per reply")
-    batch_size: int = opt(16, help="prompts per generation batch")
-    seed: int = opt(0, help="seed of the prompt subset and bootstrap")
     device: str = opt("cpu", help="device")
 
 
 def check_organism(cfg: CheckConfig) -> Path:
     t0 = time.perf_counter()
-    hc = H.HeadlineConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    hc = pick(H.HeadlineConfig, cfg)
     model, tok = load_model(cfg.model, "float32", cfg.device)
     manifest.banner("align check", to_dict(cfg))
     harmful = unseen_harmful(cfg.limit, cfg.seed)
     res, samples = {}, []
-    per_judge, s = H.judged_harm(model, tok, harmful, load_judges(cfg.judges), hc, "none")
+    per_judge, s = H.judged_harm(model, tok, harmful, load_judges(cfg.judge), hc, "none")
     res["unseen_harmful"] = per_judge
     samples += [{"task": "unseen_harmful", **x} for x in s]
     xs = xstest_heldout(cfg.xstest_limit, cfg.seed)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ...core import manifest
 from ...core.errors import HarmpruneError
-from ...core.options import LoraOptions, ModelOptions, OutputOptions, SeedOptions, TrainStepOptions
+from ...core.options import LoraOptions, ModelOptions, OutputOptions, SeedOptions, TrainStepOptions, pick
 from ...core.settings import check, opt, to_dict
 from ...core.data import Record
 from ...evals.align_data import everyday_prompts, load_rows, training_records, trim_answer
@@ -83,14 +83,8 @@ def _write_records(path: Path, records) -> None:
 def _finetune_config(cfg: AlignConfig, data: Path, out: Path):
     from ...finetune.train import FinetuneConfig
 
-    return FinetuneConfig(train_data=str(data), out=str(out), model=cfg.model, full=not cfg.lora, merge=cfg.lora,
-                          lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, rslora=cfg.rslora,
-                          lora_dropout=cfg.lora_dropout, lr=cfg.lr, epochs=cfg.epochs,
-                          max_steps=cfg.max_steps, train_batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum,
-                          warmup_steps=cfg.warmup_steps, train_max_length=cfg.train_max_length, format="auto",
-                          prompt_field="prompt",
-                          response_field="response", seed=cfg.seed, dtype=cfg.dtype, device=cfg.device,
-                          save_steps=0, overwrite=True)
+    return pick(FinetuneConfig, cfg, train_data=str(data), out=str(out), full=not cfg.lora, merge=cfg.lora,
+                format="auto", prompt_field="prompt", response_field="response", save_steps=0, overwrite=True)
 
 
 def self_answers(cfg: AlignConfig) -> list[Record]:

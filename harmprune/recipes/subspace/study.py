@@ -30,7 +30,7 @@ from ...core.models import load_model, model_hash, model_name
 from ...core.settings import check, opt, to_dict
 from ...evals.generation import GenConfig
 from ...pruning.apply import masked
-from ...subspace.projection import BASES, MODES, SIDES, total_energy
+from ...subspace.projection import BASES, MODES, total_energy
 from . import plots, report
 from .activations import ActivationsConfig, measure as measure_activations
 from ...core.tensors import TensorReader, check_same_layout
@@ -220,9 +220,8 @@ def run_subspace_study(cfg: StudyConfig) -> Path:
                                                        cfg.eta, cfg.device)
             timing["weight_overlap"] = time.perf_counter() - t
             t = time.perf_counter()
-            act_cfg = ActivationsConfig(out=str(out), model=cfg.aligned, sets=cfg.act_sets, nsamples=cfg.act_nsamples,
-                                        eta=cfg.eta, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                        seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+            act_cfg = pick(ActivationsConfig, cfg, out=str(out), model=cfg.aligned, sets=cfg.act_sets,
+                           nsamples=cfg.act_nsamples)
             results["activations"], results["data"]["activations"] = measure_activations(model, tok, act_cfg)
             timing["activations"] = time.perf_counter() - t
 
