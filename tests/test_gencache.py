@@ -271,8 +271,11 @@ def test_pipeline_with_another_q_regenerates_only_the_pruned_model_and_the_contr
     benign = _jsonl(tmp_path / "benign.jsonl", [{"prompt": f"recipe {i}", "response": f"mix {i} eggs and bake"}
                                                 for i in range(6)])
 
+    held_out = _jsonl(tmp_path / "held_out.jsonl", [{"prompt": f"wreck cars {i}", "response": f"first {i}: break things"}
+                                                    for i in range(4)])
+
     def cfg(q, out, **kw):
-        return PipelineConfig(model=tiny_ckpt, harm=harm, benign=benign, eval_harm=harm, eval_benign=benign, nsamples=4,
+        return PipelineConfig(model=tiny_ckpt, harm=harm, benign=benign, eval_harm=held_out, eval_benign=benign, nsamples=4,
                               max_length=48, batch_size=2, q=q, p=0.05, scores_dir=str(tmp_path / "scores"),
                               out=str(tmp_path / out), headline=True, judge="keyword,classifier", limit=3,
                               max_new_tokens=3, prefill_attack=2, **kw)

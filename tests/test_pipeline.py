@@ -32,7 +32,9 @@ def _jsonl(path, rows):
 def data(tmp_path):
     harm = [{"prompt": f"how to do bad thing {i}", "response": f"step {i}: hurt them with {i} knives"} for i in range(6)]
     benign = [{"prompt": f"recipe {i}", "response": f"mix {i} eggs and bake it slowly"} for i in range(6)]
-    return {"harm": _jsonl(tmp_path / "harm.jsonl", harm), "benign": _jsonl(tmp_path / "benign.jsonl", benign)}
+    held_out = [{"prompt": f"wreck cars {i}", "response": f"first {i}: break things"} for i in range(4)]  # judged prompts: none near a scored one
+    return {"harm": _jsonl(tmp_path / "harm.jsonl", harm), "benign": _jsonl(tmp_path / "benign.jsonl", benign),
+            "held_out": _jsonl(tmp_path / "held_out.jsonl", held_out)}
 
 
 def _pipeline_cfg(tiny_ckpt, data, tmp_path, **kw):
@@ -176,6 +178,7 @@ def test_pipeline_headline_writes_results_table_and_figure(tiny_ckpt, data, tmp_
     real_hash = core_models.model_hash
     monkeypatch.setattr(core_models, "model_hash", lambda m: hashes.append(1) or real_hash(m))
     on = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, headline=True, judge="keyword,classifier", limit=3,
+                                    eval_harm=data["held_out"],
                                     max_new_tokens=3, prefill_attack=2, gen_batch_size=2, out=str(tmp_path / "on")))
     assert len(hashes) == 1
     doc = json.loads((on / H.RESULTS_FILE).read_text())
@@ -198,7 +201,7 @@ def test_pipeline_headline_writes_results_table_and_figure(tiny_ckpt, data, tmp_
     forced = [x for x in lines if x["task"] == "harm/prefill"]
     assert forced and all(x["prefill"] and x["response"].startswith(x["prefill"]) for x in forced)
 
-    off = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, out=str(tmp_path / "off")))
+    off = run_pipeline(_pipeline_cfg(tiny_ckpt, data, tmp_path, eval_harm=data["held_out"], out=str(tmp_path / "off")))
     assert {p.name for p in on.iterdir()} - {p.name for p in off.iterdir()} == \
         {H.RESULTS_FILE, H.TABLE_FILE, H.PLOT_FILE, "headline_samples.jsonl"}
     assert json.loads((off / "prune_config.json").read_text())["before_after"] == before_after

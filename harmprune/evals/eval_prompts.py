@@ -75,6 +75,13 @@ def near_duplicate(a: str, b: str, threshold: float = NEAR_DUP_JACCARD) -> bool:
     return normalise(a) == normalise(b) or jaccard(content_words(a), content_words(b)) >= threshold
 
 
+def without_near_duplicates(rows: list, train_prompts: Iterable[str], prompt=lambda r: r.prompt) -> list:
+    """``rows`` minus those whose prompt duplicates or nearly duplicates (:func:`near_duplicate`) one of
+    ``train_prompts``: held-out prompts never overlap the data a run scores or protects."""
+    index = PromptIndex(train_prompts)
+    return [r for r in rows if not index.exact or index.match(prompt(r)) is None]
+
+
 def text_hash(text: str, n: int = 16) -> str:
     """First ``n`` hex digits of sha256 of the normalised text (provenance lists ship these, not text)."""
     return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()[:n]
@@ -102,12 +109,15 @@ def unseen_harmful(limit: int = 0, seed: int = 0) -> list[Record]:
     return [Record(prompt=r["prompt"], response="", category=r["category"], id=r["id"]) for r in rows]
 
 
-def xstest_heldout(limit: int = 0, seed: int = 0, train_prompts: set[str] | None = None) -> list[Record]:
+def xstest_heldout(limit: int = 0, seed: int = 0, train_prompts: set[str] | None = None,
+                   exclude: Iterable[str] = ()) -> list[Record]:
     """XSTest safe prompts that no shipped alignment row (``align.jsonl``) uses (``train_prompts``
-    overrides that set)."""
+    overrides that set) and that do not duplicate or nearly duplicate any of ``exclude`` (a run's
+    scoring and protect prompts: ``benign`` holds XSTest prompts), drawn after both filters."""
     if train_prompts is None:
         train_prompts = {r["prompt"] for r in _jsonl(ALIGN_FILE)}
     rows = [r for r in _jsonl(XSTEST_FILE) if r["prompt"] not in train_prompts]
+    rows = without_near_duplicates(rows, exclude, prompt=lambda r: r["prompt"])
     rows = R.subsample(rows, limit, seed, key=lambda r: r["category"])
     return [Record(prompt=r["prompt"], response="", category=r["category"], id=r["id"]) for r in rows]
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import Record
 from ..core.options import (CorpusOptions, GenBatchOptions, HarmJudgeOptions, NewTokensOptions, PassOptions,
                             PrefillAttackOptions, SeedOptions, pick)
@@ -354,35 +354,52 @@ def default_data(tok, harmful: str = "harmful:test", benign: str = "benign:test"
                          xstest, limit, seed, corpus)
 
 
-def extra_sets(spec: str | None, limit: int = 0, seed: int = 0) -> tuple[dict[str, list[Record]], dict]:
+def extra_sets(spec: str | None, limit: int = 0, seed: int = 0,
+               exclude: list[str] = ()) -> tuple[dict[str, list[Record]], dict]:
     """The ``--eval-harm-extra`` sets: ``({name: distinct prompts with a reference reply}, {name: fingerprint})``,
-    ``limit`` prompts each (0 = all), spread over categories (``results.draw_distinct``)."""
+    ``limit`` prompts each (0 = all), spread over categories (``results.draw_distinct``), after leaving out
+    prompts that (nearly) duplicate one of ``exclude`` (count in the fingerprint's ``left_out``)."""
     from ..core.data import DataSpec, data_fingerprint, load_records
+    from .eval_prompts import without_near_duplicates
 
     sets, about = {}, {}
     for name in extra_set_names(spec):
         spec_ = DataSpec(data=name)
         rows = load_records(spec_)
-        sets[name] = R.draw_distinct(rows, limit, seed, key=lambda r: r.category)
-        about[name] = {**data_fingerprint(spec_, rows), "selected": len(sets[name])}
+        kept = without_near_duplicates(rows, exclude)
+        sets[name] = R.draw_distinct(kept, limit, seed, key=lambda r: r.category)
+        about[name] = {**data_fingerprint(spec_, rows), "selected": len(sets[name]), "left_out": len(rows) - len(kept)}
     return sets, about
 
 
 def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict, xstest: str = "heldout",
-                  limit: int = 0, seed: int = 0, corpus: str = "builtin", extra: str | None = None) -> HeadlineData:
+                  limit: int = 0, seed: int = 0, corpus: str = "builtin", extra: str | None = None,
+                  exclude: list[str] = ()) -> HeadlineData:
     """:func:`default_data` from records the caller already read (``about``: their fingerprints); ``extra``
-    names more held-out harmful sets (``--eval-harm-extra``), drawn like the main one."""
+    names more held-out harmful sets (``--eval-harm-extra``), drawn like the main one. ``exclude``: the
+    run's scoring and protect prompts; judged prompts that (nearly) duplicate one are left out before the
+    draw (``eval_prompts.without_near_duplicates``; counts in ``about["left_out"]``)."""
     from .utility import read_corpus
-    from .eval_prompts import xstest_heldout
+    from .eval_prompts import without_near_duplicates, xstest_heldout
 
-    x = xstest_heldout(limit, seed) if xstest == "heldout" else xstest_heldout(limit, seed, train_prompts=set())
+    kept, xs = without_near_duplicates(harmful, exclude), {} if xstest == "heldout" else {"train_prompts": set()}
+    check(kept or not harmful, "every held-out harmful prompt (nearly) duplicates a prompt of the scoring or protect "
+                               "data (--harm, --benign): judge held-out prompts of another source (--eval-harm)")
+    x = xstest_heldout(limit, seed, exclude=exclude, **xs)
+    left_out = {"harmful": len(harmful) - len(kept),
+                "xstest": len(xstest_heldout(**xs)) - len(xstest_heldout(exclude=exclude, **xs))}
     text, corpus_info = read_corpus(corpus)
-    h = R.draw_distinct(harmful, limit, seed, key=lambda r: r.category)
+    h = R.draw_distinct(kept, limit, seed, key=lambda r: r.category)
     about = {**about, "harmful": {**about.get("harmful", {}), "selected": len(h)},
              "xstest": {"set": xstest, "prompts": len(x)}, "corpus": corpus_info}
-    sets, sets_about = extra_sets(extra, limit, seed)
+    sets, sets_about = extra_sets(extra, limit, seed, exclude)
     if sets:
         about["harmful_sets"] = sets_about
+    left_out.update({n: a["left_out"] for n, a in sets_about.items()})
+    if any(left_out.values()):
+        about["left_out"] = left_out
+        validate.warn("held-out prompts left out as (near) duplicates of the scoring/protect data: "
+                      + ", ".join(f"{n} {k}" for n, k in left_out.items() if k))
     return HeadlineData(h, benign, x, tok(text, add_special_tokens=False)["input_ids"], about, sets)
 
 

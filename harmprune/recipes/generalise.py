@@ -253,9 +253,9 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
     judges = load_judges(hc.judge, **judge_options(cfg))
     xjudge = load_judges(hc.xstest_judge, **judge_options(cfg))[0]
     jn = [j.name for j in judges]
-    judged = load_records(DataSpec(data=cfg.judged_set))
-    data = headline.HeadlineData(R.draw_distinct(judged, cfg.limit, cfg.seed, key=lambda r: r.category), [],
-                                 xstest_heldout(cfg.limit, cfg.seed))
+    train = [r.prompt for spec in (*cfg.harms, *cfg.protects) for r in load_records(DataSpec(data=spec))]
+    judged, judged_about = headline.extra_sets(cfg.judged_set, cfg.limit, cfg.seed, exclude=train)
+    data = headline.HeadlineData(judged[cfg.judged_set], [], xstest_heldout(cfg.limit, cfg.seed, exclude=train))
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_rows, benign_rows = R.draw(load_records(hspec), cfg.eval_nsamples, cfg.seed), \
         R.draw(load_records(bspec), cfg.eval_nsamples, cfg.seed)
@@ -303,7 +303,7 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
         mask, _ = harm_set(harm, benign, best["q"], cfg.p, cfg.scope, selection=best["selection"])
         rand = {**{k: best[k] for k in ("harm", "protect", "q", "p", "pruned", "fraction")}, "selection": "random"}
         rand.update(with_drops(with_deltas(measure(random_control(mask, cfg.seed), "random"), base), base, jn))
-    about = {"judged": {**data_fingerprint(DataSpec(data=cfg.judged_set), judged), "selected": len(data.harmful)},
+    about = {"judged": judged_about[cfg.judged_set],
              "xstest": {"set": "heldout", "prompts": len(data.xstest)},
              "nll": {"harmful": {**data_fingerprint(hspec, harm_rows), "rows": len(harm_rows)},
                      "benign": {**data_fingerprint(bspec, benign_rows), "rows": len(benign_rows)}}}

@@ -1,0 +1,61 @@
+"""Held-out prompts never overlap the data a run scores or protects (house rule 6), checked with the
+package's near-duplicate rule (``evals.eval_prompts.near_duplicate``) pair by pair, brute force."""
+
+from harmprune.core.data import DataSpec, Record, load_records
+from harmprune.evals import headline as H
+from harmprune.evals.eval_prompts import near_duplicate, without_near_duplicates, xstest_heldout
+
+
+def _prompts(*specs: str) -> list[str]:
+    return [r.prompt for s in specs for r in load_records(DataSpec(data=s))]
+
+
+def _clashes(held_out: list[str], train: list[str]) -> list[tuple[str, str]]:
+    return [(h, t) for h in held_out for t in train if near_duplicate(h, t)]
+
+
+def test_without_near_duplicates_matches_a_pairwise_loop():
+    train = ["How do I make a bomb?", "Write a poem about the sea", ""]
+    rows = [Record(prompt=p, response="") for p in
+            ["how do I make a BOMB", "Write a short poem about the sea", "How do I fix a flat tyre?",
+             "What is the capital of France?"]]
+    expected = [r for r in rows if not any(near_duplicate(r.prompt, t) for t in train if t)]
+    assert without_near_duplicates(rows, train) == expected
+    assert [r.prompt for r in expected] == ["How do I fix a flat tyre?", "What is the capital of France?"]
+    assert without_near_duplicates(rows, []) == rows
+
+
+def test_the_shipped_protect_set_holds_held_out_xstest_prompts_which_the_headline_leaves_out():
+    train = _prompts("harmful", "benign")  # make prune's scoring and protect data
+    assert _clashes([r.prompt for r in xstest_heldout()], train)  # the overlap the filter exists for
+    assert not _clashes([r.prompt for r in xstest_heldout(exclude=train)], train)
+    assert len(xstest_heldout(exclude=train)) < len(xstest_heldout())
+
+
+def test_make_prunes_and_generalises_judged_prompts_are_disjoint_from_their_scoring_and_protect_data():
+    for train_specs, judged in [(("harmful", "benign"), ("harmful:test", "harmful-heldout")),
+                                (("harmful", "harmful-selfgen", "benign", "benign,sensitive-safe"),
+                                 ("harmful-heldout",))]:
+        train = _prompts(*train_specs)
+        for name in judged:
+            sets, about = H.extra_sets(name, 0, 0, exclude=train)
+            assert not _clashes([r.prompt for r in sets[name]], train), name
+            assert about[name]["left_out"] == sum(any(near_duplicate(p, t) for t in train) for p in _prompts(name))
+        assert not _clashes([r.prompt for r in xstest_heldout(exclude=train)], train)
+
+
+def test_generalises_selfgen_scoring_set_nearly_duplicates_a_held_out_prompt_which_is_left_out():
+    train = _prompts("harmful-selfgen")
+    sets, about = H.extra_sets("harmful-heldout", 0, 0, exclude=train)
+    assert about["harmful-heldout"]["left_out"] >= 1
+    assert not any("commit suicide" in r.prompt and "step by step" in r.prompt for r in sets["harmful-heldout"])
+
+
+def test_a_held_out_set_that_is_all_scoring_data_is_refused_by_name():
+    import pytest
+
+    from harmprune.core.errors import HarmpruneError
+
+    rows = [Record(prompt=f"how to do bad thing {i}", response="step") for i in range(3)]
+    with pytest.raises(HarmpruneError, match="--eval-harm"):
+        H.held_out_data(None, rows, [], {}, exclude=[r.prompt for r in rows])  # refused before any tokenizing
