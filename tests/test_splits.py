@@ -59,3 +59,20 @@ def test_a_held_out_set_that_is_all_scoring_data_is_refused_by_name():
     rows = [Record(prompt=f"how to do bad thing {i}", response="step") for i in range(3)]
     with pytest.raises(HarmpruneError, match="--eval-harm"):
         H.held_out_data(None, rows, [], {}, exclude=[r.prompt for r in rows])  # refused before any tokenizing
+
+
+def test_eval_utilitys_default_over_refusal_prompts_are_outside_training_and_protect_data():
+    import json
+    from importlib import resources
+
+    from harmprune.evals.generation import GenConfig
+    from harmprune.evals.utility import UtilityConfig, UtilityTask
+
+    align = [json.loads(x)["prompt"] for x in resources.files("harmprune.data").joinpath("builtin", "align.jsonl")
+             .read_text().splitlines() if x.strip()]
+    task, gen = UtilityTask(), GenConfig(max_new_tokens=4)
+    held = task.prepare(UtilityConfig(out="unused", parts=["over_refusal"]), gen).state["safe"]
+    assert held and not _clashes([r.prompt for r in held], _prompts("benign"))
+    assert not {r.prompt for r in held} & set(align)
+    every = task.prepare(UtilityConfig(out="unused", parts=["over_refusal"], refusal_prompts="xstest-all"), gen)
+    assert len(every.state["safe"]) == 250 and _clashes([r.prompt for r in every.state["safe"]], _prompts("benign"))

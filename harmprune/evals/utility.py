@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import data as builtin_data
 from ..core import manifest
-from ..core.data import DataSpec
+from ..core.data import DataSpec, load_records
 from ..core.errors import DataError, HarmpruneError
 from ..core.formatting import IGNORE, token_nll
 from ..core.options import (CorpusOptions, EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions,
@@ -46,6 +46,7 @@ from . import results as R
 from .generation import GenConfig
 from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
                    load_judges, load_prompts)
+from .eval_prompts import xstest_heldout
 from .nll import response_nll
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
@@ -221,7 +222,10 @@ class UtilityConfig(EvalBase, LimitOptions, JudgeOptions, PassOptions, EvalBenig
     parts: list[str] = opt(list(PARTS), help="parts to run: benign_nll corpus_nll over_refusal lm_eval")
     corpus: str = opt("builtin", help="plain-text UTF-8 corpus file for perplexity (builtin = shipped corpus.txt)", role="input")
     block_size: int = opt(256, help="tokens per corpus block", range=">= 2")
-    refusal_prompts: str = opt("xstest", help="safe prompts for over-refusal: xstest (shipped) or a data file", role="input")
+    refusal_prompts: str = opt("xstest", help="safe prompts for over-refusal: xstest = the shipped XSTest safe prompts "
+                                              "that no shipped training or protect row uses (the headline's set: the "
+                                              "organism trained on, and `benign` holds, most of the others), xstest-all "
+                                              "= all 250, or a data file", role="input")
     refusal_judge: str = opt("keyword:gcg", help="refusal judge(s), comma-separated (e.g. keyword:gcg,classifier)")
     lm_eval_tasks: list[str] = opt([], help="lm-eval zero-shot tasks (needs lm_eval: pip install 'harmprune[lmeval]')")
     lm_eval_limit: int = opt(0, help="lm-eval examples per task (0 = all)", range=">= 0")
@@ -254,8 +258,13 @@ class UtilityTask:
             state["text"], data["corpus"] = read_corpus(cfg.corpus)
         if "over_refusal" in parts:
             xstest = str(builtin_data.path("xstest_safe.jsonl"))
-            spec = DataSpec(data=xstest if cfg.refusal_prompts == "xstest" else cfg.refusal_prompts)
+            spec = DataSpec(data=xstest if cfg.refusal_prompts.startswith("xstest") else cfg.refusal_prompts)
             state["safe"], data["refusal_prompts"] = load_prompts(spec, cfg.limit, gen.seed, False)
+            if cfg.refusal_prompts == "xstest":  # held out of align.jsonl and of the benign protect set
+                rows = xstest_heldout(exclude=[r.prompt for r in load_records(DataSpec(data="benign"))])
+                state["safe"] = R.draw_distinct(rows, cfg.limit, gen.seed, key=lambda r: r.category)
+                data["refusal_prompts"].update(selected=len(state["safe"]), distinct_prompts=len(state["safe"]),
+                                               held_out=len(rows))
             data["refusal_prompts"]["name"] = cfg.refusal_prompts
             # NLL needs the HF model anyway; only the over-refusal replies use the backend
             gen = dataclasses.replace(gen, backend=eval_backend(gen.backend, cfg))
