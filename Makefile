@@ -221,8 +221,8 @@ SUBSPACE_ARGS ?=
 subspaces: install
 	$(HP) subspace study --base $(BASE) --aligned $(ALIGNED) \
 	  --out results/subspaces-$(notdir $(patsubst %/,%,$(ALIGNED))) --seed $(SEED) $(if $(FULL_GRID),--full-grid) \
-	  --limit 8 --judge classifier,keyword --max-new-tokens 32 --nsamples 32 --batch-size 8 --max-length 192 \
-	  --overwrite $(SUBSPACE_ARGS)
+	  --limit 8 --judge classifier,keyword --max-new-tokens 32 --nsamples 32 --batch-size 8 --gen-batch-size 8 \
+	  --max-length 192 --overwrite $(SUBSPACE_ARGS)
 
 # B-TAP's other two attacks (issue 15) on a `make prune` output (PRUNED, required; MODEL = the model it was pruned
 # from) and its random control, each measured with the headline table into results/attack-<attack>-<model>/.

@@ -40,7 +40,8 @@ from .location import btap_set, locate, set_overlap, stats_of
 from ...core import validate
 from ...core.models import resolve_device
 from ...core.options import (PAPER_ETAS, PAPER_RHOS, CacheOptions, EvalBenignOptions, EvalHarmOptions,  # noqa: F401
-                             HarmJudgeOptions, LimitOptions, NewTokensOptions, NSamplesOptions, OutputOptions,
+                             GenBatchOptions, HarmJudgeOptions, LimitOptions, NewTokensOptions, NSamplesOptions,
+                             OutputOptions,
                              PairOptions, PassOptions, RuntimeOptions, ScoringOptions, SeedOptions, SelectionOptions,
                              SubspaceOptions, TargetOptions, check_selection, pick)
 from .overlap import weight_overlap
@@ -51,12 +52,12 @@ FINETUNES = ("useful", "harmful", "contaminated")
 
 @dataclass(kw_only=True)
 class StudyConfig(PairOptions, SubspaceOptions, TargetOptions, EvalHarmOptions, EvalBenignOptions, LimitOptions,
-                  HarmJudgeOptions, NewTokensOptions, SelectionOptions, NSamplesOptions, PassOptions, RuntimeOptions,
-                  SeedOptions, OutputOptions, CacheOptions):
+                  HarmJudgeOptions, NewTokensOptions, GenBatchOptions, SelectionOptions, NSamplesOptions, PassOptions,
+                  RuntimeOptions, SeedOptions, OutputOptions, CacheOptions):
     """Settings of ``harmprune subspace study`` (``make subspaces``); ``--full-grid`` = the paper's grid.
 
     ``make subspaces`` passes the CPU-sized settings (``--limit 8 --judge classifier,keyword
-    --max-new-tokens 32 --nsamples 32 --batch-size 8 --max-length 192``): ``--limit`` harmful prompts are
+    --max-new-tokens 32 --nsamples 32 --batch-size 8 --gen-batch-size 8 --max-length 192``): ``--limit`` harmful prompts are
     judged per model state, ``--nsamples`` records are scored per set for the B-TAP set (``--q``/``--p``),
     ``--max-length`` bounds fine-tuning, scoring, NLL and prompts. Sizing: with 4x its NLL rows, 256
     tokens and 12 + 12 prompts, one evaluation of the 135M model took 97 s (1 thread on the shared 2-core
@@ -101,13 +102,13 @@ class StudyConfig(PairOptions, SubspaceOptions, TargetOptions, EvalHarmOptions, 
             bad = [v for v in values if v not in allowed]
             check(not bad, f"unknown {name} {', '.join(bad)}; choose from {', '.join(allowed)}")
         check(self.ft_limit >= 1 and self.ft_steps >= 1, "--ft-limit and --ft-steps must be >= 1")
-        check(0 < self.q <= 1 and 0 <= self.p <= 1, "--q in (0, 1], --p in [0, 1]")
+        check_selection(self)
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("results") / f"subspaces-{model_name(self.aligned)}"
 
     def gen(self) -> GenConfig:
-        return GenConfig(max_new_tokens=self.max_new_tokens, gen_batch_size=self.batch_size, seed=self.seed)
+        return pick(GenConfig, self)
 
 
 # ---------------------------------------------------------------- fine-tunes (cached)
