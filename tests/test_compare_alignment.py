@@ -63,14 +63,16 @@ def test_compare_alignment_end_to_end(tmp_path, tok, monkeypatch):
     randomize_matrices(aligned, torch.Generator().manual_seed(1))
     paths = {"base": save_tiny(tmp_path / "base", tiny_llama(tok), tok),
              "aligned": save_tiny(tmp_path / "aligned", aligned, tok)}
-    common = dict(harm=harm, benign=benign, eval_harm=harm, eval_benign=benign, nsamples=4, max_length=48,
+    held = _jsonl(tmp_path / "held.jsonl", [{"prompt": f"wreck cars {i}", "response": f"first {i}: break things",
+                                             "category": "ab"[i % 2]} for i in range(4)])  # none near a scored one
+    common = dict(harm=harm, benign=benign, eval_harm=held, eval_benign=benign, nsamples=4, max_length=48,
                   batch_size=2, p=0.05, scores_dir=str(tmp_path / "scores"))
     score_mod = sys.modules["harmprune.attribution.score"]
     calls, real = [], score_mod.score
     monkeypatch.setattr(score_mod, "score", lambda cfg, *a, **kw: calls.append(cfg.out) or real(cfg, *a, **kw))
     cfg = C.CompareAlignmentConfig(base=paths["base"], aligned=paths["aligned"], qs=[0.01, 0.05], q=0.02,
                                    judge="keyword,classifier", limit=4, max_new_tokens=3, prefill_attack=2,
-                                   gen_batch_size=2, out=str(tmp_path / "cmp"), eval_harm_extra=harm, **common)
+                                   gen_batch_size=2, out=str(tmp_path / "cmp"), eval_harm_extra=held, **common)
     out = C.run_compare_alignment(cfg)
     assert len(calls) == 4  # harm + benign scores, once per model
 
@@ -78,11 +80,14 @@ def test_compare_alignment_end_to_end(tmp_path, tok, monkeypatch):
     assert (out / "table.md").read_text() == C.render(doc)
     assert (out / C.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(doc["models"]) == ["base", "aligned"] and doc["data"]["prompts"] == 4
-    assert doc["data"]["harmful_sets"][harm]["selected"] == 4  # --eval-harm-extra: judged like the main set
+    assert doc["data"]["harmful_sets"][held]["selected"] == 4  # --eval-harm-extra: judged like the main set
     for m in doc["models"].values():
-        assert m["original"]["harm_sets"][harm]["none"]["keyword"]["samples"] == 4
-        assert all(p["harm_sets"][harm]["prefill"]["classifier"]["samples"] == 4 for p in m["points"])
+        assert m["original"]["harm_sets"][held]["none"]["keyword"]["samples"] == 4
+        assert all(p["harm_sets"][held]["prefill"]["classifier"]["samples"] == 4 for p in m["points"])
+        assert all(p["xstest"]["samples"] == 4 and 0 <= p["xstest"]["compliance"] <= 1
+                   for p in [m["original"], *m["points"]])  # XSTest at every point
     assert "(c) second held-out harmful set" in (out / "table.md").read_text()
+    assert "(d) XSTest safe compliance" in (out / "table.md").read_text()
     for role, m in doc["models"].items():
         assert [p["q"] for p in m["points"]] == [0.01, 0.02, 0.05]  # --q joins the grid
         assert m["original"]["harm"]["none"]["keyword"]["samples"] == 4

@@ -10,6 +10,9 @@ at each q of ``--qs`` (and ``--q``), applied in place and restored. Each point m
   harmful reference reply forced) on ``--limit`` held-out harmful prompts, per ``--judge``:
   harmfulness (higher = more harmful) and refusal rate with 95 % bootstrap intervals
   (``headline.judged_harm``); the originals also without the attack.
+- XSTest safe compliance (``keyword:gcg``, higher = answers more safe questions) on ``--limit`` held-out
+  XSTest prompts: the cost in answers that a drop in harm may come with; reported as (d).
+Judged prompts that (nearly) duplicate the scoring or protect data are left out (``eval_prompts``).
 Reported: (a) harm-specificity at each q on both models (the same q gives both the same Top_q size
 per matrix, as they share the architecture; the pruned counts differ only by the benign protection,
 and are shown); (b) the compression curve and, per model and judge, the smallest pruned fraction
@@ -43,6 +46,7 @@ from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatc
 from ..core.settings import check, to_dict
 from ..evals import results as R
 from ..evals import headline
+from ..evals.eval_prompts import without_near_duplicates, xstest_heldout
 from ..evals.harm import judge_options, judge_specs, load_judges
 from ..evals.nll import nll_row, specificity, with_deltas
 from ..evals.results import draw
@@ -92,18 +96,24 @@ def halving_fraction(base_score: float | None, points: list[tuple[float, float |
 
 
 def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows, prompts, judges,
-                  sets: dict | None = None) -> dict:
+                  sets: dict | None = None, xstest: list | None = None) -> dict:
     """The original and each q of the grid on one model (loaded once, restored after each point).
     ``sets``: more held-out harmful sets ``{name: prompts}`` (``--eval-harm-extra``), judged like ``prompts``
-    (``harm_sets`` of the original and of each point)."""
+    (``harm_sets`` of the original and of each point). ``xstest``: safe prompts whose compliance is measured
+    on the original and at each point (``xstest``: what pruning costs in answers to safe prompts)."""
     sets = sets or {}
     hc = pick(headline.HeadlineConfig, cfg)
+    xjudge = load_judges(hc.xstest_judge)[0]
+
+    def safe() -> dict:
+        return {"xstest": headline.xstest_compliance(model, tok, xstest, xjudge, hc)[0]} if xstest else {}
+
     handle = load_model(spec, cfg.dtype, cfg.device)
     model, tok = handle
     harm, benign = score_pair(handle, cfg, need_benign=needs_benign(cfg))
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     original = {**base, "harm": {a: headline.judged_harm(model, tok, prompts, judges, hc, a)[0]
-                                 for a in headline.ATTACKS}}
+                                 for a in headline.ATTACKS}, **safe()}
     if sets:
         original["harm_sets"] = {n: {a: headline.judged_harm(model, tok, r, judges, hc, a)[0] for a in headline.ATTACKS}
                                  for n, r in sets.items()}
@@ -114,6 +124,7 @@ def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows
             row = with_deltas(nll_row(model, tok, harm_rows, benign_rows, cfg), base)
             harm_q, _ = headline.judged_harm(model, tok, prompts, judges, hc, "prefill")
             more = {n: {"prefill": headline.judged_harm(model, tok, r, judges, hc, "prefill")[0]} for n, r in sets.items()}
+            row.update(safe())
         points.append({"q": q, "pruned": stats["total_pruned"], "fraction": stats["total_fraction"], **row,
                        "harm": {"prefill": harm_q}, **({"harm_sets": more} if more else {})})
     halving = {v: halving_fraction(original["harm"]["prefill"][v]["score"],
@@ -132,14 +143,17 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
     harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
-    prompts = R.draw_distinct(harm_all, cfg.limit, cfg.seed, key=lambda r: r.category)
+    train = [r.prompt for spec in (cfg.harm, cfg.benign) for r in load_records(DataSpec(data=spec))]
+    prompts = R.draw_distinct(without_near_duplicates(harm_all, train), cfg.limit, cfg.seed, key=lambda r: r.category)
+    check(prompts, "every --eval-harm prompt (nearly) duplicates a prompt of --harm/--benign: judge held-out prompts")
     judges = load_judges(cfg.judge, **judge_options(cfg))
-    sets, sets_about = headline.extra_sets(cfg.eval_harm_extra, cfg.limit, cfg.seed)
-    models = {role: measure_model(spec, cfg, harm_rows, benign_rows, prompts, judges, sets)
+    sets, sets_about = headline.extra_sets(cfg.eval_harm_extra, cfg.limit, cfg.seed, exclude=train)
+    xstest = xstest_heldout(cfg.limit, cfg.seed, exclude=train)  # outside align.jsonl and the protect data
+    models = {role: measure_model(spec, cfg, harm_rows, benign_rows, prompts, judges, sets, xstest)
               for role, spec in zip(ROLES, (cfg.base, cfg.aligned))}
     results = {"config": to_dict(cfg), "judges": [j.name for j in judges], "q": cfg.q, "prefill": cfg.prefill_attack,
                "data": {"harmful": data_fingerprint(hspec, harm_all), "benign": data_fingerprint(bspec, benign_all),
-                        "nll_rows": [len(harm_rows), len(benign_rows)], "prompts": len(prompts),
+                        "nll_rows": [len(harm_rows), len(benign_rows)], "prompts": len(prompts), "xstest": len(xstest),
                         **({"harmful_sets": sets_about} if sets else {})},
                "models": models, "versions": manifest.versions()}
     with manifest.atomic_dir(out, cfg.overwrite) as tmp:
@@ -238,7 +252,21 @@ def render(doc: dict) -> str:
         for q, hs in firsts:
             lines.append(f"| {q} | " + " | ".join(" | ".join(_harm(h.get(v, {})) for v in views) + f" | {_stop(h)}"
                                                   for h in hs) + " |")
+    if all("xstest" in m["original"] for m in ms.values()):
+        lines += ["", f"(d) XSTest safe compliance ({doc['data'].get('xstest')} held-out prompts, keyword:gcg; higher = "
+                  "answers more safe questions) against the pruned fraction; q = 0 is the original", "",
+                  "| q | " + " | ".join(f"{r} fraction | {r} XSTest" for r in ms) + " |", "|---" * (1 + 2 * len(ms)) + "|"]
+        rows = [("0 (original)", [(0.0, m["original"]) for m in ms.values()])]
+        rows += [(f"{p0['q']:g}", [(m["points"][i]["fraction"], m["points"][i]) for m in ms.values()])
+                 for i, p0 in enumerate(next(iter(ms.values()))["points"])]
+        lines += [f"| {q} | " + " | ".join(f"{f:.2e} | {_xs(p)}" for f, p in ps) + " |" for q, ps in rows]
     return "\n".join(lines) + "\n"
+
+
+def _xs(p: dict) -> str:
+    m = p.get("xstest") or {}
+    return "n/a" if m.get("compliance") is None else \
+        f"{m['compliance']:.2f} [{m['compliance_ci'][0]:.2f}, {m['compliance_ci'][1]:.2f}]"
 
 
 def plot(doc: dict, path: Path) -> None:
