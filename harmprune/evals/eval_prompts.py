@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Iterable
 
 from .. import data as builtin_data
-from ..core.data import Record
+from ..core.data import DataSpec, Record, load_records
 from . import results as R
 
 UNSEEN_FILE = "harmful_unseen.jsonl"
@@ -73,6 +73,11 @@ def jaccard(a: frozenset, b: frozenset) -> float:
 def near_duplicate(a: str, b: str, threshold: float = NEAR_DUP_JACCARD) -> bool:
     """Same normalised text, or content-word Jaccard >= ``threshold`` (:data:`NEAR_DUP_JACCARD`)."""
     return normalise(a) == normalise(b) or jaccard(content_words(a), content_words(b)) >= threshold
+
+
+def prompts_of(*specs: str) -> list[str]:
+    """Every prompt of the data ``specs`` (a run's scoring and protect data: what held-out prompts must avoid)."""
+    return [r.prompt for spec in specs for r in load_records(DataSpec(data=spec))]
 
 
 def without_near_duplicates(rows: list, train_prompts: Iterable[str], prompt=lambda r: r.prompt) -> list:

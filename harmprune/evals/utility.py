@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import data as builtin_data
 from ..core import manifest
-from ..core.data import DataSpec, load_records
+from ..core.data import DataSpec
 from ..core.errors import DataError, HarmpruneError
 from ..core.formatting import IGNORE, token_nll
 from ..core.options import (CorpusOptions, EvalBenignOptions, JudgeOptions, LimitOptions, PassOptions, PresetOptions,
@@ -46,7 +46,7 @@ from . import results as R
 from .generation import GenConfig
 from .harm import (EvalBase, aggregate, eval_backend, generate_samples, judge_options, judge_samples, judge_specs,
                    load_judges, load_prompts)
-from .eval_prompts import xstest_heldout
+from .eval_prompts import prompts_of, xstest_heldout
 from .nll import response_nll
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 
@@ -261,7 +261,7 @@ class UtilityTask:
             spec = DataSpec(data=xstest if cfg.refusal_prompts.startswith("xstest") else cfg.refusal_prompts)
             state["safe"], data["refusal_prompts"] = load_prompts(spec, cfg.limit, gen.seed, False)
             if cfg.refusal_prompts == "xstest":  # held out of align.jsonl and of the benign protect set
-                rows = xstest_heldout(exclude=[r.prompt for r in load_records(DataSpec(data="benign"))])
+                rows = xstest_heldout(exclude=prompts_of("benign"))
                 state["safe"] = R.draw_distinct(rows, cfg.limit, gen.seed, key=lambda r: r.category)
                 data["refusal_prompts"].update(selected=len(state["safe"]), distinct_prompts=len(state["safe"]),
                                                held_out=len(rows))

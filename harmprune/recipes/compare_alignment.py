@@ -46,7 +46,7 @@ from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatc
 from ..core.settings import check, to_dict
 from ..evals import results as R
 from ..evals import headline
-from ..evals.eval_prompts import without_near_duplicates, xstest_heldout
+from ..evals.eval_prompts import prompts_of, without_near_duplicates, xstest_heldout
 from ..evals.harm import judge_options, judge_specs, load_judges
 from ..evals.nll import nll_row, specificity, with_deltas
 from ..evals.results import draw
@@ -143,7 +143,7 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)
     harm_all, benign_all = load_records(hspec), load_records(bspec)
     harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
-    train = [r.prompt for spec in (cfg.harm, cfg.benign) for r in load_records(DataSpec(data=spec))]
+    train = prompts_of(cfg.harm, cfg.benign)
     prompts = R.draw_distinct(without_near_duplicates(harm_all, train), cfg.limit, cfg.seed, key=lambda r: r.category)
     check(prompts, "every --eval-harm prompt (nearly) duplicates a prompt of --harm/--benign: judge held-out prompts")
     judges = load_judges(cfg.judge, **judge_options(cfg))

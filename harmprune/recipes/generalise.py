@@ -44,7 +44,7 @@ from ..core.options import (SELECTIONS, BenignMethodOptions, CacheOptions, EvalB
                             check_scoring, check_selection_name, pick)
 from ..core.settings import check, opt, to_dict
 from ..evals import results as R
-from ..evals.eval_prompts import xstest_heldout
+from ..evals.eval_prompts import prompts_of, xstest_heldout
 from ..evals.gencache import GenCache, cache_dir, effective_hash
 from ..evals import headline
 from ..evals.harm import judge_options, judge_specs, load_judges
@@ -253,7 +253,7 @@ def run_generalise(cfg: GeneraliseConfig) -> Path:
     judges = load_judges(hc.judge, **judge_options(cfg))
     xjudge = load_judges(hc.xstest_judge, **judge_options(cfg))[0]
     jn = [j.name for j in judges]
-    train = [r.prompt for spec in (*cfg.harms, *cfg.protects) for r in load_records(DataSpec(data=spec))]
+    train = prompts_of(*cfg.harms, *cfg.protects)
     judged, judged_about = headline.extra_sets(cfg.judged_set, cfg.limit, cfg.seed, exclude=train)
     data = headline.HeadlineData(judged[cfg.judged_set], [], xstest_heldout(cfg.limit, cfg.seed, exclude=train))
     hspec, bspec = DataSpec(data=cfg.eval_harm), DataSpec(data=cfg.eval_benign)

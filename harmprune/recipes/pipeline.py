@@ -24,6 +24,7 @@ from ..core.options import (GenBatchOptions, GenCacheOptions, HarmJudgeOptions, 
 from ..core.settings import check, to_dict
 from ..evals import headline
 from ..evals.gencache import GenCache, cache_dir
+from ..evals.eval_prompts import prompts_of
 from ..evals.harm import judge_options, judge_specs
 from ..evals.nll import nll_pair, with_deltas
 from ..evals.results import draw
@@ -100,9 +101,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if hc:
         about = {"harmful": data_fingerprint(hspec, harm_all), "benign": {**data_fingerprint(bspec, benign_all),
                                                                           "selected": len(benign_rows)}}
-        train = [r.prompt for spec in (cfg.harm, cfg.benign) for r in load_records(DataSpec(data=spec))]
         data = headline.held_out_data(tok, harm_rows, [], about, limit=cfg.limit, seed=cfg.seed,
-                                      extra=cfg.eval_harm_extra, exclude=train)
+                                      extra=cfg.eval_harm_extra, exclude=prompts_of(cfg.harm, cfg.benign))
         gdir = cache_dir(cfg.gen_cache_dir, cfg.scores_dir)
         results, samples = headline.measure_masks(model, tok, variants, data, hc, extra=measure_nll,
                                                   judge_opts=judge_options(cfg),
