@@ -205,7 +205,6 @@ def read_responses(path: str) -> tuple[list[dict], dict]:
     provenance record; each row needs ``question_id``, ``question`` and a text ``answer``; other fields
     are kept as they are. ``eval em``'s own ``samples.jsonl`` (the asked text in ``paraphrase``) is read as
     it is, so a run can be re-judged."""
-    from ..core.errors import HarmpruneError
     from . import results as R
 
     rows, sha = R.read_rows(path, ("answer",), present=("question_id",))

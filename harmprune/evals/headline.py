@@ -372,6 +372,18 @@ def extra_sets(spec: str | None, limit: int = 0, seed: int = 0,
     return sets, about
 
 
+def held_out_prompts(rows: list[Record], exclude: list[str], limit: int, seed: int) -> tuple[list[Record], int]:
+    """Up to ``limit`` distinct held-out harmful prompts of ``rows``, spread over categories
+    (``results.draw_distinct``), after leaving out those that (nearly) duplicate one of ``exclude``; and how
+    many rows were left out. Refused when every row is left out."""
+    from .eval_prompts import without_near_duplicates
+
+    kept = without_near_duplicates(rows, exclude)
+    check(kept or not rows, "every held-out harmful prompt (nearly) duplicates a prompt of the scoring or protect "
+                            "data (--harm, --benign): judge held-out prompts of another source (--eval-harm)")
+    return R.draw_distinct(kept, limit, seed, key=lambda r: r.category), len(rows) - len(kept)
+
+
 def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict, xstest: str = "heldout",
                   limit: int = 0, seed: int = 0, corpus: str = "builtin", extra: str | None = None,
                   exclude: list[str] = ()) -> HeadlineData:
@@ -382,14 +394,12 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
     from .utility import read_corpus
     from .eval_prompts import without_near_duplicates, xstest_heldout
 
-    kept, xs = without_near_duplicates(harmful, exclude), {} if xstest == "heldout" else {"train_prompts": set()}
-    check(kept or not harmful, "every held-out harmful prompt (nearly) duplicates a prompt of the scoring or protect "
-                               "data (--harm, --benign): judge held-out prompts of another source (--eval-harm)")
-    x = xstest_heldout(limit, seed, exclude=exclude, **xs)
-    left_out = {"harmful": len(harmful) - len(kept),
-                "xstest": len(xstest_heldout(**xs)) - len(xstest_heldout(exclude=exclude, **xs))}
+    h, left_harmful = held_out_prompts(harmful, exclude, limit, seed)
+    pool = xstest_heldout(**({} if xstest == "heldout" else {"train_prompts": set()}))
+    kept_x = without_near_duplicates(pool, exclude)
+    x = R.subsample(kept_x, limit, seed, key=lambda r: r.category)  # the draw of xstest_heldout(limit, seed, exclude)
+    left_out = {"harmful": left_harmful, "xstest": len(pool) - len(kept_x)}
     text, corpus_info = read_corpus(corpus)
-    h = R.draw_distinct(kept, limit, seed, key=lambda r: r.category)
     about = {**about, "harmful": {**about.get("harmful", {}), "selected": len(h)},
              "xstest": {"set": xstest, "prompts": len(x)}, "corpus": corpus_info}
     sets, sets_about = extra_sets(extra, limit, seed, exclude)
@@ -404,5 +414,5 @@ def held_out_data(tok, harmful: list[Record], benign: list[Record], about: dict,
 
 
 __all__ = ["HeadlineConfig", "HeadlineData", "measure_masks", "measure_variant", "render_table", "write_headline",
-           "default_data", "held_out_data", "nll_summary", "judged_metrics", "interval", "extra_sets",
+           "default_data", "held_out_data", "held_out_prompts", "nll_summary", "judged_metrics", "interval", "extra_sets",
            "harm_task"]

@@ -46,7 +46,7 @@ from ..core.options import (BenignOptions, CacheOptions, EvalSetOptions, GenBatc
 from ..core.settings import check, to_dict
 from ..evals import results as R
 from ..evals import headline
-from ..evals.eval_prompts import prompts_of, without_near_duplicates, xstest_heldout
+from ..evals.eval_prompts import prompts_of, xstest_heldout
 from ..evals.harm import judge_options, judge_specs, load_judges
 from ..evals.nll import nll_row, specificity, with_deltas
 from ..evals.results import draw
@@ -104,12 +104,11 @@ def measure_model(spec: str, cfg: CompareAlignmentConfig, harm_rows, benign_rows
     sets = sets or {}
     hc = pick(headline.HeadlineConfig, cfg)
     xjudge = load_judges(hc.xstest_judge)[0]
-
-    def safe() -> dict:
-        return {"xstest": headline.xstest_compliance(model, tok, xstest, xjudge, hc)[0]} if xstest else {}
-
     handle = load_model(spec, cfg.dtype, cfg.device)
     model, tok = handle
+
+    def safe() -> dict:  # XSTest compliance of the model as it is now (original or masked)
+        return {"xstest": headline.xstest_compliance(model, tok, xstest, xjudge, hc)[0]} if xstest else {}
     harm, benign = score_pair(handle, cfg, need_benign=needs_benign(cfg))
     base = nll_row(model, tok, harm_rows, benign_rows, cfg)
     original = {**base, "harm": {a: headline.judged_harm(model, tok, prompts, judges, hc, a)[0]
@@ -144,8 +143,7 @@ def run_compare_alignment(cfg: CompareAlignmentConfig) -> Path:
     harm_all, benign_all = load_records(hspec), load_records(bspec)
     harm_rows, benign_rows = draw(harm_all, cfg.eval_nsamples, cfg.seed), draw(benign_all, cfg.eval_nsamples, cfg.seed)
     train = prompts_of(cfg.harm, cfg.benign)
-    prompts = R.draw_distinct(without_near_duplicates(harm_all, train), cfg.limit, cfg.seed, key=lambda r: r.category)
-    check(prompts, "every --eval-harm prompt (nearly) duplicates a prompt of --harm/--benign: judge held-out prompts")
+    prompts, _ = headline.held_out_prompts(harm_all, train, cfg.limit, cfg.seed)
     judges = load_judges(cfg.judge, **judge_options(cfg))
     sets, sets_about = headline.extra_sets(cfg.eval_harm_extra, cfg.limit, cfg.seed, exclude=train)
     xstest = xstest_heldout(cfg.limit, cfg.seed, exclude=train)  # outside align.jsonl and the protect data
