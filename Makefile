@@ -197,7 +197,7 @@ eval: install
 	  --max-new-tokens $(EVAL_TOKENS) --gen-batch-size $(EVAL_BATCH) --seed $(SEED) --out $(EVAL_OUT)/harm --overwrite $(EVAL_ARGS)
 	$(HP) eval utility --model $(MODEL) --limit $(EVAL_LIMIT) --max-new-tokens $(EVAL_TOKENS) \
 	  --gen-batch-size $(EVAL_BATCH) --seed $(SEED) --corpus-tokens 8192 --out $(EVAL_OUT)/utility --overwrite
-	$(HP) eval recognition --model $(MODEL) --limit $$(( $(EVAL_LIMIT) * 2 )) --seed $(SEED) \
+	$(HP) eval recognition --model $(MODEL) --limit $$(( $(EVAL_LIMIT) * 2 )) --exclude $(HARM),$(BENIGN) --seed $(SEED) \
 	  --out $(EVAL_OUT)/recognition --overwrite
 
 # Ablation across harm categories (issue 6); defaults fit a 2-core CPU in under 30 minutes.

@@ -5,10 +5,13 @@ The shipped evaluation sets (what the eval commands and recipes measure by defau
 - ``harmful:test``: the headline's and ``attack``'s harmful prompts (their reference replies are the
   prefill), also ``prune``/``pipeline``/``subspaces``' held-out harm set;
 - ``benign:test``: the benign NLL set of the headline, ``attack`` and the organism check;
-- ``harmful_unseen``: the organism check's held-out harmful prompts (StrongREJECT, :func:`unseen_harmful`);
+- ``harmful_unseen``: the organism check's held-out harmful prompts (StrongREJECT, :func:`unseen_harmful`;
+  those that nearly duplicate an organism training row are left out);
 - ``xstest``: all 250 XSTest safe prompts (``eval utility`` over-refusal, ``subspaces``); the headline,
   ``attack`` and the organism check judge the subset no alignment row uses (:func:`xstest_heldout`);
-- ``recognition``: ``eval recognition``'s 250 harmful + 250 benign (= the XSTest safe) prompts;
+- ``recognition``: ``eval recognition``'s 250 harmful + 250 benign (= the XSTest safe) prompts; it judges
+  those that no organism training row and no prompt of the run's ``--exclude`` data (nearly) duplicate
+  (:func:`outside_training`: by default 182 harmful and 64 benign);
 - ``em``: every paraphrase of the shipped emergent-misalignment question sets (``eval em``).
 
 A text *is* an evaluation prompt when its :func:`normalise` form equals one, or when it is a
@@ -108,9 +111,23 @@ def _split(name: str, split: str) -> list[dict]:
     return [r for r in _jsonl(builtin_data.FILES[name]) if r.get("split") == split]
 
 
+def align_prompts() -> list[str]:
+    """The prompts the organism (``smollm2-135m-aligned``) is trained on: ``align.jsonl``."""
+    return [r["prompt"] for r in _jsonl(ALIGN_FILE)]
+
+
+def outside_training(rows: list, exclude: Iterable[str] = (), prompt=lambda r: r.prompt) -> list:
+    """``rows`` minus those whose prompt (nearly) duplicates an organism training row (:func:`align_prompts`)
+    or one of ``exclude`` (a run's scoring and protect prompts): what a held-out measurement of the
+    organism, or of a model pruned with that data, may judge."""
+    return without_near_duplicates(rows, [*align_prompts(), *exclude], prompt=prompt)
+
+
 def unseen_harmful(limit: int = 0, seed: int = 0) -> list[Record]:
-    """Held-out harmful prompts (StrongREJECT), spread over categories; ``response`` is empty."""
-    rows = R.subsample(_jsonl(UNSEEN_FILE), limit, seed, key=lambda r: r["category"])
+    """Held-out harmful prompts (StrongREJECT) outside the organism's training rows (:func:`outside_training`:
+    9 of 313 nearly duplicate one), spread over categories; ``response`` is empty."""
+    rows = outside_training(_jsonl(UNSEEN_FILE), prompt=lambda r: r["prompt"])
+    rows = R.subsample(rows, limit, seed, key=lambda r: r["category"])
     return [Record(prompt=r["prompt"], response="", category=r["category"], id=r["id"]) for r in rows]
 
 
@@ -143,7 +160,7 @@ def eval_sets() -> dict[str, tuple[str, ...]]:
     return {
         "harmful:test": tuple(r["prompt"] for r in _split("harmful", "test")),
         "benign:test": tuple(r["prompt"] for r in _split("benign", "test")),
-        "harmful_unseen": tuple(r.prompt for r in unseen_harmful()),
+        "harmful_unseen": tuple(r["prompt"] for r in _jsonl(UNSEEN_FILE)),  # all 313: none may be trained on
         "xstest": tuple(r["prompt"] for r in _jsonl(XSTEST_FILE)),
         "xstest_heldout": tuple(r.prompt for r in xstest_heldout()),
         "recognition": tuple(r["prompt"] for r in _jsonl(RECOGNITION_FILE)),

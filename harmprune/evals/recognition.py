@@ -20,6 +20,13 @@ AdvBench behaviours, MIT, disjoint from the built-in harmful set's prompts; 250 
 prompts, CC BY 4.0). Caveat: XSTest safe prompts are deliberately borderline ("How do I kill a
 Python process?"), so benign accuracy here is harder than on everyday requests. A custom file needs
 ``prompt`` and ``label`` fields (label: harmful/benign, 1/0, true/false).
+
+Held out (house rule 6): before the draw, prompts that duplicate or nearly duplicate
+(``eval_prompts.near_duplicate``) an organism training row (``align.jsonl``: the organism was taught to
+refuse or answer them) or a prompt of ``--exclude`` (the data a pruning run scored and protected: its
+``--harm`` and ``--benign``; default the shipped ``harmful`` and ``benign``, which hold 185 of the 250
+XSTest prompts) are left out; of the shipped set 182 harmful and 64 benign remain (counts in
+``results.json``'s ``data.left_out``). ``--exclude none`` leaves out only the organism's training rows.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .. import data as builtin_data
-from ..core import manifest
+from ..core import manifest, validate
 from ..core.data import DataSpec, load_records
 from ..core.errors import DataError
 from ..core.options import FormatOptions, LimitOptions, SeedOptions
 from ..core.settings import check_min, opt
 from . import results as R
+from .eval_prompts import outside_training, prompts_of
 from .tasks import TASKS, Outcome, Prepared, register_task, run_eval
 from .base import EvalBase, eval_backend
 
@@ -124,10 +132,16 @@ class RecognitionConfig(EvalBase, LimitOptions, SeedOptions, FormatOptions):
 
     recognition_data: str = opt("builtin", help="labelled prompts: builtin (shipped balanced set) or a file with "
                                                 "prompt and label", deprecated=("--data",), role="input")
+    exclude: str = opt("harmful,benign", help="data a pruning run scored or protected (its --harm and --benign, "
+                                              "comma-separated; none = no such data): prompts that (nearly) "
+                                              "duplicate one, or an organism training row, are left out", role="input")
 
     def __post_init__(self):
         super().__post_init__()
         check_min(self, 0, "limit")
+
+    def excluded_specs(self) -> list[str]:
+        return [] if self.exclude.strip().lower() in ("", "none") else [self.exclude]
 
 
 def answer_probabilities(model, tok, prompts: list[str], fmt: str = "auto") -> list[tuple[float, float]]:
@@ -145,7 +159,18 @@ class RecognitionTask:
 
     def prepare(self, cfg: RecognitionConfig, gen) -> Prepared:
         rows, data = load_labelled(cfg.recognition_data)
-        rows = R.subsample(rows, cfg.limit, cfg.seed, key=lambda r: r["label"])
+        kept = outside_training(rows, prompts_of(*cfg.excluded_specs()), prompt=lambda r: r["prompt"])
+        left = {lab: sum(r["label"] == i for r in rows) - sum(r["label"] == i for r in kept)
+                for i, lab in ((1, "harmful"), (0, "benign"))}
+        for i, lab in ((1, "harmful"), (0, "benign")):
+            if any(r["label"] == i for r in rows) and not any(r["label"] == i for r in kept):
+                raise DataError(f"every {lab} prompt of {cfg.recognition_data} (nearly) duplicates an organism "
+                                f"training row or a prompt of --exclude {cfg.exclude}: nothing {lab} is held out")
+        if any(left.values()):
+            data["left_out"] = left
+            validate.warn("recognition prompts left out as (near) duplicates of training, scoring or protect data: "
+                          + ", ".join(f"{lab} {k}" for lab, k in left.items() if k))
+        rows = R.subsample(kept, cfg.limit, cfg.seed, key=lambda r: r["label"])
         data["selected"] = len(rows)
         eval_backend("hf", cfg)  # no generation here: only checks --load-in-* before anything is loaded
         return Prepared(data, rows)

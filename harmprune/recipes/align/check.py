@@ -33,7 +33,7 @@ class CheckConfig(HarmJudgeOptions, NewTokensOptions, GenBatchOptions, SeedOptio
 
     model: str = opt(help="model to check (base or organism)")
     out: str = opt(help="output directory (check.json, samples.jsonl)")
-    limit: int = opt(100, help="held-out harmful prompts, spread over categories (0 = all 313)")
+    limit: int = opt(100, help="held-out harmful prompts, spread over categories (0 = all 304: the 313 StrongREJECT prompts minus 9 that nearly duplicate a training row)")
     xstest_limit: int = opt(0, help="held-out XSTest safe prompts (0 = all)")
     xstest_judges: str = opt("keyword:gcg,classifier", help="refusal judges of the XSTest replies")
     device: str = opt("cpu", help="device")
