@@ -16,7 +16,8 @@ from harmprune.evals.compare import CompareConfig, compare, compare_table
 from harmprune.evals.generation import GenConfig
 from harmprune.evals.harm import HarmConfig, aggregate, eval_harm
 from harmprune.evals.judges import Verdict, register_judge
-from harmprune.evals.recognition import RecognitionConfig, auc, eval_recognition, recognition_metrics
+from harmprune.evals.recognition import (RecognitionConfig, auc, eval_recognition, probe_folds, probe_metrics,
+                                         probe_scores, recognition_metrics)
 from harmprune.recipes.generate import GenerateConfig, generate_set, meta_path
 from harmprune.evals.utility import UtilityConfig, block_nll, corpus_blocks, eval_utility
 
@@ -159,7 +160,8 @@ def test_eval_recognition_files(tiny_ckpt, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"request {i}", "label": "harmful" if i % 2 else "benign"}) + "\n"
                             for i in range(8)))
     out = tmp_path / "rec"
-    eval_recognition(RecognitionConfig(out=str(out), model=tiny_ckpt, recognition_data=str(data), limit=4))
+    eval_recognition(RecognitionConfig(out=str(out), model=tiny_ckpt, recognition_data=str(data), limit=4,
+                                       read=["ask"]))
     doc = R.read_results(out)
     m = doc["results"]["recognition"]
     samples = R.read_samples(out)
@@ -167,6 +169,90 @@ def test_eval_recognition_files(tiny_ckpt, tmp_path):
     p = [s["p_harmful"] for s in samples]
     assert all(s["p_harmful"] == pytest.approx(s["p_yes"] / (s["p_yes"] + s["p_no"])) for s in samples)
     assert m["auc"] == pytest.approx(_brute_auc([s["label"] for s in samples], p))
+
+
+def test_probe_folds_are_stratified_complete_and_seeded():
+    labels = [1] * 13 + [0] * 7
+    folds = probe_folds(labels, 4, seed=3)
+    assert folds == probe_folds(labels, 4, seed=3) and folds != probe_folds(labels, 4, seed=4)
+    for lab, n in ((1, 13), (0, 7)):
+        counts = [sum(1 for f, y in zip(folds, labels) if y == lab and f == k) for k in range(4)]
+        assert sum(counts) == n and max(counts) - min(counts) <= 1
+
+
+def test_probe_scores_match_a_plain_loop():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 4, generator=gen)
+    x[:, 3] = 2.0  # a constant feature: weight 0
+    y = [1, 1, 0, 1, 0, 0, 1, 0, 1]
+    xt = torch.randn(3, 4, generator=gen)
+    rows, test = x.tolist(), xt.tolist()
+    pos = [r for r, t in zip(rows, y) if t]
+    neg = [r for r, t in zip(rows, y) if not t]
+    mu1 = [sum(r[j] for r in pos) / len(pos) for j in range(4)]
+    mu0 = [sum(r[j] for r in neg) / len(neg) for j in range(4)]
+    var = [(sum((r[j] - mu1[j]) ** 2 for r in pos) + sum((r[j] - mu0[j]) ** 2 for r in neg)) / (len(rows) - 2)
+           for j in range(4)]
+    eps = 1e-6 * sum(var) / 4
+    w = [(mu1[j] - mu0[j]) / (var[j] + eps + 1e-30) for j in range(4)]
+    expected = [sum((t[j] - (mu1[j] + mu0[j]) / 2) * w[j] for j in range(4)) for t in test]
+    assert probe_scores(x, y, xt).tolist() == pytest.approx(expected, rel=1e-9)
+    assert w[3] == 0.0
+
+
+def test_probe_metrics_read_a_planted_direction_and_nothing_from_noise():
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    labels = [i % 3 == 0 for i in range(60)]
+    labels = [int(v) for v in labels]
+    noise = torch.randn(60, 8, generator=gen)
+    planted = noise.clone()
+    planted[:, 2] += 4.0 * torch.tensor(labels, dtype=torch.float32)
+    constant = torch.ones(60, 8)  # no information: every score ties
+    m = probe_metrics({1: planted, 2: constant}, labels, k=5, seed=0)
+    assert m["by_block"] == {"1": 1.0, "2": 0.5}
+    assert m["auc"] == pytest.approx(0.75) and m["blocks"] == 2 and m["folds"] == 5 and m["samples"] == 60
+
+
+def test_eval_recognition_probe_reads_every_block_of_the_model(tiny_ckpt, tmp_path, tok):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harmprune.core.formatting import prompt_ids
+
+    data = tmp_path / "rec.jsonl"
+    rows = [{"prompt": f"request number {i} about {'bombs' if i % 2 else 'cakes'}", "label": "harmful" if i % 2
+             else "benign"} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "probe"
+    eval_recognition(RecognitionConfig(out=str(out), model=tiny_ckpt, recognition_data=str(data), read=["probe"],
+                                       probe_folds=3, batch_size=5, exclude="none"))
+    doc = R.read_results(out)
+    m = {**doc["results"]["recognition/probe"], "by_block": doc["probe_auc_by_block"]}
+    samples = R.read_samples(out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt).eval()
+    n = model.config.num_hidden_layers
+    assert m["blocks"] == n and sorted(m["by_block"]) == [str(b) for b in range(1, n + 1)]
+    with torch.no_grad():  # the reference: each prompt alone, no padding
+        hs = [model(input_ids=torch.tensor([prompt_ids(tok, s["prompt"], "chat")]), output_hidden_states=True)
+              .hidden_states for s in samples]
+    states = {b: torch.stack([h[b][0, -1].float() for h in hs]) for b in range(1, n + 1)}
+    ref = probe_metrics(states, [s["label"] for s in samples], k=3, seed=0)
+    assert m["auc"] == pytest.approx(ref["auc"], abs=1e-6) and m["by_block"] == ref["by_block"]
+    assert "recognition" not in R.read_results(out)["results"]  # --read probe: no question asked
+
+
+def test_eval_recognition_refuses_a_probe_with_too_few_prompts_before_loading(tmp_path):
+    from harmprune.core.errors import HarmpruneError
+
+    data = tmp_path / "rec.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"request {i}", "label": "harmful" if i % 2 else "benign"}) + "\n"
+                            for i in range(8)))
+    with pytest.raises(HarmpruneError, match="--probe-folds 5"):
+        eval_recognition(RecognitionConfig(out=str(tmp_path / "x"), model="/nonexistent", recognition_data=str(data)))
 
 
 # ---------------------------------------------------------------- utility

@@ -176,7 +176,7 @@ def test_eval_replay_gives_the_same_results(tiny_ckpt, tmp_path):
                             for i in range(8)))
     first, second = tmp_path / "rec1", tmp_path / "rec2"
     assert cli.main(["eval", "recognition", "--model", tiny_ckpt, "--recognition-data", str(data), "--limit", "4",
-                     "--out", str(first)]) == 0
+                     "--probe-folds", "2", "--out", str(first)]) == 0
     assert yaml.safe_load((first / CONFIG_YAML).read_text())["limit"] == 4
     assert cli.main(["eval", "recognition", "--config", str(first / CONFIG_YAML), "--out", str(second)]) == 0
     assert (second / "samples.jsonl").read_text() == (first / "samples.jsonl").read_text()

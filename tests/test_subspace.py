@@ -323,7 +323,7 @@ def test_weight_overlap_command(tmp_path, tok):
 
 
 def test_left_padded_last_token_states_equal_single_prompts(tok):
-    from harmprune.recipes.subspace.activations import last_token_states
+    from harmprune.core.hidden import last_token_states
 
     model = tiny_llama(tok, layers=3)
     prompts = ["hi", "a much longer prompt here", "mid size one"]
