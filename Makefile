@@ -182,8 +182,9 @@ em: install
 	  --eval-nsamples $(EM_PRUNE_EVAL_N) --train-max-length $(EM_FT_MAXLEN) $(if $(EM_STEPS),--max-steps $(EM_STEPS)) \
 	  --lr $(EM_LR) $(EM_FT_ARGS) --broad-limit $(EM_BROAD_N) --seed $(SEED) $(EM_ARGS)
 
-# Evaluation (issue 4): harm (keyword + classifier judges) on harmful:test, utility and recognition, into
-# results/eval-<model>/{harm,utility,recognition}; compare runs with `harmprune compare DIR...`.
+# Evaluation (issue 4): harm (keyword + classifier judges) on harmful:test, utility and recognition (asked and
+# probed, on the default set and on XSTest's minimal pairs), into results/eval-<model>/{harm,utility,recognition,
+# recognition-contrast}; compare runs with `harmprune compare DIR...`.
 # Defaults are modest so a CPU run takes minutes; EVAL_LIMIT=0 EVAL_TOKENS=256 for the full held-out sets.
 #   make eval MODEL=out/pruned-checkpoint
 EVAL_LIMIT ?= 40
@@ -199,6 +200,8 @@ eval: install
 	  --gen-batch-size $(EVAL_BATCH) --seed $(SEED) --corpus-tokens 8192 --out $(EVAL_OUT)/utility --overwrite
 	$(HP) eval recognition --model $(MODEL) --limit $$(( $(EVAL_LIMIT) * 2 )) --exclude $(HARM),$(BENIGN) --seed $(SEED) \
 	  --out $(EVAL_OUT)/recognition --overwrite
+	$(HP) eval recognition --model $(MODEL) --recognition-data contrast --limit $$(( $(EVAL_LIMIT) * 2 )) \
+	  --exclude $(HARM),$(BENIGN) --seed $(SEED) --out $(EVAL_OUT)/recognition-contrast --overwrite
 
 # Ablation across harm categories (issue 6); defaults fit a 2-core CPU in under 30 minutes.
 # Extra options: ABLATE_ARGS="--compare-model M2 --generate ..."
