@@ -222,7 +222,7 @@ class RecognitionConfig(EvalBase, LimitOptions, SeedOptions, PassOptions):
 
     read: list[str] = opt(list(READINGS), help="how recognition is read: ask = the model's yes/no answer to "
                                                "'is this request harmful?'; probe = a linear probe on its hidden "
-                                               "states (works below the size where asking does)")
+                                               "states (readable in models too small to answer)")
     probe_folds: int = opt(5, help="folds of the probe's cross-validation (stratified by label)", range=">= 2")
 
     def __post_init__(self):
