@@ -137,7 +137,7 @@ def xstest_heldout(limit: int = 0, seed: int = 0, train_prompts: set[str] | None
     overrides that set) and that do not duplicate or nearly duplicate any of ``exclude`` (a run's
     scoring and protect prompts: ``benign`` holds XSTest prompts), drawn after both filters."""
     if train_prompts is None:
-        train_prompts = {r["prompt"] for r in _jsonl(ALIGN_FILE)}
+        train_prompts = set(align_prompts())
     rows = [r for r in _jsonl(XSTEST_FILE) if r["prompt"] not in train_prompts]
     rows = without_near_duplicates(rows, exclude, prompt=lambda r: r["prompt"])
     rows = R.subsample(rows, limit, seed, key=lambda r: r["category"])

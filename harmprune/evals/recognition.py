@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -219,7 +220,6 @@ class RecognitionConfig(EvalBase, LimitOptions, SeedOptions, PassOptions):
     exclude: str = opt("harmful,benign", help="data a pruning run scored or protected (its --harm and --benign, "
                                               "comma-separated; none = no such data): prompts that (nearly) "
                                               "duplicate one, or an organism training row, are left out", role="input")
-
     read: list[str] = opt(list(READINGS), help="how recognition is read: ask = the model's yes/no answer to "
                                                "'is this request harmful?'; probe = a linear probe on its hidden "
                                                "states (readable in models too small to answer)")
@@ -253,10 +253,10 @@ class RecognitionTask:
     def prepare(self, cfg: RecognitionConfig, gen) -> Prepared:
         rows, data = load_labelled(cfg.recognition_data)
         kept = outside_training(rows, prompts_of(*cfg.excluded_specs()), prompt=lambda r: r["prompt"])
-        left = {lab: sum(r["label"] == i for r in rows) - sum(r["label"] == i for r in kept)
-                for i, lab in ((1, "harmful"), (0, "benign"))}
+        before, after = Counter(r["label"] for r in rows), Counter(r["label"] for r in kept)
+        left = {lab: before[i] - after[i] for i, lab in ((1, "harmful"), (0, "benign"))}
         for i, lab in ((1, "harmful"), (0, "benign")):
-            if any(r["label"] == i for r in rows) and not any(r["label"] == i for r in kept):
+            if before[i] and not after[i]:
                 raise DataError(f"every {lab} prompt of {cfg.recognition_data} (nearly) duplicates an organism "
                                 f"training row or a prompt of --exclude {cfg.exclude}: nothing {lab} is held out")
         if any(left.values()):

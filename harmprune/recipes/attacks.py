@@ -179,8 +179,7 @@ def run_finetune(cfg: AttackConfig, handle, masks: dict, data: HeadlineData, hcf
     reports = {}
     for name, (mask, keep) in arms.items():
         model, reports[name] = finetune_arm(fcfg, items, tok.pad_token_id, mask, keep)
-        r, s = measure_masks(model, tok, {name: mask if keep else None}, data, hcfg,
-                                     judge_opts=judge_options(cfg))
+        r, s = measure_masks(model, tok, {name: mask if keep else None}, data, hcfg, judge_opts=judge_options(cfg))
         r["variants"][name].update(pruned_weights=count(mask or {}),
                                    mask_nonzero_after=reports[name]["mask_nonzero_after"])
         results["variants"].update(r["variants"])
