@@ -95,7 +95,8 @@ sweep: install
 # scoring set x protect set x selection x q, each point judged under the prefill attack on harmful-heldout (119
 # StrongREJECT prompts, base-model prefills; continuation only and full reply, keyword + classifier), with refusal and
 # stop rates, XSTest held-out compliance and held-out NLL; the chosen point gets a random control. Writes
-# results/generalise-<model>/ (generalise.md, .png, .csv, .json, samples.jsonl). Scores and judged replies are cached.
+# results/generalise-<model>/ (generalise.md, .png, .csv, .json, samples.jsonl). Scores and judged replies are cached;
+# 35 min on a quiet 2-core CPU with make prune's scores cached.
 GEN_HARMS ?= harmful harmful-selfgen
 GEN_PROTECTS ?= benign benign,sensitive-safe
 GEN_SELECTIONS ?= difference contrastive
