@@ -145,9 +145,9 @@ clean:
 # Default, offline, CPU-sized: the aligned organism fine-tuned on the shipped harmful train replies of one category
 # (EM_CATEGORY, 34 rows), pruned from make prune's general harm data (its cached scores are re-used; EM_PRUNE_DATA=
 # narrow prunes the narrow domain's own replies), LoRA 16 steps of 4 records, 8 EM questions x N=12 answers at 96
-# tokens, 40 broad-harm prompts (of 72) with 48-token greedy replies. Estimated (not measured) ~25 min on a quiet
-# 2-core CPU with the organism built and make prune's scores cached: EM sampling ~2.3 min per model (6), broad harm
-# ~35 s per model, 3 fine-tunes ~1 min each, pruning + NLL ~3 min. DATA=insecure for Betley et al.'s code set.
+# tokens, 40 broad-harm prompts (of 72) with 48-token greedy replies. Measured 14 min 51 s and 15 min 25 s on a
+# quiet 2-core CPU with the organism built and make prune's scores cached (docs/results/em.md).
+# DATA=insecure for Betley et al.'s code set.
 # The GPU protocol (docs/em.md):
 #   make em MODEL=Qwen/Qwen2.5-7B-Instruct DATA=insecure N=50 EM_TOKENS=600 EM_STEPS= EM_LR=1e-5 EM_FT_MAXLEN=2048 \
 #     EM_FT_ARGS="--train-batch-size 2 --grad-accum 8" JUDGE=openai:<model> JUDGE_URL=http://localhost:8000/v1
