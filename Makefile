@@ -117,9 +117,10 @@ generalise: install
 # Base vs aligned organism (issue 15; B-TAP's "alignment compresses harm"): make prune's scoring and
 # selection on BASE and ALIGNED, the harm-specificity at each q and the compression curve under the
 # prefill attack (judged harmfulness vs pruned fraction). Sized for a 2-core CPU (recipes/compare_alignment.py):
-# ~41 min cold, ~25 min with the scores make prune cached (before HARM_EXTRA: the second held-out harmful
-# set, judged on the originals and at each q under the prefill attack, adds about as much generation again;
-# HARM_EXTRA=none = off).
+# 16 min 15 s with HARM_EXTRA=harmful-heldout on a quiet CPU, make prune's organism scores cached and the base
+# model scored by the run (docs/results/compare-alignment.md). HARM_EXTRA=harmful-heldout adds the second
+# held-out harmful set, judged on the
+# originals and at each q under the prefill attack; HARM_EXTRA=none = off.
 COMPARE_QS ?= 3e-5 1e-4 3e-4 1e-3
 COMPARE_LIMIT ?= 32
 COMPARE_EVAL_N ?= 32
