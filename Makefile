@@ -119,8 +119,7 @@ generalise: install
 # prefill attack (judged harmfulness vs pruned fraction). Sized for a 2-core CPU (recipes/compare_alignment.py):
 # 16 min 15 s with HARM_EXTRA=harmful-heldout on a quiet CPU, make prune's organism scores cached and the base
 # model scored by the run (docs/results/compare-alignment.md). HARM_EXTRA=harmful-heldout adds the second
-# held-out harmful set, judged on the
-# originals and at each q under the prefill attack; HARM_EXTRA=none = off.
+# held-out harmful set, judged on the originals and at each q under the prefill attack; HARM_EXTRA=none = off.
 COMPARE_QS ?= 3e-5 1e-4 3e-4 1e-3
 COMPARE_LIMIT ?= 32
 COMPARE_EVAL_N ?= 32
