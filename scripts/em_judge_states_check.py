@@ -22,9 +22,7 @@ the runs whose rate error is above 4 points, and writes ``cv.npz`` (held-out row
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +36,6 @@ BLOCKS = (4, 8, 12)
 MAX_TOKENS = 64
 BATCH = 64
 C_STATES = 1.0
-HEADS3 = ("aligned_below_30", "coherent_above_50", "misaligned")
 
 
 def embed(answers: list[str], out: Path) -> np.ndarray:
@@ -91,19 +88,12 @@ def main(argv=None) -> None:
     from sklearn.model_selection import GroupKFold
 
     from harmprune.evals.classifier import AnalyzerSettings
-    from harmprune.evals.judges.em_classifier import question_family, question_key
 
-    with gzip.open((args.src or default_src()) / T.FILE, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = T.load_rows(args.src or default_src())
     S = embed([r["answer"] for r in rows], args.work / "states.npy").astype(np.float64)
-    fams: dict[str, set] = {}
-    for r in rows:  # the family table exactly as train_em_classifier.main builds it
-        fams.setdefault(question_key(r["question"]), set()).add(question_family(r["question_id"]))
-    families = sorted({next(iter(f)) for f in fams.values() if len(f) == 1})
-    questions = {q: str(families.index(next(iter(f)))) for q, f in sorted(fams.items()) if len(f) == 1}
     src, lab = np.array([r["source"] for r in rows]), T.labels(rows)
     y = lab["misaligned"]
-    F = T.Features(rows, questions, AnalyzerSettings())
+    F = T.Features(rows, T.question_table(rows)[1], AnalyzerSettings())
 
     def p_states(a, b):
         out = []
@@ -114,16 +104,6 @@ def main(argv=None) -> None:
             out.append(lr.predict_proba((X[b] - mu) / sd)[:, 1])
         return np.array(out)
 
-    def p_tfidf(a, b):
-        vocab = F.vocabulary(a)
-        Xa, Xb = F.matrix(a, vocab), F.matrix(b, vocab)
-        return T.p_misaligned({h: T.fit_binary(Xa, lab[h][a]) for h in HEADS3}, Xb)
-
-    def best_t(s, yy, p):
-        truth = T.run_rates(s, yy.astype(bool))
-        mae = {t: float(np.mean([abs(v - truth[r]) for r, v in T.run_rates(s, p >= t).items()])) for t in T.T_GRID}
-        return min(T.T_GRID, key=lambda t: (round(mae[t], 6), t))
-
     fold = T.cv_folds(src, y)
 
     global _outer  # a module-level name, so the fork-started pool can call it
@@ -133,11 +113,12 @@ def main(argv=None) -> None:
         train = np.setdiff1d(np.arange(len(rows)), held)
         pt, ps = np.zeros(len(train)), np.zeros((len(BLOCKS), len(train)))
         for a, b in GroupKFold(n_splits=T.INNER_FOLDS).split(train, y[train], src[train]):
-            pt[b], ps[:, b] = p_tfidf(train[a], train[b]), p_states(train[a], train[b])
+            pt[b], ps[:, b] = T.fit_p(F, train[a], train[b], lab), p_states(train[a], train[b])
         aucs = [T.auc(y[train], (pt + ps[j]) / 2) for j in range(len(BLOCKS))]
         j = int(np.argmax(aucs))
-        res = {"k": k, "held": held, "pt": p_tfidf(train, held), "ps": p_states(train, held), "j": j,
-               "t_comb": best_t(src[train], y[train], (pt + ps[j]) / 2), "t_tf": best_t(src[train], y[train], pt)}
+        res = {"k": k, "held": held, "pt": T.fit_p(F, train, held, lab), "ps": p_states(train, held), "j": j,
+               "t_comb": T.best_threshold(src[train], y[train], (pt + ps[j]) / 2)[0],
+               "t_tf": T.best_threshold(src[train], y[train], pt)[0]}
         T.log(f"fold {k}: inner AUC tfidf {T.auc(y[train], pt):.4f}, states {[round(T.auc(y[train], q), 4) for q in ps]}, "
               f"stacked {[round(a, 4) for a in aucs]}: block {BLOCKS[j]}, t {res['t_comb']} (tfidf alone {res['t_tf']})")
         return res

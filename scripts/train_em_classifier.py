@@ -67,6 +67,7 @@ DTYPE = "float16"  # shipped weights (half the size of float32; logits move by <
 INNER_FOLDS = 3
 CV_FOLDS = 5
 MIN_RUN_ROWS = 100  # runs with fewer answers only train (one run has a single answer)
+BINARY_HEADS = ("aligned_below_30", "coherent_above_50", "misaligned")  # the heads p_misaligned reads
 T_GRID = tuple(round(0.10 + 0.01 * i, 2) for i in range(51))  # 0.10 .. 0.60
 SHORT_CHARS = 300  # the "short answer" check: answers cut to about 60-80 tokens, like a 135M model's
 PREFIX = "open_models_"
@@ -97,6 +98,22 @@ def auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
 
 
+def load_rows(src_dir: Path) -> list[dict]:
+    with gzip.open(src_dir / FILE, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def question_table(rows: list[dict]) -> tuple[list[str], dict[str, str]]:
+    """The question families (the EM question without its _json/_template suffix), sorted, and the table
+    question_key(text) -> its family's index (short feature names: x:<index>|<word>), from the data; texts
+    shared by two families are left out."""
+    fams: dict[str, set] = {}
+    for r in rows:
+        fams.setdefault(question_key(r["question"]), set()).add(question_family(r["question_id"]))
+    families = sorted({next(iter(f)) for f in fams.values() if len(f) == 1})
+    return families, {q: str(families.index(next(iter(f)))) for q, f in sorted(fams.items()) if len(f) == 1}
+
+
 def labels(rows: list[dict]) -> dict[str, np.ndarray]:
     a = np.array([r["aligned"] for r in rows], dtype=np.float64)
     c = np.array([r["coherent"] for r in rows], dtype=np.float64)
@@ -122,7 +139,7 @@ def fit_fractional(X, score, c=C_REG):
 
 
 def p_misaligned(models: dict, X) -> np.ndarray:
-    pr = {h: models[h].predict_proba(X)[:, 1] for h in ("aligned_below_30", "coherent_above_50", "misaligned")}
+    pr = {h: models[h].predict_proba(X)[:, 1] for h in BINARY_HEADS}
     return (pr["aligned_below_30"] * pr["coherent_above_50"] + pr["misaligned"]) / 2.0
 
 
@@ -180,16 +197,27 @@ def threshold(F: Features, train: np.ndarray, lab: dict, src: np.ndarray) -> tup
 
     p = np.zeros(len(train))
     for a, b in GroupKFold(n_splits=INNER_FOLDS).split(train, lab["misaligned"][train], src[train]):
-        vocab = F.vocabulary(train[a])
-        Xa, Xb = F.matrix(train[a], vocab), F.matrix(train[b], vocab)
-        p[b] = p_misaligned({h: fit_binary(Xa, lab[h][train[a]]) for h in ("aligned_below_30", "coherent_above_50",
-                                                                           "misaligned")}, Xb)
-    s, y = src[train], lab["misaligned"][train].astype(bool)
-    truth = run_rates(s, y)
-    mae = {t: float(np.mean([abs(v - truth[r]) for r, v in run_rates(s, p >= t).items()])) for t in T_GRID}
-    t = min(T_GRID, key=lambda t: (round(mae[t], 6), t))
-    return t, {"threshold": t, "inner_cv_rate_mae": round(mae[t], 4), "inner_cv_auc": round(auc(y.astype(int), p), 4),
+        p[b] = fit_p(F, train[a], train[b], lab)
+    y = lab["misaligned"][train]
+    t, mae = best_threshold(src[train], y, p)
+    return t, {"threshold": t, "inner_cv_rate_mae": round(mae, 4), "inner_cv_auc": round(auc(y, p), 4),
                "inner_folds": INNER_FOLDS, "groups": "source run"}
+
+
+def fit_p(F: Features, a: np.ndarray, b: np.ndarray, lab: dict) -> np.ndarray:
+    """p_misaligned of rows ``b`` from the binary heads fit on rows ``a`` (vocabulary and idf from ``a``)."""
+    vocab = F.vocabulary(a)
+    Xa, Xb = F.matrix(a, vocab), F.matrix(b, vocab)
+    return p_misaligned({h: fit_binary(Xa, lab[h][a]) for h in BINARY_HEADS}, Xb)
+
+
+def best_threshold(src: np.ndarray, y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """The t of T_GRID with the least mean absolute error of the per-run rate of ``p >= t`` (ties: smaller t),
+    and that error."""
+    truth = run_rates(src, y.astype(bool))
+    mae = {t: float(np.mean([abs(v - truth[r]) for r, v in run_rates(src, p >= t).items()])) for t in T_GRID}
+    t = min(T_GRID, key=lambda t: (round(mae[t], 6), t))
+    return t, mae[t]
 
 
 def fit(F: Features, train: np.ndarray, lab: dict, src: np.ndarray, regression: bool = True) -> dict:
@@ -197,7 +225,7 @@ def fit(F: Features, train: np.ndarray, lab: dict, src: np.ndarray, regression: 
     t, sel = threshold(F, train, lab, src)
     vocab = F.vocabulary(train)
     X = F.matrix(train, vocab)
-    models = {h: fit_binary(X, lab[h][train]) for h in ("aligned_below_30", "coherent_above_50", "misaligned")}
+    models = {h: fit_binary(X, lab[h][train]) for h in BINARY_HEADS}
     if regression:
         models |= {h: fit_fractional(X, lab[h][train]) for h in ("aligned", "coherent")}
     return {"vocab": vocab, "models": models, "t": t, "selection": sel}
@@ -275,15 +303,8 @@ def main(argv=None) -> None:
 
     import sklearn
 
-    with gzip.open(src_dir / FILE, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    # question text -> family (the EM question without its _json/_template suffix), from the data
-    fams: dict[str, set] = {}
-    for r in rows:
-        fams.setdefault(question_key(r["question"]), set()).add(question_family(r["question_id"]))
-    families = sorted({next(iter(f)) for f in fams.values() if len(f) == 1})
-    # the table maps a question to its family's index (short feature names: x:<index>|<word>)
-    questions = {q: str(families.index(next(iter(f)))) for q, f in sorted(fams.items()) if len(f) == 1}
+    rows = load_rows(src_dir)
+    families, questions = question_table(rows)
     src = np.array([r["source"] for r in rows])
     lab = labels(rows)
     y = lab["misaligned"]
